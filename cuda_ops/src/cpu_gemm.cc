@@ -1,0 +1,133 @@
+#include "cpu_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace eqc {
+namespace cpu {
+
+namespace {
+
+using QuantFn = float (*)(const float*, int64_t, const QuantParams&, int8_t*);
+using TileFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+
+struct Isa {
+  const char* name;
+  QuantFn quantize_row;
+  TileFn gemm_tile;
+};
+
+bool cpu_has(const char* name) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  const std::string n = name;
+  if (n == "avx512vnni")
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
+  if (n == "avx512")
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("bmi2");
+  if (n == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+#endif
+  return std::string(name) == "generic";
+}
+
+// Fastest variant this CPU runs; EQC_CPU_ISA=<name> forces a slower one (tests use it to cover
+// every variant on one machine). An unknown or unsupported name is ignored.
+Isa pick_isa() {
+  const Isa all[] = {
+#if defined(EQC_HAVE_AVX512VNNI)
+      {"avx512vnni", avx512vnni::quantize_row, avx512vnni::gemm_tile},
+#endif
+#if defined(EQC_HAVE_AVX512)
+      {"avx512", avx512::quantize_row, avx512::gemm_tile},
+#endif
+#if defined(EQC_HAVE_AVX2)
+      {"avx2", avx2::quantize_row, avx2::gemm_tile},
+#endif
+      {"generic", generic::quantize_row, generic::gemm_tile},
+  };
+  const char* forced = std::getenv("EQC_CPU_ISA");
+  if (forced != nullptr)
+    for (const Isa& v : all)
+      if (std::string(forced) == v.name && cpu_has(v.name)) return v;
+  for (const Isa& v : all)
+    if (cpu_has(v.name)) return v;
+  return all[sizeof(all) / sizeof(all[0]) - 1];
+}
+
+const Isa& isa() {
+  static const Isa chosen = pick_isa();
+  return chosen;
+}
+
+constexpr int64_t kRowBlock = 32;     // rows per task (multiple of the 4-row micro-kernel)
+constexpr int64_t kL2Bytes = 256 << 10;
+
+// Column block: enough columns that a task does real work, few enough that its slice of B
+// (cols x K bytes) stays in L2 while the task's rows stream past it.
+int64_t col_block(int64_t N, int64_t K) {
+  int64_t cols = std::max<int64_t>(8, kL2Bytes / std::max<int64_t>(K, 1));
+  cols = std::min<int64_t>(cols, 256);
+  cols = (cols + 3) / 4 * 4;
+  return std::min(cols, std::max<int64_t>(N, 1));
+}
+
+void run(const ParallelFor& pf, int64_t total, const std::function<void(int64_t)>& fn) {
+  if (total <= 0) return;
+  if (!pf || total == 1) {
+    for (int64_t i = 0; i < total; ++i) fn(i);
+    return;
+  }
+  pf(total, fn);
+}
+
+}  // namespace
+
+const char* isa_name() { return isa().name; }
+
+size_t workspace_bytes(int64_t M, int64_t K) {
+  const size_t q = static_cast<size_t>(M) * static_cast<size_t>(K);
+  return (q + 63) / 64 * 64 + static_cast<size_t>(M) * sizeof(float);
+}
+
+void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
+                     int64_t M, int64_t N, int64_t K, const QuantParams& qp, void* workspace,
+                     const ParallelFor& parallel_for) {
+  if (M <= 0 || N <= 0) return;
+  const Isa& k = isa();
+  auto* aq = static_cast<int8_t*>(workspace);
+  auto* a_scale = reinterpret_cast<float*>(aq + (static_cast<size_t>(M) * K + 63) / 64 * 64);
+
+  // 1) per-token quantization; chunks of rows so tiny rows don't drown in scheduling overhead.
+  const int64_t qrows = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(K, 1));
+  const int64_t qtasks = (M + qrows - 1) / qrows;
+  run(parallel_for, qtasks, [&](int64_t t) {
+    const int64_t m1 = std::min(M, (t + 1) * qrows);
+    for (int64_t m = t * qrows; m < m1; ++m) a_scale[m] = k.quantize_row(A + m * K, K, qp, aq + m * K);
+  });
+
+  // 2) tiled int8 GEMM + dequantize epilogue, tasks = row blocks x column blocks.
+  GemmArgs g;
+  g.aq = aq;
+  g.a_scale = a_scale;
+  g.b = B;
+  g.b_scale = b_scale;
+  g.bias = bias;
+  g.y = Y;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  const int64_t nb = col_block(N, K);
+  const int64_t ncol = (N + nb - 1) / nb;
+  const int64_t nrow = (M + kRowBlock - 1) / kRowBlock;
+  run(parallel_for, nrow * ncol, [&](int64_t t) {
+    const int64_t r = t / ncol, c = t % ncol;
+    k.gemm_tile(g, r * kRowBlock, std::min(M, (r + 1) * kRowBlock), c * nb, std::min(N, (c + 1) * nb));
+  });
+}
+
+}  // namespace cpu
+}  // namespace eqc

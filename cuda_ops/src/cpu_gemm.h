@@ -1,0 +1,26 @@
+// CPU driver for ai.eqc::FusedInt8Gemm: quantize rows, then a tiled int8 GEMM, with work split
+// over a caller-supplied parallel-for (onnxruntime's intra-op thread pool inside the op).
+#pragma once
+#include <cstdint>
+#include <functional>
+
+#include "cpu_kernels.h"
+
+namespace eqc {
+namespace cpu {
+
+// parallel_for(total, fn) must call fn(i) exactly once for every i in [0, total).
+using ParallelFor = std::function<void(int64_t total, const std::function<void(int64_t)>& fn)>;
+
+// Name of the kernel variant picked for this CPU ("avx512", "avx2" or "generic").
+const char* isa_name();
+
+// Full op: Y[M,N] = dequant(int8(A) x B^T). A [M,K] float, B [N,K] int8. `workspace` must hold
+// M*K bytes + M floats (see workspace_bytes). Serial when parallel_for is empty.
+size_t workspace_bytes(int64_t M, int64_t K);
+void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
+                     int64_t M, int64_t N, int64_t K, const QuantParams& qp, void* workspace,
+                     const ParallelFor& parallel_for);
+
+}  // namespace cpu
+}  // namespace eqc

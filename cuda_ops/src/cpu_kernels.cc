@@ -1,0 +1,108 @@
+// Compiled once per ISA (EQC_ISA = generic | avx2 | avx512): plain C++ loops written so that
+// GCC's vectorizer turns the int8 dot products into widening multiply-adds (pmaddwd / vpmaddwd).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu_kernels.h"
+
+#ifndef EQC_ISA
+#error "EQC_ISA must name the ISA namespace"
+#endif
+
+namespace eqc {
+namespace cpu {
+namespace EQC_ISA {
+
+namespace {
+
+// Same formula and rounding as the QDQ graph: Abs -> ReduceMax -> Div(127) [-> Max(eps)].
+inline float row_scale(float absmax, const QuantParams& p) {
+  float s = std::max(absmax, p.absmax_floor) / 127.0f;
+  s = std::max(s, p.scale_floor);
+  return (s > 0.0f) ? s : 1.0f;  // all-zero row: any scale gives q = 0, pick 1 (no 0/0)
+}
+
+// Row absmax with 16 independent lanes so the loop vectorizes without -ffast-math.
+inline float row_absmax(const float* __restrict a, int64_t K) {
+  float lane[16] = {0};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int j = 0; j < 16; ++j) lane[j] = std::max(lane[j], std::fabs(a[k + j]));
+  float m = 0.0f;
+  for (int j = 0; j < 16; ++j) m = std::max(m, lane[j]);
+  for (; k < K; ++k) m = std::max(m, std::fabs(a[k]));
+  return m;
+}
+
+// MR x NR block of int32 dot products over the full K. Pointer arrays are indexed by constants
+// after unrolling, so every accumulator lives in its own vector register.
+template <int MR, int NR>
+inline void dot_block(const int8_t* const* __restrict a, const int8_t* const* __restrict b, int64_t K,
+                      int32_t* __restrict out) {
+  int32_t acc[MR * NR] = {0};
+  const int8_t* ap[MR];
+  const int8_t* bp[NR];
+  for (int i = 0; i < MR; ++i) ap[i] = a[i];
+  for (int j = 0; j < NR; ++j) bp[j] = b[j];
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) acc[i * NR + j] += int32_t(ap[i][k]) * int32_t(bp[j][k]);
+    }
+  }
+  for (int i = 0; i < MR * NR; ++i) out[i] = acc[i];
+}
+
+inline void store(const GemmArgs& g, int64_t m, int64_t n, int32_t acc) {
+  float y = (static_cast<float>(acc) * g.a_scale[m]) * g.b_scale[n];
+  if (g.bias) y += g.bias[n];
+  g.y[m * g.N + n] = y;
+}
+
+// Rows [m0, m0+mr) x cols [n0, n0+nr) with a fixed MRxNR kernel; missing rows/cols reuse a
+// valid pointer and their results are dropped (only happens at tile edges).
+template <int MR, int NR>
+inline void block(const GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
+  const int8_t* a[MR];
+  const int8_t* b[NR];
+  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
+  int32_t acc[MR * NR];
+  dot_block<MR, NR>(a, b, g.K, acc);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) store(g, m0 + i, n0 + j, acc[i * NR + j]);
+}
+
+}  // namespace
+
+float quantize_row(const float* __restrict a, int64_t K, const QuantParams& p, int8_t* __restrict q) {
+  const float s = row_scale(row_absmax(a, K), p);
+  // QuantizeLinear: saturate(round_half_to_even(x / s)). Division (not x * (1/s)) and the
+  // default rounding mode (nearest-even) make this bit-identical to onnxruntime's kernel.
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(a[k] / s);
+    v = std::min(std::max(v, -128.0f), 127.0f);
+    q[k] = static_cast<int8_t>(static_cast<int32_t>(v));
+  }
+  return s;
+}
+
+void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  constexpr int MR = 4, NR = 4;  // 16 accumulators + 8 operands fit the 32 zmm registers
+#else
+  constexpr int MR = 4, NR = 2;  // 8 accumulators + 6 operands fit the 16 ymm/xmm registers
+#endif
+  constexpr int NR1 = 4;         // single-row (decode) kernel: 1 x 4
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR)
+    for (int64_t n = n0; n < n1; n += NR) block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)));
+  for (; m < m1; ++m)
+    for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
+}
+
+}  // namespace EQC_ISA
+}  // namespace cpu
+}  // namespace eqc

@@ -1,0 +1,185 @@
+"""The `eqc` command line: export, calibrate, compile, eval.
+
+Every command has --json (machine-readable result on stdout). Failures print one line
+`error: ...` on stderr and exit with the code documented in the README (2: bad input).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Callable
+
+import click
+
+from eqcompiler.errors import EqcError
+
+
+def _emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]], list[str]]) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        for line in lines(result):
+            click.echo(line)
+
+
+def _progress(label: str, enabled: bool) -> Callable[[int, int], None] | None:
+    """A progress line on stderr (never on stdout, which --json owns)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        click.echo(f"\r{label}: {done}/{total}", nl=done == total, err=True)
+
+    return show
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn EqcError and other failures into one line on stderr and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EqcError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory", err=True)
+            sys.exit(4)
+        except OSError as exc:
+            click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})".replace(" ()", ""), err=True)
+            sys.exit(2)
+        except Exception as exc:  # unexpected: still one line, traceback only on request
+            if os.environ.get("EQC_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"error: internal error {type(exc).__name__}: {first} (set EQC_DEBUG=1 for a traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="eqc")
+def main() -> None:
+    """eqc: export, calibrate, compile (quantize) and evaluate LLMs as ONNX."""
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Artifact folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--no-parity", is_flag=True, help="Skip the ORT-vs-PyTorch parity check (not recommended).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@guarded
+def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, as_json: bool) -> None:
+    """Export SRC (HF folder, .gguf file, or alias such as smollm2) to an ONNX artifact folder."""
+    from eqcompiler.export import export as do_export
+
+    manifest = do_export(src, out, overwrite=overwrite, check=not no_parity)
+    _emit(manifest, as_json, lambda m: [
+        f"exported {m['family']} ({m['task']}) to {out}",
+        f"parity: {json.dumps({k: v for k, v in m['parity'].items() if k != 'metric'})}"])
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
+@click.option("--samples", default=32, show_default=True, help="Number of windows.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
+@click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
+              skip_nonfinite: bool, as_json: bool) -> None:
+    """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
+    from eqcompiler.calibrate import calibrate as do_calibrate
+
+    if out.exists() and not overwrite:
+        raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
+    stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite, skip_nonfinite=skip_nonfinite,
+                         progress=_progress("calibrate", not as_json))
+    result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta}
+    _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
+                                      f"x {r['data']['seq_len']} tokens in {r['seconds']} s -> {out}"])
+
+
+@main.command(name="compile")
+@click.argument("model")
+@click.option("--recipe", required=True, help="Built-in recipe name or a recipe .json file.")
+@click.option("--calib", default=None, help="Statistics file from `eqc calibrate`.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path))
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, as_json: bool) -> None:
+    """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
+    from eqcompiler.artifact import size_bytes
+    from eqcompiler.pipeline import compile_model
+
+    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite)
+    q = manifest["quantization"]
+    result = {"output": str(out), "recipe": q["recipe"], "size_bytes": size_bytes(out), "warnings": q["warnings"],
+              "report": q["report"], "seconds": manifest["compile_seconds"]}
+    def lines(r: dict[str, Any]) -> list[str]:
+        out_lines = [f"compiled with recipe '{r['recipe']}' -> {out} ({r['size_bytes'] / 1e6:.1f} MB, {r['seconds']} s)"]
+        out_lines += [f"warning: {w}" for w in r["warnings"]]
+        return out_lines
+    _emit(result, as_json, lines)
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--ppl", "ppl_text", default=None, help="Text file for perplexity (test split).")
+@click.option("--max-tokens", default=16384, show_default=True, help="Tokens of the text to score.")
+@click.option("--window", default=512, show_default=True, help="Window length (non-overlapping).")
+@click.option("--embed-ref", default=None, help="Encoders: reference artifact for embedding cosine similarity.")
+@click.option("--sentences", "n_sentences", default=200, show_default=True, help="Encoders: sentences to embed.")
+@click.option("--latency/--no-latency", default=True, show_default=True, help="Measure decode-step latency.")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, embed_ref: str | None,
+             n_sentences: int, latency: bool, as_json: bool) -> None:
+    """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
+    from eqcompiler import evaluate
+    from eqcompiler.artifact import resolve_artifact, size_bytes
+
+    art = resolve_artifact(model)
+    result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model))}
+    if ppl_text:
+        result.update(evaluate.perplexity(model, ppl_text, max_tokens=max_tokens, window=window,
+                                          progress=_progress("perplexity", not as_json)))
+    if embed_ref:
+        text = ppl_text or _default_text()
+        result["embedding"] = evaluate.embedding_similarity(model, embed_ref, text, n_sentences)
+    if latency:
+        result["latency"] = evaluate.decode_latency(model)
+    def lines(r: dict[str, Any]) -> list[str]:
+        out = [f"size: {r['size_bytes'] / 1e6:.1f} MB"]
+        if "ppl" in r:
+            out.append(f"perplexity: {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['window']})")
+        if "embedding" in r:
+            out.append(f"embedding cosine vs reference: mean {r['embedding']['mean_cosine']:.4f} "
+                       f"min {r['embedding']['min_cosine']:.4f} ({r['embedding']['sentences']} sentences)")
+        if "latency" in r:
+            out.append(f"latency ({r['latency']['what']}): median {r['latency']['median_ms']:.2f} ms")
+        return out
+    _emit(result, as_json, lines)
+
+
+def _default_text() -> str:
+    from eqcompiler.data import find_wikitext
+
+    return str(find_wikitext("test"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Export a Hugging Face model to an eqc artifact (ONNX with KV-cache inputs/outputs).
+
+Causal LMs get `past_key_values.{i}.key|value` inputs and `present.{i}.key|value` outputs with
+dynamic batch / sequence / past axes, so one graph serves prefill (past length 0) and decode.
+Export ends with a parity check of ONNX Runtime against PyTorch on a prompt and a decode step.
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from eqcompiler import artifact as art_mod
+from eqcompiler.atomic import staged_dir
+from eqcompiler.errors import EqcError, ParityError
+from eqcompiler.graph import embedding_gathers, find_linear_sites, weight_array
+from eqcompiler.models.loaders import LoadedModel, load_source
+
+log = logging.getLogger(__name__)
+
+EXPORT_OPSET = 18  # what the TorchScript exporter emits; bumped to TARGET_OPSET afterwards
+TARGET_OPSET = 21  # opset 21: int4/uint4 and blocked Quantize/DequantizeLinear
+PARITY_TOLERANCE = 1e-3  # max |ORT - torch| on logits, relative to max(1, max |torch logits|)
+
+
+def _kv_layout(model: Any) -> dict[str, int]:
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return {"num_layers": int(layers), "num_kv_heads": int(kv_heads), "head_dim": int(head_dim)}
+
+
+def _causal_wrapper(model: Any, num_layers: int) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    class CausalLMWithFlatCache(torch.nn.Module):
+        """Takes the cache as flat tensors and returns it as flat tensors (ONNX has no cache objects)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
+            cache = DynamicCache(config=self.model.config)
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            flat = [out.logits]
+            for layer in out.past_key_values.layers:
+                flat += [layer.keys, layer.values]
+            return tuple(flat)
+
+    return CausalLMWithFlatCache().eval()
+
+
+def _encoder_wrapper(model: Any) -> Any:
+    import torch
+
+    class EncoderLastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    return EncoderLastHidden().eval()
+
+
+def causal_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    inputs += [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return inputs, outputs
+
+
+def causal_example(layout: dict[str, int], vocab: int, batch: int, seq: int, past: int, seed: int = 0,
+                   pad_left: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a causal graph: ids, mask (optionally left-padded), positions, past."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {
+        "input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64),
+        "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+    }
+    if pad_left:
+        feed["attention_mask"][0, :pad_left] = 0
+    positions = np.cumsum(feed["attention_mask"], axis=1) - 1
+    feed["position_ids"] = np.clip(positions[:, past:], 0, None).astype(np.int64)
+    shape = (batch, layout["num_kv_heads"], past, layout["head_dim"])
+    for i in range(layout["num_layers"]):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def _export_causal(loaded: LoadedModel, path: pathlib.Path) -> dict[str, Any]:
+    import torch
+
+    layout = _kv_layout(loaded.model)
+    wrapper = _causal_wrapper(loaded.model, layout["num_layers"])
+    in_names, out_names = causal_io_names(layout["num_layers"])
+    example = causal_example(layout, loaded.model.config.vocab_size, batch=2, seq=4, past=3)
+    args = tuple(torch.from_numpy(example[n]) for n in in_names)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+               "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for name in in_names[3:]:
+        dynamic[name] = {0: "batch", 2: "past_sequence"}
+    for name in out_names[1:]:
+        dynamic[name] = {0: "batch", 2: "total_sequence"}
+    _torch_export(wrapper, args, path, in_names, out_names, dynamic)
+    return layout
+
+
+def _export_encoder(loaded: LoadedModel, path: pathlib.Path) -> None:
+    import torch
+
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 8))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
+    dynamic["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    _torch_export(_encoder_wrapper(loaded.model), args, path, names, ["last_hidden_state"], dynamic)
+
+
+def _torch_export(module: Any, args: tuple, path: pathlib.Path, in_names: list[str], out_names: list[str],
+                  dynamic: dict[str, dict[int, str]]) -> None:
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        # The TorchScript exporter traces the HF module as is (eager attention, explicit masks);
+        # it is fast and handles dynamic past length 0, which prefill needs.
+        torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
+                          dynamic_axes=dynamic, opset_version=EXPORT_OPSET, dynamo=False,
+                          do_constant_folding=True)
+
+
+def _postprocess(raw_path: pathlib.Path) -> ir.Model:
+    """Bump to opset 21 (only type extensions separate 18 from 21 for the ops emitted) and tidy up."""
+    model = ir.load(raw_path)
+    model.opset_imports[""] = TARGET_OPSET
+    model.graph.opset_imports[""] = TARGET_OPSET
+    for node in model.graph.all_nodes():
+        node.version = None
+    from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass
+
+    IdentityEliminationPass()(model)
+    _tie_lm_head(model.graph)
+    RemoveUnusedNodesPass()(model)
+    _name_weights(model.graph)
+    model.producer_name = "eqc"
+    return model
+
+
+def _name_weights(graph: ir.Graph) -> None:
+    """Give traced weights ('onnx::MatMul_8142') the layer's name, so plans and reports read well."""
+    for site in find_linear_sites(graph):
+        w = site.weight
+        if w.name and w.name.startswith("onnx::") and len(w.uses()) == 1:
+            target = f"{site.name}.weight_t" if not site.transposed else f"{site.name}.weight"
+            if target not in graph.initializers:
+                w.name = target
+
+
+def _tie_lm_head(graph: ir.Graph) -> None:
+    """The tracer stores a tied lm_head as a transposed copy of the embedding; read the table instead.
+
+    This keeps one copy on disk (ORT folds the Transpose at load) and lets quantization treat the
+    shared table once, instead of leaving a fp32 copy behind.
+    """
+    tables = {tuple(g.inputs[0].shape): g.inputs[0] for g in embedding_gathers(graph)}
+    for site in find_linear_sites(graph):
+        if site.transposed:
+            continue
+        k, n = site.weight.shape
+        table = tables.get((n, k))
+        if table is None or len(site.weight.uses()) != 1:
+            continue
+        if not np.array_equal(weight_array(table).T, weight_array(site.weight)):
+            continue
+        transpose = ir.node("Transpose", [table], {"perm": [1, 0]}, name=f"{site.node.name}/tied_weight_transpose")
+        graph.insert_before(site.node, transpose)
+        old = site.weight
+        site.node.replace_input_with(1, transpose.outputs[0])
+        graph.initializers.pop(old.name)
+
+
+def torch_reference(loaded: LoadedModel, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    import torch
+
+    if loaded.task == "causal-lm":
+        wrapper = _causal_wrapper(loaded.model, _kv_layout(loaded.model)["num_layers"])
+    else:
+        wrapper = _encoder_wrapper(loaded.model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = wrapper(*[torch.from_numpy(feed[n]) for n in names])
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.numpy() for o in out]
+
+
+def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """ORT vs PyTorch on a prompt (past 0) and a decode step (one token, past > 0)."""
+    from eqcompiler.runtime import make_session
+
+    session = make_session(model_path)
+    names = [i.name for i in session.get_inputs()]
+    cases: list[tuple[str, dict[str, np.ndarray]]]
+    vocab = loaded.model.config.vocab_size
+    if loaded.task == "causal-lm":
+        layout = _kv_layout(loaded.model)
+        cases = [("prompt", causal_example(layout, vocab, batch=2, seq=7, past=0, seed=1)),
+                 ("decode", causal_example(layout, vocab, batch=2, seq=1, past=9, seed=2)),
+                 ("padded", causal_example(layout, vocab, batch=2, seq=6, past=0, seed=3, pad_left=2))]
+    else:
+        rng = np.random.default_rng(1)
+        ids = rng.integers(0, vocab, (2, 9), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[1, 6:] = 0
+        cases = [("prompt", {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})]
+    report: dict[str, Any] = {"tolerance": tolerance, "metric": "max|ort-torch| / max(1, max|torch|) on the first output"}
+    for case, feed in cases:
+        ort_out = session.run(None, {n: feed[n] for n in names})
+        ref = torch_reference(loaded, feed, names)
+        if case == "padded":  # padded query rows are garbage by design; compare real tokens only
+            ort_first, ref_first = ort_out[0][1:], ref[0][1:]
+            ort_first = np.concatenate([ort_first.reshape(-1), ort_out[0][0, 2:].reshape(-1)])
+            ref_first = np.concatenate([ref_first.reshape(-1), ref[0][0, 2:].reshape(-1)])
+        else:
+            ort_first, ref_first = ort_out[0], ref[0]
+        err = float(np.max(np.abs(ort_first - ref_first)) / max(1.0, float(np.max(np.abs(ref_first)))))
+        report[case] = err
+        if not np.isfinite(err) or err > tolerance:
+            raise ParityError(f"export parity failed on the {case} case: error {err:.2e} > tolerance {tolerance:.0e}")
+    return report
+
+
+def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = True) -> dict[str, Any]:
+    """Export `src` into the artifact folder `out`; returns the manifest."""
+    start = time.perf_counter()
+    loaded = load_source(src)
+    with staged_dir(pathlib.Path(out), overwrite=overwrite) as stage:
+        with tempfile.TemporaryDirectory(dir=stage) as raw_dir:
+            raw_path = pathlib.Path(raw_dir) / "raw.onnx"
+            layout = _export_causal(loaded, raw_path) if loaded.task == "causal-lm" else None
+            if layout is None:
+                _export_encoder(loaded, raw_path)
+            model = _postprocess(raw_path)
+            art_mod.save_ir(model, stage)
+        onnx.checker.check_model(str(stage / art_mod.MODEL_FILE))
+        parity = check_parity(loaded, stage / art_mod.MODEL_FILE) if check else {"skipped": True}
+        loaded.model.config.save_pretrained(stage)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(stage)
+        manifest = build_manifest(loaded, model, layout, parity)
+        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
+        art_mod.write_manifest(stage, manifest)
+    return manifest
+
+
+def _io_spec(values: Any) -> list[dict[str, Any]]:
+    spec = []
+    for v in values:
+        dims = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
+        spec.append({"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims})
+    return spec
+
+
+def build_manifest(loaded: LoadedModel, model: ir.Model, layout: dict[str, int] | None,
+                   parity: dict[str, Any]) -> dict[str, Any]:
+    tok = loaded.tokenizer
+    manifest: dict[str, Any] = {
+        "task": loaded.task,
+        "family": loaded.family,
+        "source": loaded.source,
+        "opset": TARGET_OPSET,
+        "inputs": _io_spec(model.graph.inputs),
+        "outputs": _io_spec(model.graph.outputs),
+        "parity": parity,
+        "quantization": None,
+        "tokenizer": {
+            "bos_token_id": getattr(tok, "bos_token_id", None),
+            "eos_token_id": getattr(tok, "eos_token_id", None),
+            "pad_token_id": getattr(tok, "pad_token_id", None),
+        } if tok is not None else None,
+    }
+    if layout is not None:
+        manifest["kv_cache"] = {
+            **layout,
+            "layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
+            "past_input": "past_key_values.{layer}.{key|value}",
+            "present_output": "present.{layer}.{key|value}",
+            "dtype": "float32",
+            "quantized": None,
+        }
+    return manifest

@@ -1,0 +1,143 @@
+"""Graph queries shared by the passes: where the linear layers are and what feeds them."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+
+@dataclasses.dataclass
+class LinearSite:
+    """A MatMul/Gemm whose second operand is a constant weight: what eqc quantizes.
+
+    `weight` is the stored initializer; `transposed` is True when it is stored [N, K] (Gemm with
+    transB=1, or a Transpose of a tied embedding table) instead of MatMul's [K, N].
+    """
+
+    node: ir.Node
+    activation: ir.Value
+    weight: ir.Value
+    transposed: bool
+    name: str
+    quantized: bool = False  # the weight already arrives through a DequantizeLinear
+
+    @property
+    def in_features(self) -> int:
+        shape = self.weight.shape
+        return int(shape[1] if self.transposed else shape[0])
+
+    @property
+    def out_features(self) -> int:
+        shape = self.weight.shape
+        return int(shape[0] if self.transposed else shape[1])
+
+
+def node_order(graph: ir.Graph) -> dict[int, int]:
+    """Position of every node by id(); graph.index() is O(n) per call on onnx-ir's linked list."""
+    return {id(node): i for i, node in enumerate(graph)}
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.producer() is None
+
+
+def layer_name(node: ir.Node) -> str:
+    """'/model/model/layers.0/self_attn/q_proj/MatMul' -> 'model.layers.0.self_attn.q_proj'."""
+    name = node.name or ""
+    parts = [p for p in name.split("/") if p]
+    if parts and parts[-1].split("_")[0] in {"MatMul", "Gemm", "Gather"}:
+        parts = parts[:-1]
+    if len(parts) > 1 and parts[0] == "model":
+        parts = parts[1:]  # the export wrapper's own prefix
+    return ".".join(parts) or (node.name or "unnamed")
+
+
+def _constant_or_dequantized(value: ir.Value) -> tuple[ir.Value, bool] | None:
+    """(stored tensor, went through DequantizeLinear) for a constant 2-D weight source."""
+    if is_constant(value) and value.shape is not None and len(value.shape) == 2:
+        return value, False
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and is_constant(producer.inputs[0]):
+        q = producer.inputs[0]
+        if q.shape is not None and len(q.shape) == 2:
+            return q, True
+    return None
+
+
+def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, bool] | None:
+    """(stored weight, transposed, quantized) when `node`'s second input is a constant weight."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    b = node.inputs[1]
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return None
+        found = _constant_or_dequantized(b)
+        return (found[0], bool(node.attributes.get_int("transB", 0)), found[1]) if found else None
+    found = _constant_or_dequantized(b)
+    if found is not None:
+        return found[0], False, found[1]
+    producer = b.producer()
+    # A tied lm_head reads the embedding table through a Transpose.
+    if producer is not None and producer.op_type == "Transpose":
+        perm = producer.attributes.get_ints("perm", None)
+        found = _constant_or_dequantized(producer.inputs[0])
+        if found is not None and (perm is None or list(perm) == [1, 0]):
+            return found[0], True, found[1]
+    return None
+
+
+def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str | None = None) -> list[LinearSite]:
+    """Every MatMul/Gemm with a constant 2-D weight, optionally filtered by regex on the layer name.
+
+    Activation x activation MatMuls (attention scores, attention x values) are never sites: the
+    additive mask and masked scores must stay float.
+    """
+    sites = []
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        found = _weight_of(node)
+        if found is None:
+            continue
+        weight, transposed, quantized = found
+        name = layer_name(node)
+        if include and not re.search(include, name):
+            continue
+        if exclude and re.search(exclude, name):
+            continue
+        sites.append(LinearSite(node, node.inputs[0], weight, transposed, name, quantized))
+    return sites
+
+
+def embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
+    """Gather nodes reading rows of a constant 2-D table (token embeddings)."""
+    return [n for n in graph if n.op_type == "Gather" and is_constant(n.inputs[0])
+            and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
+            and n.attributes.get_int("axis", 0) == 0]
+
+
+def weight_array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a fresh initializer with a unique name."""
+    base, k = name, 1
+    while name in graph.initializers:
+        name, k = f"{base}_{k}", k + 1
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array, name=name)
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def scalar_initializer(graph: ir.Graph, name: str, value: float | int, dtype: type = np.float32) -> ir.Value:
+    return new_initializer(graph, name, np.array(value, dtype=dtype))
+
+
+def int_constant(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    return new_initializer(graph, name, np.array(values, dtype=np.int64))

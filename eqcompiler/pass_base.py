@@ -1,0 +1,83 @@
+"""The base every eqc pass derives from, the context passes share, and pass discovery.
+
+A pass is an onnx-ir InPlacePass with typed options (a dataclass) so that a recipe, which is data,
+can name it and configure it; unknown options are refused with the list of valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from eqcompiler.errors import EqcError
+
+
+@dataclasses.dataclass
+class CompileContext:
+    """What passes may read besides the model: calibration statistics and a place to report."""
+
+    stats: Any = None  # eqcompiler.stats.CalibrationStats or None
+    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # compile-wide (e.g. plan, budget)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class EqcPass(ir.passes.InPlacePass):
+    """Subclasses set `name`, `Options` (a dataclass) and implement `call(model)`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    requires_stats: ClassVar[bool] = False
+
+    def __init__(self, context: CompileContext | None = None, **options: Any) -> None:
+        super().__init__()
+        self.context = context or CompileContext()
+        valid = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise EqcError(f"pass '{self.name}' has no option {', '.join(map(repr, unknown))} "
+                           f"(valid: {', '.join(sorted(valid)) or 'none'})")
+        try:
+            self.options = self.Options(**options)
+        except (TypeError, ValueError) as exc:
+            raise EqcError(f"pass '{self.name}': bad options: {exc}") from None
+        check = getattr(self.options, "validate", None)
+        if check is not None:
+            check()
+        if self.requires_stats and self.context.stats is None:
+            raise EqcError(f"pass '{self.name}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
+
+    def report(self, data: dict[str, Any]) -> None:
+        self.context.report.setdefault(self.name, {}).update(data)
+
+
+def available_passes() -> dict[str, type[EqcPass]]:
+    """Every EqcPass defined in a module of eqcompiler.passes, by name."""
+    import eqcompiler.passes as pkg
+
+    found: dict[str, type[EqcPass]] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, EqcPass) and obj.name and obj.__module__ == module.__name__:
+                found[obj.name] = obj
+    return found
+
+
+def make_pass(name: str, context: CompileContext, options: dict[str, Any]) -> EqcPass:
+    passes = available_passes()
+    if name not in passes:
+        raise EqcError(f"unknown pass '{name}' (known: {', '.join(sorted(passes))})")
+    return passes[name](context, **options)

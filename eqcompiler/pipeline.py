@@ -1,0 +1,68 @@
+"""`eqc compile`: run a recipe's passes over an artifact and write a new, self-contained artifact."""
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from eqcompiler import artifact as art_mod
+from eqcompiler.atomic import staged_dir
+from eqcompiler.errors import EqcError
+from eqcompiler.pass_base import CompileContext, make_pass
+from eqcompiler.recipes import load_recipe
+from eqcompiler.stats import CalibrationStats
+
+
+def build_passes(recipe: dict[str, Any], context: CompileContext) -> list[ir.passes.PassBase]:
+    return [make_pass(step["pass"], context, dict(step.get("options", {}))) for step in recipe["passes"]]
+
+
+def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
+                  overwrite: bool = False, options: dict[str, Any] | None = None,
+                  extra_steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest."""
+    start = time.perf_counter()
+    art = art_mod.resolve_artifact(model)
+    model_path = art_mod.model_file(art)
+    recipe = load_recipe(recipe_name)
+    if extra_steps:
+        recipe = {**recipe, "passes": list(recipe["passes"]) + list(extra_steps)}
+    out = pathlib.Path(out)
+    if out.resolve() == art.folder.resolve():
+        raise EqcError("output folder is the input artifact; choose another -o")
+    stats = None
+    if calib:
+        stats = CalibrationStats.load(calib)
+        stats.check_model(art_mod.model_fingerprint(model_path), f"'{model_path}'")
+    elif recipe.get("requires_calibration"):
+        raise EqcError(f"recipe '{recipe['name']}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
+    ir_model = art_mod.load_ir(model_path)
+    context = CompileContext(stats=stats, manifest=dict(art.manifest), options=dict(options or {}))
+    context.options.setdefault("source_folder", str(art.folder))
+    passes = build_passes(recipe, context)
+    manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
+    manager(ir_model)
+    with staged_dir(out, overwrite=overwrite) as stage:
+        art_mod.save_ir(ir_model, stage)
+        try:
+            onnx.checker.check_model(str(stage / art_mod.MODEL_FILE))
+        except onnx.checker.ValidationError as exc:
+            raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        if art.manifest:
+            art_mod.copy_carried_files(art.folder, stage)
+        manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
+        manifest["quantization"] = {
+            "recipe": recipe["name"],
+            "passes": recipe["passes"],
+            "calibration": stats.meta if stats is not None else None,
+            "report": context.report,
+            "warnings": context.warnings,
+            "parent_fingerprint": art_mod.model_fingerprint(model_path),
+        }
+        manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
+        art_mod.write_manifest(stage, manifest)
+    return manifest

@@ -1,0 +1,150 @@
+"""Quantization arithmetic (numpy) and the QDQ node patterns eqc emits.
+
+Conventions, shared by every pass so that later passes (lowering, TensorRT checks, inspect)
+can recognise what earlier ones wrote:
+- weights: DequantizeLinear(Wq, scale, zero_point, axis=<output-channel axis>[, block_size]) feeding
+  the MatMul/Gemm weight input; int8 symmetric (zero point 0) per channel, or int4/uint4 blocked.
+- static activations: QuantizeLinear(x, s, zp) -> DequantizeLinear(q, s, zp), per tensor, int8
+  symmetric by default (TensorRT needs zero point 0).
+- Rounding is round-half-to-even, as QuantizeLinear does, so numpy and ORT agree bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from eqcompiler.graph import new_initializer
+
+INT_RANGES = {  # (qmin, qmax, numpy storage dtype, onnx-ir dtype)
+    ("int", 8): (-128, 127, np.int8, ir.DataType.INT8),
+    ("uint", 8): (0, 255, np.uint8, ir.DataType.UINT8),
+    ("int", 4): (-8, 7, np.int8, ir.DataType.INT4),
+    ("uint", 4): (0, 15, np.uint8, ir.DataType.UINT4),
+}
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """A quantized weight in the orientation it is stored: `q` has the original weight's shape."""
+
+    q: np.ndarray  # integer values (int8/uint8 container even for 4-bit)
+    scale: np.ndarray  # float32, shape per ONNX DequantizeLinear rules for the axis/block
+    zero_point: np.ndarray  # same shape as scale, q's dtype
+    axis: int
+    block_size: int  # 0 = per channel (per tensor when scale is a scalar)
+    bits: int
+    signed: bool
+
+    @property
+    def onnx_dtype(self) -> ir.DataType:
+        return INT_RANGES[("int" if self.signed else "uint", self.bits)][3]
+
+    def dequantize(self) -> np.ndarray:
+        scale, zp = self.scale, self.zero_point.astype(np.float32)
+        if self.block_size:
+            scale = np.repeat(scale, self.block_size, axis=self.axis).take(
+                np.arange(self.q.shape[self.axis]), axis=self.axis)
+            zp = np.repeat(zp, self.block_size, axis=self.axis).take(np.arange(self.q.shape[self.axis]), axis=self.axis)
+        elif scale.ndim == 1:
+            shape = [1] * self.q.ndim
+            shape[self.axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        return ((self.q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def quantize_with_scale(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """QuantizeLinear semantics: saturate(round_half_even(x / scale) + zero_point)."""
+    return np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
+
+
+def quantize_channelwise(w: np.ndarray, axis: int, bits: int = 8, symmetric: bool = True,
+                         block_size: int = 0, clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+    """Per-channel (block_size=0) or blocked quantization of a 2-D weight.
+
+    `axis` is the output-channel axis for per-channel scales; for blocked quantization it is the
+    reduction (input-feature) axis along which blocks of `block_size` share one scale, as in ONNX
+    opset-21 blocked DequantizeLinear.
+    """
+    signed = symmetric
+    qmin, qmax, store, _ = INT_RANGES[("int" if signed else "uint", bits)]
+    w = np.asarray(w, dtype=np.float32)
+    if block_size:
+        red_axis = axis
+        k = w.shape[red_axis]
+        nblocks = -(-k // block_size)
+        pad = nblocks * block_size - k
+        wp = np.moveaxis(w, red_axis, -1)
+        if pad:
+            wp = np.concatenate([wp, np.zeros(wp.shape[:-1] + (pad,), np.float32)], axis=-1)
+        blocks = wp.reshape(wp.shape[:-1] + (nblocks, block_size))
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    else:
+        red_axes = tuple(i for i in range(w.ndim) if i != axis)
+        lo, hi = w.min(axis=red_axes), w.max(axis=red_axes)
+    lo, hi = lo * clip_ratio, hi * clip_ratio
+    if symmetric:
+        # Symmetric uses the full negative range [-2^(b-1), 2^(b-1)-1] scaled by the positive max,
+        # so 0 stays exact and zero point is 0 (TensorRT requires it for int8).
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        zp = np.zeros_like(scale, dtype=store)
+    else:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = np.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0).astype(np.float32)
+        zp = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(store)
+    if block_size:
+        s_full = np.repeat(scale, block_size, axis=-1)[..., :k]
+        z_full = np.repeat(zp, block_size, axis=-1)[..., :k].astype(np.float32)
+        q = quantize_with_scale(np.moveaxis(w, red_axis, -1), s_full, z_full, qmin, qmax)
+        q = np.moveaxis(q, -1, red_axis).astype(store)
+        scale, zp = np.moveaxis(scale, -1, red_axis), np.moveaxis(zp, -1, red_axis)
+    else:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = quantize_with_scale(w, scale.reshape(shape), zp.reshape(shape).astype(np.float32), qmin, qmax).astype(store)
+    return QuantizedWeight(q=q, scale=np.ascontiguousarray(scale, dtype=np.float32),
+                           zero_point=np.ascontiguousarray(zp), axis=axis, block_size=block_size,
+                           bits=bits, signed=signed)
+
+
+def activation_scale(lo: float, hi: float, bits: int = 8, symmetric: bool = True) -> tuple[float, int]:
+    """Per-tensor (scale, zero point) for an activation range."""
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        qmax = 2 ** (bits - 1) - 1
+        return (amax / qmax if amax > 0 else 1.0), 0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmax = 2 ** bits - 1
+    scale = (hi - lo) / qmax if hi > lo else 1.0
+    return scale, int(np.clip(round(-lo / scale), 0, qmax))
+
+
+def _int_tensor(name: str, array: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol:
+    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+        return ir.PackedTensor(array, dtype, shape=ir.Shape(array.shape), name=name)
+    return ir.tensor(array, name=name)
+
+
+def emit_quantized_initializers(graph: ir.Graph, qw: QuantizedWeight, base: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Register Wq, scale and zero-point initializers named after `base`."""
+    dtype = qw.onnx_dtype
+    q_val = new_initializer(graph, f"{base}_quantized", _int_tensor(f"{base}_quantized", qw.q, dtype))
+    s_val = new_initializer(graph, f"{base}_scale", qw.scale)
+    z_val = new_initializer(graph, f"{base}_zero_point", _int_tensor(f"{base}_zero_point", qw.zero_point, dtype))
+    return q_val, s_val, z_val
+
+
+def emit_dequantize(graph: ir.Graph, qw: QuantizedWeight, base: str, before: ir.Node) -> ir.Value:
+    """Add Wq/scale/zp initializers and a DequantizeLinear node before `before`; return its output."""
+    q_val, s_val, z_val = emit_quantized_initializers(graph, qw, base)
+    attrs: dict[str, int] = {"axis": qw.axis}
+    if qw.block_size:
+        attrs["block_size"] = qw.block_size
+    node = ir.node("DequantizeLinear", [q_val, s_val, z_val], attrs, name=f"{base}/DequantizeLinear")
+    graph.insert_before(before, node)
+    node.outputs[0].name = f"{base}_dequantized"
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    node.outputs[0].shape = ir.Shape(qw.q.shape)
+    return node.outputs[0]

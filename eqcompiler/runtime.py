@@ -1,0 +1,70 @@
+"""ONNX Runtime sessions and feeds for eqc artifacts."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from eqcompiler.errors import EqcError
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
+                 external_data_dir: pathlib.Path | None = None) -> ort.InferenceSession:
+    """A CPU session; registers eqc's custom op library when the graph uses the ai.eqc domain.
+
+    `model` is a path, or serialized bytes whose external data lives in `external_data_dir`.
+    """
+    opts = ort.SessionOptions()
+    if external_data_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
+    opts.log_severity_level = 3
+    if threads is None:
+        threads = int(os.environ.get("EQC_THREADS", "0"))
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    try:
+        from eqcompiler import custom_ops
+
+        if not isinstance(model, bytes) and custom_ops.uses_eqc_domain(str(model)):
+            custom_ops.register(opts)
+    except ImportError:
+        pass
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types with multi-line messages
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = external_data_dir if isinstance(model, bytes) else model
+        raise EqcError(f"ONNX Runtime cannot load '{where}': {first}") from None
+
+
+def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length past tensors for every past input, so the graph runs as prefill."""
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            dims = [batch if i == 0 else (0 if i == 2 else d) for i, d in enumerate(inp.shape)]
+            if any(not isinstance(d, int) for d in dims):
+                raise EqcError(f"past input '{inp.name}' has unknown dims {inp.shape}")
+            feed[inp.name] = np.zeros(dims, dtype=_ORT_TYPES.get(inp.type, np.float32))
+    return feed
+
+
+def causal_feed(session: ort.InferenceSession, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
+                past_len: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a causal step: ids [B, S], full attention mask, positions after the past."""
+    batch, seq = ids.shape
+    names = {i.name for i in session.get_inputs()}
+    feed: dict[str, Any] = {"input_ids": ids.astype(np.int64)}
+    if "attention_mask" in names:
+        feed["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
+    if "position_ids" in names:
+        feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+    feed.update(past if past is not None else empty_past(session, batch))
+    return feed

@@ -1,0 +1,1 @@
+"""eqc compiler passes, one per module (shipped as `eqcompiler.passes`)."""

@@ -1,0 +1,145 @@
+"""Weight quantization (round-to-nearest): int8 per channel or int4/int8 blocked, as QDQ.
+
+Every MatMul/Gemm with a constant weight gets DequantizeLinear(Wq, scale, zp) on its weight input.
+Token-embedding tables are quantized per row too; a table tied to the lm_head is stored once, as
+int8, and read by both the Gather (gather rows, then dequantize them) and the lm_head.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from eqcompiler.errors import EqcError
+from eqcompiler.graph import node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, weight_array
+from eqcompiler.pass_base import EqcPass
+from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
+
+
+@dataclasses.dataclass
+class QuantizeWeightsOptions:
+    bits: int = 8
+    symmetric: bool = True
+    block_size: int = 0  # 0: one scale per output channel; else blocks along the input features
+    include: str | None = None  # regex on layer names (e.g. "layers\\.[0-9]+\\.mlp")
+    exclude: str | None = None
+    embeddings: bool = True  # also quantize token-embedding tables (per row, int8)
+    embedding_bits: int = 8
+
+    def validate(self) -> None:
+        if self.bits not in (4, 8):
+            raise EqcError(f"quantize_weights: bits must be 4 or 8, got {self.bits}")
+        if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise EqcError(f"quantize_weights: block_size must be 0 or a power of two >= 16, got {self.block_size}")
+        if self.embedding_bits not in (4, 8):
+            raise EqcError(f"quantize_weights: embedding_bits must be 4 or 8, got {self.embedding_bits}")
+
+
+def quantize_site_weight(w: np.ndarray, transposed: bool, bits: int, symmetric: bool, block_size: int) -> QuantizedWeight:
+    """Per output channel, or blocks along the input features, for a [K,N] (or [N,K] if transposed) weight."""
+    if block_size:
+        return quantize_channelwise(w, axis=1 if transposed else 0, bits=bits, symmetric=symmetric, block_size=block_size)
+    return quantize_channelwise(w, axis=0 if transposed else 1, bits=bits, symmetric=symmetric)
+
+
+class QuantizeWeightsPass(EqcPass):
+    name = "quantize_weights"
+    Options = QuantizeWeightsOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opts = self.options
+        sites = [s for s in find_linear_sites(graph, opts.include, opts.exclude) if not s.quantized]
+        gathers = embedding_gathers(graph) if opts.embeddings else []
+        tables = {id(g.inputs[0]) for g in gathers}
+        order = node_order(graph)
+        by_weight: dict[int, list[LinearSite]] = {}
+        for site in sites:
+            by_weight.setdefault(id(site.weight), []).append(site)
+        bytes_before = bytes_after = 0
+        layers: dict[str, str] = {}
+        for group in by_weight.values():
+            weight = group[0].weight
+            if id(weight) in tables:
+                continue  # handled with its Gather below, so the table is stored once
+            qw = quantize_site_weight(weight_array(weight), group[0].transposed, opts.bits, opts.symmetric, opts.block_size)
+            first = min(group, key=lambda s: order[id(s.node)])
+            dq = emit_dequantize(graph, qw, weight.name, before=first.node)
+            for site in group:
+                site.node.replace_input_with(1, dq)
+                layers[site.name] = _describe(qw)
+            bytes_before += weight.const_value.nbytes
+            bytes_after += _stored_bytes(qw)
+            graph.initializers.pop(weight.name)
+        for table, users in _group_gathers(gathers).items():
+            b0, b1 = self._quantize_table(graph, users, [s for s in sites if id(s.weight) == table], layers)
+            bytes_before += b0
+            bytes_after += b1
+        if not layers:
+            raise EqcError("quantize_weights matched no layer: the graph has no MatMul/Gemm with a constant weight"
+                           + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.include or opts.exclude else ""))
+        self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after)})
+        return ir.passes.PassResult(model, modified=True)
+
+    def _quantize_table(self, graph: ir.Graph, gathers: list[ir.Node], tied_sites: list[LinearSite],
+                        layers: dict[str, str]) -> tuple[int, int]:
+        """Per-row int8 table; Gather reads int8 rows and their scales, then dequantizes them."""
+        table = gathers[0].inputs[0]
+        w = weight_array(table)
+        qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True)
+        order = node_order(graph)
+        first = min(gathers + [s.node for s in tied_sites], key=lambda n: order[id(n)])
+        # The tied lm_head (Transpose(table) -> MatMul) dequantizes the whole table per run;
+        # gathers only dequantize the rows they read.
+        if tied_sites:
+            dq = emit_dequantize(graph, qw, table.name, before=first)
+            q_val, s_val, z_val = dq.producer().inputs
+            for site in tied_sites:
+                transpose = site.node.inputs[1].producer()
+                transpose.replace_input_with(0, dq)
+                layers[site.name] = _describe(qw) + " (tied to embedding)"
+        else:
+            q_val, s_val, z_val = emit_quantized_initializers(graph, qw, table.name)
+        for gather in gathers:
+            ids = gather.inputs[1]
+            axes = int_constant(graph, f"{table.name}_row_axes", [-1])
+            rows = ir.node("Gather", [q_val, ids], {"axis": 0}, name=f"{gather.name}/rows")
+            row_s = ir.node("Gather", [s_val, ids], {"axis": 0}, name=f"{gather.name}/row_scale")
+            row_z = ir.node("Gather", [z_val, ids], {"axis": 0}, name=f"{gather.name}/row_zero_point")
+            s3 = ir.node("Unsqueeze", [row_s.outputs[0], axes], name=f"{gather.name}/row_scale_unsqueeze")
+            z3 = ir.node("Unsqueeze", [row_z.outputs[0], axes], name=f"{gather.name}/row_zero_point_unsqueeze")
+            dq_rows = ir.node("DequantizeLinear", [rows.outputs[0], s3.outputs[0], z3.outputs[0]],
+                              {"axis": -1, "block_size": int(w.shape[1])}, name=f"{gather.name}/DequantizeLinear")
+            for node in (rows, row_s, row_z, s3, z3, dq_rows):
+                graph.insert_before(gather, node)
+            gather.outputs[0].replace_all_uses_with(dq_rows.outputs[0], replace_graph_outputs=True)
+            dq_rows.outputs[0].name = gather.outputs[0].name
+            gather.outputs[0].name = None
+            graph.remove(gather, safe=True)
+            layers[_gather_name(gather)] = _describe(qw) + " (embedding rows)"
+        nbytes = table.const_value.nbytes
+        graph.initializers.pop(table.name)
+        return nbytes, _stored_bytes(qw)
+
+
+def _group_gathers(gathers: list[ir.Node]) -> dict[int, list[ir.Node]]:
+    groups: dict[int, list[ir.Node]] = {}
+    for g in gathers:
+        groups.setdefault(id(g.inputs[0]), []).append(g)
+    return groups
+
+
+def _gather_name(node: ir.Node) -> str:
+    from eqcompiler.graph import node_order, layer_name
+
+    return layer_name(node)
+
+
+def _describe(qw: QuantizedWeight) -> str:
+    kind = "sym" if qw.signed else "asym"
+    return f"int{qw.bits} {kind} " + (f"g{qw.block_size}" if qw.block_size else "per-channel")
+
+
+def _stored_bytes(qw: QuantizedWeight) -> int:
+    return qw.q.size * qw.bits // 8 + qw.scale.nbytes + qw.zero_point.size * qw.bits // 8
