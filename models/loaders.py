@@ -117,29 +117,3 @@ def load_source(src: str) -> LoadedModel:
         _fix_special_tokens(model, tokenizer, alias["special_tokens"])
     source = {"source": src, "folder": str(folder), "gguf_file": gguf_file or ""}
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, task=task, source=source)
-
-
-def tiny_config(family: str, **overrides: Any) -> Any:
-    """A tiny random-weight config of a family, for export and structure tests."""
-    import transformers
-
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)
-    elif family == "mistral":
-        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
-    elif family == "qwen3":
-        cfg = transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
-    elif family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    elif family == "bert":
-        cfg = transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=128)
-    else:
-        raise EqcError(f"no tiny config for family '{family}'")
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg

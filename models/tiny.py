@@ -1,0 +1,72 @@
+"""Tiny random-weight models of each supported family, saved as Hugging Face folders.
+
+Used by tests and fuzzing for export and structure checks. They carry a small word-level
+tokenizer built from text, so calibrate/eval work on them exactly as on a real model.
+"""
+from __future__ import annotations
+
+import collections
+import pathlib
+from typing import Any
+
+from eqcompiler.errors import EqcError
+
+TINY_VOCAB = 512
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A tiny random-weight config of a family, for export and structure tests."""
+    import transformers
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    elif family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif family == "bert":
+        cfg = transformers.BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=128)
+    else:
+        raise EqcError(f"no tiny config for family '{family}'")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_tokenizer(text: str, vocab_size: int = TINY_VOCAB) -> Any:
+    """A word-level tokenizer over the most frequent words of `text` (id 0 = unknown)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    counts = collections.Counter(text.split())
+    specials = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [w for w, _ in counts.most_common(vocab_size - len(specials)) if w not in specials]
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
+
+
+def save_tiny_model(family: str, folder: pathlib.Path, text: str, seed: int = 0, **overrides: Any) -> pathlib.Path:
+    """Write a tiny random model of `family` plus a word-level tokenizer into `folder`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    cfg._attn_implementation = "eager"
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_config(cfg).eval()
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    build_tokenizer(text, cfg.vocab_size).save_pretrained(folder)
+    return folder

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models of each family, the real SmolLM2 artifact, calibration stats.
+
+Expensive artifacts are session-scoped so the whole suite exports SmolLM2 once.
+Tests import eqcompiler from the installed package (make test installs it non-editable).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("EQC_THREADS", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _wikitext_dir() -> pathlib.Path:
+    for cand in (os.environ.get("EQC_WIKITEXT"), REPO.parent / "shared/data/wikitext-2", REPO / "shared/data/wikitext-2"):
+        if cand and (pathlib.Path(cand) / "test.txt").is_file():
+            return pathlib.Path(cand)
+    raise RuntimeError("WikiText-2 not found: set EQC_WIKITEXT")
+
+
+WIKI = _wikitext_dir()
+WIKI_VALID = WIKI / "valid.txt"
+WIKI_TEST = WIKI / "test.txt"
+
+
+def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `eqc` CLI as a user would."""
+    exe = pathlib.Path(sys.executable).parent / "eqc"
+    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"eqc {' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def wiki_valid() -> pathlib.Path:
+    return WIKI_VALID
+
+
+@pytest.fixture(scope="session")
+def wiki_test() -> pathlib.Path:
+    return WIKI_TEST
+
+
+def _tiny_hf(tmp_path_factory: pytest.TempPathFactory, family: str) -> pathlib.Path:
+    from eqcompiler.models.tiny import save_tiny_model
+
+    folder = tmp_path_factory.mktemp(f"hf-{family}")
+    return save_tiny_model(family, folder, WIKI_VALID.read_text()[:200_000])
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_hf('llama') -> HF folder (cached per family)."""
+    cache: dict[str, pathlib.Path] = {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in cache:
+            cache[family] = _tiny_hf(tmp_path_factory, family)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: tiny_artifact('llama') -> exported eqc artifact folder (cached per family)."""
+    from eqcompiler.export import export
+
+    cache: dict[str, pathlib.Path] = {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in cache:
+            out = tmp_path_factory.mktemp(f"art-{family}") / "fp32"
+            export(str(tiny_hf(family)), out)
+            cache[family] = out
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from eqcompiler.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("stats") / "tiny_llama.npz"
+    calibrate(tiny_artifact("llama"), WIKI_VALID, samples=4, seq_len=64, out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The real SmolLM2-135M exported once per test session (about 40 s)."""
+    from eqcompiler.export import export
+
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    export("smollm2", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_stats(smollm2_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    from eqcompiler.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("smollm2-stats") / "stats.npz"
+    calibrate(smollm2_artifact, WIKI_VALID, samples=8, seq_len=512, out=out)
+    return out
