@@ -96,20 +96,47 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, as_jso
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
+@click.option("--observers", default="minmax,absmax_channel", show_default=True,
+              help="Comma-separated statistics to record: minmax (per-tensor min/max/count, always on); "
+                   "absmax_channel (per-channel max |x|); abssum (per-channel float64 sum |x|); hist (2048-bin |x| "
+                   "histogram, power-of-two range: percentile/entropy/mse methods); gram (float64 X^T X per linear "
+                   "input: GPTQ); kv (KV-cache present.* per-channel min/max); all.")
+@click.option("--decode-steps", default=0, show_default=True,
+              help="After each prefill window run N single-token decode steps (present fed back as past) and observe them.")
+@click.option("--workers", default=1, show_default=True,
+              help="Local processes (torch.distributed gloo); windows are sharded and statistics merged exactly.")
+@click.option("--threads", default=None, type=int, help="Intra-op threads per worker (default: cores // workers).")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
-              skip_nonfinite: bool, as_json: bool) -> None:
+              skip_nonfinite: bool, observers: str, decode_steps: int, workers: int, threads: int | None,
+              as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
-    from eqcompiler.calibrate import calibrate as do_calibrate
+    from eqcompiler.calibrate import calibrate as do_calibrate, tqdm_progress
+    from eqcompiler.observers import parse_observers
 
     if out.exists() and not overwrite:
         raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
-    stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite, skip_nonfinite=skip_nonfinite,
-                         progress=_progress("calibrate", not as_json))
-    result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta}
+    parse_observers(observers)  # fail on a bad name before starting anything
+    if workers > 1:
+        from eqcompiler.distributed import launch_local
+
+        args = [model, "--data", text, "--samples", str(samples), "--seq-len", str(seq_len), "-o", str(out),
+                "--observers", observers, "--decode-steps", str(decode_steps)]
+        args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite
+        result = launch_local(workers, args, threads=threads)
+    else:
+        progress, close = tqdm_progress("calibrate")
+        try:
+            stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite,
+                                 skip_nonfinite=skip_nonfinite, progress=progress, threads=threads,
+                                 observers=observers, decode_steps=decode_steps)
+        finally:
+            close()
+        result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta}
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
-                                      f"x {r['data']['seq_len']} tokens in {r['seconds']} s -> {out}"])
+                                      f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "
+                                      f"{r.get('workers', 1)} worker(s)) in {r['seconds']} s -> {out}"])
 
 
 @main.command(name="compile")
@@ -118,14 +145,28 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
 @click.option("--calib", default=None, help="Statistics file from `eqc calibrate`.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path))
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu"]), default="portable", show_default=True,
+              help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels.")
+@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
+              help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
+@click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,
+              help="Key groups: channel (frozen from --calib made with --observers kv), token (dynamic); auto: channel with --calib.")
+@click.option("--kv-values", type=click.Choice(["token", "channel"]), default="token", show_default=True,
+              help="Value groups: token (dynamic per token) or channel (frozen from calibration).")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
-def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, as_json: bool) -> None:
+def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
+                kv_bits: str | None, kv_keys: str, kv_values: str, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.artifact import size_bytes
     from eqcompiler.pipeline import compile_model
 
-    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite)
+    extra = []
+    if kv_bits:
+        from eqcompiler.passes.quantize_kv_cache import kv_step
+
+        extra.append(kv_step(int(kv_bits), kv_keys, kv_values, calib))
+    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra)
     q = manifest["quantization"]
     result = {"output": str(out), "recipe": q["recipe"], "size_bytes": size_bytes(out), "warnings": q["warnings"],
               "report": q["report"], "seconds": manifest["compile_seconds"]}
@@ -143,29 +184,38 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 @click.option("--window", default=512, show_default=True, help="Window length (non-overlapping).")
 @click.option("--embed-ref", default=None, help="Encoders: reference artifact for embedding cosine similarity.")
 @click.option("--sentences", "n_sentences", default=200, show_default=True, help="Encoders: sentences to embed.")
+@click.option("--text", "sentence_text", default=None, help="Encoders: text to take sentences from (default: WikiText-2 test).")
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure decode-step latency.")
+@click.option("--chunk", default=0, show_default=True,
+              help="Perplexity through the KV cache: feed each window CHUNK tokens at a time (0: whole window at once).")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, embed_ref: str | None,
-             n_sentences: int, latency: bool, as_json: bool) -> None:
+             n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, as_json: bool) -> None:
     """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
     from eqcompiler import evaluate
     from eqcompiler.artifact import resolve_artifact, size_bytes
 
     art = resolve_artifact(model)
     result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model))}
-    if ppl_text:
+    if ppl_text and chunk:
+        from eqcompiler.decode import chunked_perplexity
+
+        result.update(chunked_perplexity(model, ppl_text, chunk=chunk, max_tokens=max_tokens, window=window,
+                                         progress=_progress("perplexity", not as_json)))
+    elif ppl_text:
         result.update(evaluate.perplexity(model, ppl_text, max_tokens=max_tokens, window=window,
                                           progress=_progress("perplexity", not as_json)))
     if embed_ref:
-        text = ppl_text or _default_text()
+        text = sentence_text or _default_text()
         result["embedding"] = evaluate.embedding_similarity(model, embed_ref, text, n_sentences)
     if latency:
         result["latency"] = evaluate.decode_latency(model)
     def lines(r: dict[str, Any]) -> list[str]:
         out = [f"size: {r['size_bytes'] / 1e6:.1f} MB"]
         if "ppl" in r:
-            out.append(f"perplexity: {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['window']})")
+            out.append(f"perplexity: {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['window']}"
+                       + (f", through the cache in chunks of {r['chunk']})" if r.get("chunk") else ")"))
         if "embedding" in r:
             out.append(f"embedding cosine vs reference: mean {r['embedding']['mean_cosine']:.4f} "
                        f"min {r['embedding']['min_cosine']:.4f} ({r['embedding']['sentences']} sentences)")
@@ -173,6 +223,22 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
             out.append(f"latency ({r['latency']['what']}): median {r['latency']['median_ms']:.2f} ms")
         return out
     _emit(result, as_json, lines)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True, help="Most tokens to generate (stops earlier at eos).")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> None:
+    """Greedy generation from MODEL through its (possibly quantized) KV cache."""
+    from eqcompiler.decode import generate as do_generate
+
+    result = do_generate(model, prompt, max_new_tokens=max_new_tokens)
+    _emit(result, as_json, lambda r: [r["prompt"] + r["text"],
+                                      f"({r['new_tokens']} tokens, stopped at {r['stopped']}, "
+                                      f"{r['ms_per_token']} ms/token, cache {r['cache_bytes']} bytes)"])
 
 
 def _default_text() -> str:

@@ -122,8 +122,13 @@ def activation_scale(lo: float, hi: float, bits: int = 8, symmetric: bool = True
 
 
 def _int_tensor(name: str, array: np.ndarray, dtype: ir.DataType) -> ir.TensorProtocol:
-    if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
-        return ir.PackedTensor(array, dtype, shape=ir.Shape(array.shape), name=name)
+    """An integer tensor; 4-bit values go through ml_dtypes so onnx-ir packs them two per byte."""
+    import ml_dtypes
+
+    if dtype == ir.DataType.INT4:
+        return ir.tensor(array.astype(ml_dtypes.int4), name=name)
+    if dtype == ir.DataType.UINT4:
+        return ir.tensor(array.astype(ml_dtypes.uint4), name=name)
     return ir.tensor(array, name=name)
 
 

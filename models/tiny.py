@@ -21,7 +21,7 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128)
     if family == "llama":
-        cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)  # tied, like SmolLM2
     elif family == "mistral":
         cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     elif family == "qwen2":
