@@ -28,8 +28,9 @@ install: $(STAMP)
 ops: install
 	bash cuda_ops/build.sh
 
+# EQC_REQUIRE_INSTALLED makes the packaging test check that eqcompiler came from site-packages.
 test: install ops
-	cd tests && ../$(VENV)/bin/pytest -q -x --durations=15 .
+	cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q --durations=20 -p no:cacheprovider .
 
 demo: install
 	$(PY) tools/demo.py
