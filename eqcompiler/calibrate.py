@@ -1,25 +1,35 @@
 """Streaming calibration: run the model in ONNX Runtime on text windows, keep only statistics.
 
-The observed tensors (inputs of every quantizable linear layer) are exposed as extra graph outputs
-of a temporary copy of the graph that shares the original weights file; each window's
-activations update mergeable statistics and are dropped, so memory does not grow with the window
-count.
+The observed tensors (inputs of every quantizable linear layer, and with the "kv" observer the
+KV-cache outputs present.{i}.key/value) are exposed as extra graph outputs of a temporary copy of
+the graph that shares the original weights file; each window's activations update mergeable
+statistics (eqcompiler/observers.py) and are dropped, so memory does not grow with the window count.
+
+With decode_steps=N, each prefill window is followed by N single-token decode steps that feed the
+window's present KV back as past (the next tokens of the text, teacher-forced), so decode-time
+activations (one token attending to a long cache) are calibrated too.
+
+`Calibrator` computes statistics for any subset of windows; `calibrate()` runs all of them in one
+process and eqcompiler/distributed.py shards them across ranks and merges with collectives.
 """
 from __future__ import annotations
 
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
 
 from eqcompiler import artifact as art_mod
-from eqcompiler.data import load_tokenizer, read_text, tokenize, windows
+from eqcompiler.data import load_tokenizer, read_text, tokenize
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.graph import find_linear_sites
+from eqcompiler.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers
 from eqcompiler.runtime import causal_feed, make_session
 from eqcompiler.stats import CalibrationStats, TensorStats
+
+Progress = Callable[[int, int], None]
 
 
 def observed_tensors(model_path: pathlib.Path) -> list[str]:
@@ -56,43 +66,143 @@ def _check_finite(name: str, x: np.ndarray, skip_nonfinite: bool) -> np.ndarray:
     raise NumericsError(f"activation '{name}' has NaN or Inf during calibration (pass --skip-nonfinite to ignore them)")
 
 
+class Calibrator:
+    """Everything needed to calibrate one model on one text, for any subset of its windows."""
+
+    def __init__(self, model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
+                 observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
+                 skip_nonfinite: bool = False, threads: int | None = None) -> None:
+        if samples < 1:
+            raise EqcError(f"--samples must be at least 1, got {samples}")
+        if seq_len < 2:
+            raise EqcError(f"window length must be at least 2 tokens, got {seq_len}")
+        if decode_steps < 0:
+            raise EqcError(f"--decode-steps must be 0 or more, got {decode_steps}")
+        self.art = art_mod.resolve_artifact(model)
+        self.model_path = art_mod.model_file(self.art)
+        self.text_path = text_path
+        self.observers = parse_observers(observers)
+        self.seq_len, self.decode_steps, self.skip_nonfinite, self.threads = seq_len, decode_steps, skip_nonfinite, threads
+        self.causal = self.art.task == "causal-lm"
+        if decode_steps and not self.causal:
+            raise EqcError(f"--decode-steps needs a causal LM; '{model}' is a {self.art.task} model")
+        if "kv" in self.observers and not self.causal:
+            raise EqcError(f"the 'kv' observer needs a causal LM with a KV cache; '{model}' is a {self.art.task} model")
+        text, self.text_sha = read_text(text_path)
+        tokenizer = load_tokenizer(self.art.folder)
+        self.ids = tokenize(tokenizer, text, max_tokens=samples * seq_len + decode_steps)
+        # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
+        available = (len(self.ids) - decode_steps) // seq_len
+        if available < 1:
+            raise EqcError(f"text has {len(self.ids)} tokens, fewer than one window of {seq_len}"
+                           + (f" plus {decode_steps} decode tokens" if decode_steps else ""))
+        self.n_windows = min(samples, available)
+        self.linear_inputs = observed_tensors(self.model_path)
+        self._session: Any = None
+        self.kv_outputs: list[str] = []
+
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            probe = instrumented_session(self.model_path, self.linear_inputs, threads=self.threads)
+            self.kv_outputs = [o.name for o in probe.get_outputs() if o.name.startswith("present.")]
+            if (self.decode_steps or "kv" in self.observers) and not self.kv_outputs:
+                raise EqcError(f"'{self.model_path}' has no present.* KV-cache outputs to decode with or observe")
+            self._session = probe
+        return self._session
+
+    def new_stats(self) -> dict[str, TensorStats]:
+        _ = self.session  # opening the session lists the KV outputs
+        names = list(self.linear_inputs)
+        if "kv" in self.observers:
+            names += self.kv_outputs
+        return {n: TensorStats() for n in names}
+
+    def run(self, indices: Sequence[int], stats: dict[str, TensorStats] | None = None,
+            progress: Progress | None = None, on_window: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
+        """Observe windows `indices` (0-based positions in the text) into `stats`."""
+        stats = self.new_stats() if stats is None else stats
+        for done, index in enumerate(indices, 1):
+            if on_window is not None:
+                on_window(index)
+            self._window(index, stats)
+            if progress:
+                progress(done, len(indices))
+        return stats
+
+    def _observe(self, stats: dict[str, TensorStats], name: str, value: np.ndarray, kv_slice: bool = False) -> None:
+        value = _check_finite(name, value, self.skip_nonfinite)
+        if name in self.kv_outputs:
+            if "kv" in self.observers:
+                observe_kv(stats[name], value[:, :, -1:, :] if kv_slice else value)
+        elif name in stats:
+            observe_activation(stats[name], value, self.observers)
+
+    def _window(self, index: int, stats: dict[str, TensorStats]) -> None:
+        session = self.session
+        start = index * self.seq_len
+        window = self.ids[start:start + self.seq_len][None, :]
+        need_kv = bool(self.decode_steps) or "kv" in self.observers
+        wanted = list(self.linear_inputs) + (self.kv_outputs if need_kv else [])
+        feed = causal_feed(session, window) if self.causal else _encoder_feed(window)
+        values = dict(zip(wanted, session.run(wanted, feed)))
+        for name, value in values.items():
+            self._observe(stats, name, value)
+        past_len = self.seq_len
+        for step in range(self.decode_steps):
+            past = {n.replace("present.", "past_key_values.", 1): values[n] for n in self.kv_outputs}
+            token = self.ids[start + self.seq_len + step:start + self.seq_len + step + 1][None, :]
+            values = dict(zip(wanted, session.run(wanted, causal_feed(session, token, past=past, past_len=past_len))))
+            for name, value in values.items():
+                self._observe(stats, name, value, kv_slice=True)  # only the new token's cache entries
+            past_len += 1
+        del values
+
+    def meta(self, windows: int, seconds: float, **more: Any) -> dict[str, Any]:
+        return {
+            "model_fingerprint": art_mod.model_fingerprint(self.model_path),
+            "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
+                     "seq_len": self.seq_len, "decode_steps": self.decode_steps},
+            "observers": list(self.observers),
+            "seconds": round(seconds, 2),
+            **more,
+        }
+
+
 def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
               out: pathlib.Path | None = None, overwrite: bool = True, skip_nonfinite: bool = False,
-              progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> CalibrationStats:
-    """Compute statistics over `samples` windows of `seq_len` tokens; write them to `out` if given."""
-    art = art_mod.resolve_artifact(model)
-    model_path = art_mod.model_file(art)
-    text, text_sha = read_text(text_path)
-    if samples < 1:
-        raise EqcError(f"--samples must be at least 1, got {samples}")
-    tokenizer = load_tokenizer(art.folder)
-    ids = tokenize(tokenizer, text, max_tokens=samples * seq_len)
-    names = observed_tensors(model_path)
-    stats = {n: TensorStats() for n in names}
+              progress: Progress | None = None, threads: int | None = None,
+              observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0) -> CalibrationStats:
+    """Compute statistics over `samples` windows of `seq_len` tokens in this process; write them to `out` if given."""
     start = time.perf_counter()
-    done = 0
-    if True:
-        session = instrumented_session(model_path, names, threads=threads)
-        out_names = [o.name for o in session.get_outputs()]
-        wanted = [n for n in out_names if n in stats]
-        for window in windows(ids, seq_len, samples):
-            feed = causal_feed(session, window) if art.task == "causal-lm" else _encoder_feed(window)
-            values = session.run(wanted, feed)
-            for name, value in zip(wanted, values):
-                stats[name].update(_check_finite(name, value, skip_nonfinite))
-            del values
-            done += 1
-            if progress:
-                progress(done, samples)
-    meta: dict[str, Any] = {
-        "model_fingerprint": art_mod.model_fingerprint(model_path),
-        "data": {"path": str(text_path), "sha256": text_sha, "samples": done, "seq_len": seq_len},
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    result = CalibrationStats(meta=meta, tensors=stats)
+    cal = Calibrator(model, text_path, samples, seq_len, observers=observers, decode_steps=decode_steps,
+                     skip_nonfinite=skip_nonfinite, threads=threads)
+    stats = cal.run(range(cal.n_windows), progress=progress)
+    result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=1), tensors=stats)
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result
+
+
+def tqdm_progress(label: str, enabled: bool = True) -> tuple[Progress | None, Callable[[], None]]:
+    """A tqdm bar on stderr (shown only on a terminal) as a progress callback, and its closer."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def show(done: int, total: int) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=label, unit="window", disable=None, leave=False)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return show, close
 
 
 def _encoder_feed(window: np.ndarray) -> dict[str, np.ndarray]:

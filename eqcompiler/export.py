@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from eqcompiler import artifact as art_mod
 from eqcompiler.atomic import staged_dir
-from eqcompiler.errors import EqcError, ParityError
+from eqcompiler.errors import ParityError
 from eqcompiler.graph import embedding_gathers, find_linear_sites, weight_array
 from eqcompiler.models.loaders import LoadedModel, load_source
 
@@ -249,10 +249,11 @@ def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float
     return report
 
 
-def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = True) -> dict[str, Any]:
+def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = True,
+           trust_remote_code: bool = False) -> dict[str, Any]:
     """Export `src` into the artifact folder `out`; returns the manifest."""
     start = time.perf_counter()
-    loaded = load_source(src)
+    loaded = load_source(src, trust_remote_code=trust_remote_code)
     with staged_dir(pathlib.Path(out), overwrite=overwrite) as stage:
         with tempfile.TemporaryDirectory(dir=stage) as raw_dir:
             raw_path = pathlib.Path(raw_dir) / "raw.onnx"

@@ -15,9 +15,11 @@ import numpy as np
 
 from eqcompiler.atomic import staged_file
 from eqcompiler.errors import EqcError
+from eqcompiler.observers import DEFAULT_OBSERVERS, merge_extra, observe_activation
 
 STATS_FORMAT = "eqc-calibration-stats"
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: header lists the observers that filled the file
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -30,15 +32,8 @@ class TensorStats:
     count: int = 0  # elements seen
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # histograms, Gram matrices, ...
 
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float32)
-        if x.size == 0:
-            return
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        per_channel = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
-        self.absmax_channel = per_channel if self.absmax_channel is None else np.maximum(self.absmax_channel, per_channel)
-        self.count += int(x.size)
+    def update(self, x: np.ndarray, observers: tuple[str, ...] = DEFAULT_OBSERVERS) -> None:
+        observe_activation(self, x, observers)
 
     def merge(self, other: "TensorStats") -> None:
         self.min = min(self.min, other.min)
@@ -47,6 +42,7 @@ class TensorStats:
             self.absmax_channel = (other.absmax_channel.copy() if self.absmax_channel is None
                                    else np.maximum(self.absmax_channel, other.absmax_channel))
         self.count += other.count
+        merge_extra(self.extra, other.extra)
 
 
 @dataclasses.dataclass
@@ -84,8 +80,10 @@ class CalibrationStats:
             raise EqcError(f"'{p}' is not an eqc statistics file ({type(exc).__name__})") from None
         if header.get("format") != STATS_FORMAT:
             raise EqcError(f"'{p}' is not an eqc statistics file")
-        if header.get("version") != STATS_VERSION:
-            raise EqcError(f"'{p}' has statistics format version {header.get('version')}, this eqc reads {STATS_VERSION}")
+        if header.get("version") not in READABLE_VERSIONS:
+            raise EqcError(f"'{p}' has statistics format version {header.get('version')}, "
+                           f"this eqc reads {', '.join(map(str, READABLE_VERSIONS))}")
+        header.setdefault("observers", list(DEFAULT_OBSERVERS))
         tensors: dict[str, TensorStats] = {}
         for i, name in enumerate(header.pop("tensors")):
             lo, hi = arrays[f"t{i}.minmax"]
@@ -102,6 +100,18 @@ class CalibrationStats:
         if mine != fingerprint:
             raise EqcError(f"statistics were computed on another model (fingerprint {mine}, {model_desc} is {fingerprint}); "
                            "run `eqc calibrate` on this model")
+
+    @property
+    def observers(self) -> list[str]:
+        return list(self.meta.get("observers", DEFAULT_OBSERVERS))
+
+    def require(self, name: str, key: str, observer: str, consumer: str) -> np.ndarray:
+        """extra[key] of tensor `name`, or a clear error naming the observer to calibrate with."""
+        t = self.get(name)
+        if key not in t.extra:
+            raise EqcError(f"{consumer} needs the '{observer}' calibration observer (statistic '{key}' of '{name}' "
+                           f"is missing); rerun `eqc calibrate --observers {observer}`")
+        return t.extra[key]
 
     def get(self, name: str) -> TensorStats:
         if name not in self.tensors:

@@ -17,7 +17,9 @@ from eqcompiler.graph import node_order, find_linear_sites, new_initializer
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import activation_scale
 
-METHODS = ("minmax",)
+# Range selection (see eqcompiler/range_methods.py): minmax uses the observed range; percentile,
+# entropy (TensorRT KL) and mse clip outliers using the calibration histogram (`--observers hist`).
+METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclasses.dataclass
@@ -25,6 +27,7 @@ class QuantizeActivationsOptions:
     bits: int = 8
     symmetric: bool = True  # int8 with zero point 0 (TensorRT); False: uint8 asymmetric
     method: str = "minmax"
+    percentile: float = 99.99  # method "percentile": share of |x| kept inside the range
     include: str | None = None
     exclude: str | None = None
 
@@ -33,14 +36,30 @@ class QuantizeActivationsOptions:
             raise EqcError(f"quantize_activations: only 8-bit activations are supported, got {self.bits}")
         if self.method not in METHODS:
             raise EqcError(f"quantize_activations: unknown method '{self.method}' (known: {', '.join(METHODS)})")
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise EqcError(f"quantize_activations: percentile must be in (0, 100], got {self.percentile}")
 
 
-def activation_range(stats: object, name: str, method: str) -> tuple[float, float]:
+def activation_range(stats: object, name: str, method: str, percentile: float = 99.99) -> tuple[float, float]:
     """The (lo, hi) range a method picks for one tensor's statistics."""
+    from eqcompiler import range_methods
+
     t = stats.get(name)  # type: ignore[attr-defined]
     if method == "minmax":
         return t.min, t.max
-    raise EqcError(f"unknown calibration method '{method}'")
+    if method not in METHODS:
+        raise EqcError(f"unknown calibration method '{method}' (known: {', '.join(METHODS)})")
+    if "hist" not in t.extra or "hist_max" not in t.extra:
+        raise EqcError(f"quantize_activations method '{method}' needs the 'hist' calibration observer "
+                       f"(no histogram for '{name}'); rerun `eqc calibrate --observers minmax,hist`")
+    hist, hist_max = t.extra["hist"], float(t.extra["hist_max"])
+    if method == "percentile":
+        threshold = range_methods.percentile_threshold(hist, hist_max, percentile)
+    elif method == "entropy":
+        threshold = range_methods.entropy_threshold(hist, hist_max)
+    else:
+        threshold = range_methods.mse_threshold(hist, hist_max)
+    return range_methods.clipped_range(t.min, t.max, threshold)
 
 
 class QuantizeActivationsPass(EqcPass):
@@ -61,7 +80,7 @@ class QuantizeActivationsPass(EqcPass):
             x = group[0].activation
             if x.name is None:
                 raise EqcError("an activation feeding a linear layer has no name; cannot look up its statistics")
-            lo, hi = activation_range(self.context.stats, x.name, opts.method)
+            lo, hi = activation_range(self.context.stats, x.name, opts.method, opts.percentile)
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise EqcError(f"statistics for '{x.name}' are not finite (min={lo}, max={hi})")
             scale, zp = activation_scale(lo, hi, opts.bits, opts.symmetric)

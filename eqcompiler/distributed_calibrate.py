@@ -1,0 +1,109 @@
+"""One rank of a distributed calibration run (see eqcompiler/distributed.py).
+
+    torchrun --nproc-per-node 2 -m eqcompiler.distributed_calibrate MODEL --data valid.txt -o stats.npz
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m eqcompiler.distributed_calibrate MODEL --data valid.txt -o stats.npz
+
+Every rank takes windows rank, rank+N, ...; statistics are merged with collectives and rank 0
+writes the file. `eqc calibrate --workers N` launches this module N times on one machine.
+Test hook: EQC_TEST_KILL_RANK=R makes rank R exit abruptly (os._exit) before its second window.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import click
+
+from eqcompiler.errors import EqcError
+
+
+def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
+             skip_nonfinite: bool, observers: str, decode_steps: int, threads: int | None) -> dict | None:
+    """Calibrate this rank's shard, merge with the others; rank 0 writes `out` and returns the summary."""
+    import torch
+    import torch.distributed as dist
+
+    from eqcompiler.calibrate import Calibrator, tqdm_progress
+    from eqcompiler.distributed import init_process_group, merge_stats, shard, threads_per_rank
+    from eqcompiler.stats import CalibrationStats
+
+    start = time.perf_counter()
+    rank, world, device = init_process_group()
+    try:
+        if rank == 0 and out.exists() and not overwrite:
+            raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
+        threads = threads or threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(threads)
+        cal = Calibrator(model, text, samples, seq_len, observers=observers, decode_steps=decode_steps,
+                         skip_nonfinite=skip_nonfinite, threads=threads)
+        if cal.n_windows < world:
+            raise EqcError(f"{cal.n_windows} windows cannot be shared by {world} ranks; use more --samples or fewer workers")
+        mine = shard(cal.n_windows, rank, world)
+        kill_rank = os.environ.get("EQC_TEST_KILL_RANK")
+
+        def on_window(index: int) -> None:
+            if kill_rank is not None and int(kill_rank) == rank and index != mine[0]:
+                os._exit(17)  # test hook: die like a killed process, mid-run, without cleanup
+
+        progress, close = tqdm_progress(f"calibrate (rank 0 of {world})", enabled=rank == 0)
+        try:
+            stats = cal.run(mine, progress=progress, on_window=on_window)
+        finally:
+            close()
+        merge_stats(stats, device)
+        if rank != 0:
+            return None
+        result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=world,
+                                                threads_per_worker=threads), tensors=stats)
+        result.save(out, overwrite=overwrite)
+        return {"output": str(out), "tensors": len(stats), **result.meta}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
+@click.option("--samples", default=32, show_default=True, help="Number of windows (all ranks together).")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
+@click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
+@click.option("--observers", default="minmax,absmax_channel", show_default=True, help="See `eqc calibrate --help`.")
+@click.option("--decode-steps", default=0, show_default=True, help="Decode steps after each prefill window.")
+@click.option("--threads", default=None, type=int, help="Intra-op threads per rank (default: cores // local ranks).")
+@click.option("--json", "as_json", is_flag=True, help="Rank 0 prints the summary as JSON.")
+def main(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool, skip_nonfinite: bool,
+         observers: str, decode_steps: int, threads: int | None, as_json: bool) -> None:
+    """Calibrate MODEL as one rank of a torch.distributed group (torchrun or `eqc calibrate --workers`)."""
+    rank = os.environ.get("RANK", "?")
+    try:
+        summary = run_rank(model, text, samples, seq_len, out, overwrite, skip_nonfinite, observers, decode_steps, threads)
+    except EqcError as exc:
+        click.echo(f"error: rank {rank}: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a collective failing because a peer died lands here
+        if os.environ.get("EQC_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        click.echo(f"error: rank {rank}: {type(exc).__name__}: {first}", err=True)
+        sys.exit(1)
+    if summary is None:
+        return
+    path = os.environ.get("EQC_CALIB_SUMMARY")
+    if path:
+        pathlib.Path(path).write_text(json.dumps(summary, default=str))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    elif not path:
+        click.echo(f"calibrated {summary['tensors']} tensors on {summary['data']['samples']} windows with {summary['workers']} "
+                   f"ranks in {summary['seconds']} s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

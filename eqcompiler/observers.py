@@ -1,0 +1,170 @@
+"""Calibration observers: mergeable sufficient statistics filled into `TensorStats.extra`.
+
+Every observer keeps a fixed-size summary of the activations it has seen (never the activations),
+and every summary merges exactly, so windows may be processed in any order, in any number of
+processes, and merged afterwards.
+
+Observer names (`calibrate(..., observers=[...])`, `eqc calibrate --observers a,b`):
+- "minmax": per-tensor min, max and element count (always recorded: every consumer needs them).
+- "absmax_channel": max |x| per last-dim channel (TensorStats.absmax_channel; SmoothQuant, AWQ).
+- "abssum": extra["abssum_channel"], float64 sum of |x| per channel (mean = abssum / (count / channels)).
+- "hist": extra["hist"], int64 counts of |x| over HIST_BINS bins on [0, hist_max), extra["hist_max"]
+  float64 scalar (percentile / entropy / MSE range selection).
+- "gram": extra["gram"], float64 [K, K] sum over tokens of x^T x, extra["gram_rows"] int64 token count
+  (GPTQ-style Hessians).
+- "kv": on the KV-cache outputs present.{i}.key/value: per-tensor min/max (TensorStats.min/max) and
+  extra["kv_min_channel"] / extra["kv_max_channel"] shaped [kv_heads, head_dim] (per channel of each head).
+
+Histogram range and exact merging: hist_max is always a power of two strictly greater than every
+|x| seen. A bin index is floor(|x| * (HIST_BINS / hist_max)); multiplying by a power of two is exact
+in floating point, and floor(floor(y) / 2) == floor(y / 2), so when the range doubles, adding
+adjacent bin pairs gives exactly the histogram that binning every value at the new range would
+have given. Histograms therefore do not depend on the order or grouping of windows: merges across
+ranks are bit-identical to a single pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+from eqcompiler.errors import EqcError
+
+HIST_BINS = 2048
+_MIN_HIST_MAX = 2.0 ** -24  # range floor for all-zero tensors
+
+OBSERVERS = ("minmax", "absmax_channel", "abssum", "hist", "gram", "kv")
+DEFAULT_OBSERVERS = ("minmax", "absmax_channel")
+_ALIASES = {"absmax": "absmax_channel", "abssum_channel": "abssum", "histogram": "hist", "hessian": "gram"}
+
+# How each `extra` key merges; "hist" is special (re-binned to the larger range first).
+MERGE_RULES = {"abssum_channel": "sum", "gram": "sum", "gram_rows": "sum", "hist": "hist", "hist_max": "max",
+               "kv_min_channel": "min", "kv_max_channel": "max"}
+
+
+def parse_observers(spec: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Normalise an observer list ("minmax,hist" or a sequence); minmax is always included."""
+    if spec is None:
+        return DEFAULT_OBSERVERS
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    if any(s == "all" for s in items):
+        return OBSERVERS
+    out: list[str] = ["minmax"]
+    for item in items:
+        if not item:
+            continue
+        name = _ALIASES.get(item, item)
+        if name not in OBSERVERS:
+            raise EqcError(f"unknown observer '{item}' (known: {', '.join(OBSERVERS)}, all)")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+def hist_range_for(absmax: float) -> float:
+    """The smallest power of two strictly greater than `absmax` (so no value lands on the top edge)."""
+    if not math.isfinite(absmax):
+        raise EqcError(f"cannot histogram a tensor with non-finite values (|x| max {absmax})")
+    if absmax <= 0.0:
+        return _MIN_HIST_MAX
+    _, exp = math.frexp(absmax)  # absmax = m * 2**exp, 0.5 <= m < 1, so absmax < 2**exp
+    return max(math.ldexp(1.0, exp), _MIN_HIST_MAX)
+
+
+def rebin(hist: np.ndarray, hist_max: float, new_max: float) -> np.ndarray:
+    """Counts of `hist` (on [0, hist_max)) re-binned onto [0, new_max), new_max = hist_max * 2**d."""
+    if new_max == hist_max:
+        return hist
+    ratio = new_max / hist_max
+    d = int(round(math.log2(ratio)))
+    if d < 0 or math.ldexp(hist_max, d) != new_max:
+        raise EqcError(f"histogram ranges {hist_max} and {new_max} are not power-of-two multiples")
+    group = 1 << d
+    out = np.zeros(HIST_BINS, dtype=np.int64)
+    if group >= HIST_BINS:
+        out[0] = hist.sum()
+        return out
+    out[: HIST_BINS // group] = hist.reshape(-1, group).sum(axis=1)
+    return out
+
+
+def _abs_hist(a: np.ndarray, hist_max: float) -> np.ndarray:
+    factor = np.float32(HIST_BINS / hist_max)  # a power of two: |x| * factor is exact
+    idx = (a * factor).astype(np.int64)
+    return np.bincount(idx.ravel(), minlength=HIST_BINS).astype(np.int64)
+
+
+def observe_activation(stats: Any, x: np.ndarray, observers: Iterable[str]) -> None:
+    """Update a TensorStats with one batch of a linear layer's input (last dim = channels)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return
+    obs = set(observers)
+    flat = x.reshape(-1, x.shape[-1])
+    stats.min = min(stats.min, float(flat.min()))
+    stats.max = max(stats.max, float(flat.max()))
+    stats.count += int(x.size)
+    need_abs = obs & {"absmax_channel", "abssum", "hist"}
+    a = np.abs(flat) if need_abs else None
+    if "absmax_channel" in obs:
+        per_channel = a.max(axis=0)
+        stats.absmax_channel = per_channel if stats.absmax_channel is None else np.maximum(stats.absmax_channel, per_channel)
+    extra = stats.extra
+    if "abssum" in obs:
+        s = a.sum(axis=0, dtype=np.float64)
+        extra["abssum_channel"] = s if "abssum_channel" not in extra else extra["abssum_channel"] + s
+    if "hist" in obs:
+        new_max = hist_range_for(max(-stats.min, stats.max, 0.0))
+        old = extra.get("hist")
+        old_max = float(extra["hist_max"]) if old is not None else new_max
+        new_max = max(new_max, old_max)
+        h = _abs_hist(a, new_max)
+        extra["hist"] = h if old is None else rebin(old, old_max, new_max) + h
+        extra["hist_max"] = np.array(new_max, dtype=np.float64)
+    if "gram" in obs:
+        x64 = flat.astype(np.float64)
+        g = x64.T @ x64
+        extra["gram"] = g if "gram" not in extra else extra["gram"] + g
+        extra["gram_rows"] = np.array(int(extra.get("gram_rows", 0)) + flat.shape[0], dtype=np.int64)
+
+
+def observe_kv(stats: Any, x: np.ndarray) -> None:
+    """Update a TensorStats with new entries of a KV-cache tensor [batch, kv_heads, tokens, head_dim]."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return
+    if x.ndim != 4:
+        raise EqcError(f"KV-cache tensor has shape {x.shape}, expected [batch, kv_heads, tokens, head_dim]")
+    stats.min = min(stats.min, float(x.min()))
+    stats.max = max(stats.max, float(x.max()))
+    stats.count += int(x.size)
+    lo = x.min(axis=(0, 2))
+    hi = x.max(axis=(0, 2))
+    extra = stats.extra
+    extra["kv_min_channel"] = lo if "kv_min_channel" not in extra else np.minimum(extra["kv_min_channel"], lo)
+    extra["kv_max_channel"] = hi if "kv_max_channel" not in extra else np.maximum(extra["kv_max_channel"], hi)
+
+
+def merge_extra(mine: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
+    """Merge `other`'s extra statistics into `mine` (exact for counts, min and max)."""
+    for key, value in other.items():
+        if key == "hist_max":
+            continue  # handled with "hist"
+        if key not in mine:
+            mine[key] = value.copy()
+            if key == "hist":
+                mine["hist_max"] = other["hist_max"].copy()
+            continue
+        rule = MERGE_RULES.get(key, "sum")
+        if rule == "hist":
+            a_max, b_max = float(mine["hist_max"]), float(other["hist_max"])
+            top = max(a_max, b_max)
+            mine["hist"] = rebin(mine["hist"], a_max, top) + rebin(value, b_max, top)
+            mine["hist_max"] = np.array(top, dtype=np.float64)
+        elif rule == "min":
+            mine[key] = np.minimum(mine[key], value)
+        elif rule == "max":
+            mine[key] = np.maximum(mine[key], value)
+        else:
+            mine[key] = mine[key] + value

@@ -1,0 +1,113 @@
+"""Per-token dynamic int8 activations: each row of a linear input gets its own scale at run time.
+
+For every activation X [..., K] feeding linear layers (one chain shared by q/k/v, gate/up), emits the
+standard-ONNX pattern that passes/lower_fused_int8_gemm.py matches and ORT CPU runs:
+
+    a = Abs(x); m = ReduceMax(a, axes=[-1], keepdims=1)
+    s = Max(Div(m, 127), eps)          # eps keeps an all-zero row (padding) from dividing by 0
+    q = QuantizeLinear(x, s, axis=-1, block_size=K, output_dtype=INT8)   # no zero point: ORT
+    dq = DequantizeLinear(q, s, axis=-1, block_size=K)                   # rejects a scalar zp here
+    MatMul(dq, W)
+
+No calibration is needed. The attention-score MatMuls and the lm_head input can be left float with
+`exclude` (a regex on layer names).
+
+EMA-tracked scales (a running scale s_t = max(decay * s_{t-1}, absmax(x_t)/127) carried across decode
+steps) are NOT emitted: per-token scales are already exact per row, so a running scale only matters
+for a per-tensor scale that must be fixed before a step's rows are seen, and carrying it would need an
+extra graph input/output pair per tensor threaded through the caller's decode loop (the artifacts'
+causal feed and eval know only past_key_values). Stateless per-token quantization is what this pass
+provides; the report says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from eqcompiler.errors import EqcError
+from eqcompiler.graph import find_linear_sites, int_constant, node_order, scalar_initializer
+from eqcompiler.pass_base import EqcPass
+
+
+@dataclasses.dataclass
+class QuantizeActivationsDynamicOptions:
+    include: str | None = None  # regex on layer names
+    exclude: str | None = None
+    eps: float = 1e-8  # floor on the per-token scale; 0 disables the Max node
+
+    def validate(self) -> None:
+        if self.eps < 0:
+            raise EqcError(f"quantize_activations_dynamic: eps must be >= 0, got {self.eps}")
+
+
+def per_token_reference(x: np.ndarray, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference: (int8 q, scale [..., 1]) exactly as the emitted nodes compute them."""
+    x = np.asarray(x, dtype=np.float32)
+    s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127.0)
+    if eps:
+        s = np.maximum(s, np.float32(eps))
+    q = np.clip(np.rint(x / s), -128, 127).astype(np.int8)
+    return q, s.astype(np.float32)
+
+
+class QuantizeActivationsDynamicPass(EqcPass):
+    name = "quantize_activations_dynamic"
+    Options = QuantizeActivationsDynamicOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opts = self.options
+        sites = find_linear_sites(graph, opts.include, opts.exclude)
+        order = node_order(graph)
+        by_input: dict[int, list] = {}
+        for site in sites:
+            by_input.setdefault(id(site.activation), []).append(site)
+        done: dict[str, list[str]] = {}
+        for group in by_input.values():
+            x = group[0].activation
+            k = group[0].in_features
+            if any(s.in_features != k for s in group):
+                raise EqcError(f"linear layers reading '{x.name}' disagree on input features")
+            first = min((s.node for s in group), key=lambda n: order[id(n)])
+            dq = self._emit(graph, x, k, first)
+            for site in group:
+                site.node.replace_input_with(0, dq)
+            done[x.name or group[0].name] = [s.name for s in group]
+        if not done:
+            raise EqcError("quantize_activations_dynamic matched no linear layer input")
+        self.report({"tensors": len(done), "layers": done, "granularity": "per-token int8 symmetric",
+                     "ema_scale": "not applied: per-token scales are stateless (see pass docstring)"})
+        return ir.passes.PassResult(model, modified=True)
+
+    def _emit(self, graph: ir.Graph, x: ir.Value, k: int, before: ir.Node) -> ir.Value:
+        base = x.name or "activation"
+        axes = int_constant(graph, f"{base}_token_axes", [-1])
+        q127 = scalar_initializer(graph, f"{base}_qmax", 127.0)
+        nodes = []
+        a = ir.node("Abs", [x], name=f"{base}/Abs")
+        m = ir.node("ReduceMax", [a.outputs[0], axes], {"keepdims": 1}, name=f"{base}/ReduceMax")
+        s = ir.node("Div", [m.outputs[0], q127], name=f"{base}/TokenScale")
+        nodes += [a, m, s]
+        scale = s.outputs[0]
+        if self.options.eps:
+            eps = scalar_initializer(graph, f"{base}_scale_floor", self.options.eps)
+            floor = ir.node("Max", [scale, eps], name=f"{base}/ScaleFloor")
+            nodes.append(floor)
+            scale = floor.outputs[0]
+        q = ir.node("QuantizeLinear", [x, scale],
+                    {"axis": -1, "block_size": k, "output_dtype": ir.DataType.INT8.value}, name=f"{base}/QuantizeLinear")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale], {"axis": -1, "block_size": k},
+                     name=f"{base}/DequantizeLinear")
+        nodes += [q, dq]
+        for node in nodes:
+            graph.insert_before(before, node)
+        scale.name = f"{base}_token_scale"
+        scale.dtype = ir.DataType.FLOAT
+        q.outputs[0].name = f"{base}_quantized"
+        q.outputs[0].dtype = ir.DataType.INT8
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = x.shape
+        return dq.outputs[0]

@@ -1,0 +1,663 @@
+"""SmoothQuant: migrate activation outliers into the weights with an exact per-channel rescaling.
+
+For an activation X feeding linear layers W (q/k/v share one X, gate/up share one X), pick per
+input channel j
+
+    s_j = max|X_j|^a / max|W_j|^(1-a)        (max|W_j| over every output column of every consumer)
+
+and rewrite X' = X / s, W' = diag(s) W, so X'W' = XW exactly in float. The 1/s is folded into
+whatever produces X, which must be a per-channel affine op so that no node is added:
+
+- "norm": the norm's scale (RMSNorm `Mul(x_normed, gamma)` as exported for llama/mistral/qwen2/
+  qwen3, or a `LayerNormalization` op's scale and bias for gpt2/bert), optionally through Reshapes
+  that keep the last dimension (gpt2 flattens to 2-D before its Gemm).
+- "mlp": down_proj's input is `Mul(act(gate), up)`: 1/s goes into up_proj's output columns.
+- "attn": o_proj's input is softmax(QK^T) V re-laid out: 1/s goes into v_proj's output columns (and
+  bias). With GQA one kv channel (g, d) feeds every query head of its group, so s is tied across the
+  heads of a group (stats and weight maxima are max-reduced over the group before computing s).
+  The present.*.value outputs then hold V/s: consistent within this model's own decode loop, which
+  the report and manifest say.
+
+A site is skipped (and reported with the reason) when folding would change anything else: the
+activation (or the norm output before a Reshape) has a consumer other than the smoothed linears or
+Shape (e.g. BERT's post-LN output also feeds the residual Add), a weight is shared with another node
+(a tied lm_head reads the embedding table), a weight is already quantized, or the path from v_proj
+to o_proj contains anything but layout ops, the KV-cache Concat and the probs x V MatMul.
+
+Alpha is chosen per site from `alpha_grid` by the error of the site's int8 output,
+||XW - Qa(X/s) Qw(sW)||^2 / ||XW||^2 (Qa: static per-tensor from the calibrated range, Qw: per-channel
+or blocked as `weight_block_size`), where X is either
+- search="ort": a few calibration windows run here through ONNX Runtime on the source artifact
+  (context.options["source_folder"], the text in the statistics' metadata), rows sub-sampled; or
+- search="gram": the calibration Gram matrix extra ("gram"/"gram_rows"): weight error is exact,
+  tr(dW^T G dW), activation rounding is modelled as uniform noise (step^2/12 per element);
+- search="auto": gram when every site has it, else ort; search="none": `alpha` for every site.
+With `allow_identity` s=1 (no smoothing) also competes, so the pass never picks a worse proxy score.
+
+Statistics: after smoothing the stats the later passes read (quantize_activations looks them up by
+tensor name) describe X, not X/s. The pass replaces context.stats.tensors[name] with adjusted copies:
+absmax_channel/s (exact), max = max(absmax/s) and min = -that when the original min was negative
+(exact for the symmetric range quantize_activations uses; a bound otherwise), abssum_channel/s and
+gram D^-1 G D^-1 (exact); "hist"/"hist_max" cannot be rescaled per channel and are dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import pathlib
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from eqcompiler.errors import EqcError
+from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer, weight_array
+from eqcompiler.pass_base import EqcPass
+from eqcompiler.qdq import quantize_channelwise
+from eqcompiler.stats import TensorStats
+
+SEARCHES = ("auto", "ort", "gram", "none")
+GRANULARITIES = ("tensor", "token")  # how the score models activation quantization
+NORMS = ("total", "row")
+LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Concat"}
+
+
+@dataclasses.dataclass
+class SmoothQuantOptions:
+    alpha: float = 0.5  # used when search="none" (and as the fallback reported per site)
+    alpha_grid: list = dataclasses.field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)])
+    search: str = "auto"
+    allow_identity: bool = True  # s=1 competes with the grid
+    min_scale: float = 1e-3  # s is clamped to [min_scale, max_scale]
+    max_scale: float = 1e3
+    weight_block_size: int = 0  # how the score quantizes weights: 0 per channel, else blocked
+    search_windows: int = 1
+    search_rows: int = 512  # rows (tokens) kept per activation for the ORT search
+    # The activation quantizer the score models: "tensor" (static per-tensor scale from the
+    # calibrated range, what quantize_activations emits) or "token" (per-row absmax/127 at run
+    # time, what quantize_activations_dynamic emits). A score that models the wrong quantizer picks
+    # the wrong alpha: per-token rows already absorb token outliers, only channel outliers remain.
+    activation_granularity: str = "tensor"
+    # "total": ||dY||^2/||Y||^2 over all sampled rows, dominated by the few massive-activation tokens
+    # (|y| ~ 1e4); "row": mean over rows of ||dy||^2/||y||^2, every token counts the same.
+    score_norm: str = "total"
+    data: str | None = None  # text for the ORT search; default: the statistics' calibration text
+    smooth_norm: bool = True
+    smooth_mlp: bool = True
+    smooth_attention: bool = True
+    include: str | None = None  # regex on the first consumer's layer name
+    exclude: str | None = None
+
+    def validate(self) -> None:
+        if self.search not in SEARCHES:
+            raise EqcError(f"smooth_quant: unknown search '{self.search}' (known: {', '.join(SEARCHES)})")
+        if not self.alpha_grid or any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid) or not 0.0 <= self.alpha <= 1.0:
+            raise EqcError("smooth_quant: alpha and alpha_grid values must lie in [0, 1]")
+        if not 0 < self.min_scale <= 1.0 <= self.max_scale:
+            raise EqcError("smooth_quant: need 0 < min_scale <= 1 <= max_scale")
+        if self.activation_granularity not in GRANULARITIES:
+            raise EqcError(f"smooth_quant: activation_granularity must be one of {', '.join(GRANULARITIES)}, "
+                           f"got '{self.activation_granularity}'")
+        if self.score_norm not in NORMS:
+            raise EqcError(f"smooth_quant: score_norm must be one of {', '.join(NORMS)}, got '{self.score_norm}'")
+        if self.search == "gram" and (self.activation_granularity != "tensor" or self.score_norm != "total"):
+            raise EqcError("smooth_quant: search='gram' models per-tensor activations and a total error only; "
+                           "use search='ort' for activation_granularity='token' or score_norm='row'")
+        if self.search_windows < 1 or self.search_rows < 16:
+            raise EqcError("smooth_quant: search_windows must be >= 1 and search_rows >= 16")
+
+
+@dataclasses.dataclass
+class SmoothSite:
+    """One activation to smooth: how 1/s is folded, and the linears that absorb s."""
+
+    kind: str  # "norm" | "mlp" | "attn"
+    activation: ir.Value
+    sites: list[LinearSite]
+    fold_scale: ir.Value | None = None  # norm: gamma (or LayerNormalization scale)
+    fold_bias: ir.Value | None = None  # norm: LayerNormalization bias / producer bias
+    fold_node: ir.Node | None = None
+    fold_linear: LinearSite | None = None  # mlp: up_proj, attn: v_proj (1/s on its output columns)
+    groups: int = 1  # attn: query heads per kv head
+    head_dim: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.sites[0].name
+
+    @property
+    def channels(self) -> int:
+        return self.sites[0].in_features
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding sites
+
+
+def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    a, b = node.inputs[0], node.inputs[1]
+    return b if a is value else a
+
+
+def _const_vector(value: ir.Value | None, k: int) -> bool:
+    return is_constant(value) and value.shape is not None and tuple(value.shape) == (k,)
+
+
+def _only_linear_consumers(x: ir.Value, linear_nodes: set[int]) -> str | None:
+    """None when x feeds only the given linears (as their activation) and Shape; else the reason."""
+    if x.is_graph_output():
+        return f"'{x.name}' is a graph output"
+    for use in x.uses():
+        node = use.node
+        if node.op_type == "Shape":
+            continue
+        if id(node) in linear_nodes and use.idx == 0:
+            continue
+        return f"'{x.name}' also feeds {node.op_type} '{node.name}'"
+    return None
+
+
+def _last_dim_may_be(x: ir.Value, k: int) -> bool:
+    if x.shape is None or len(x.shape) == 0:
+        return x.shape is None
+    last = x.shape[-1]
+    return not isinstance(last, int) or last == k
+
+
+def _through_reshapes(x: ir.Value, k: int) -> tuple[ir.Value, str | None]:
+    """Walk up Reshapes that keep the last dim k; the source value, or a reason if one branches."""
+    while True:
+        p = x.producer()
+        if p is None or p.op_type != "Reshape":
+            return x, None
+        src = p.inputs[0]
+        # The consumer's weight fixes x's last dim at k; src's is k when known, or proven by the
+        # caller (only a norm with a [k] scale is accepted behind a Reshape). Equal last dims make
+        # the Reshape a row-major flatten that keeps every channel where it was.
+        if not (_last_dim_may_be(src, k) and _last_dim_may_be(x, k)):
+            return x, None
+        if src.is_graph_output() or not all(u.node is p or u.node.op_type == "Shape" for u in src.uses()):
+            return src, f"'{src.name}' also feeds another node besides the Reshape"
+        x = src
+
+
+def _norm_site(x: ir.Value, k: int) -> tuple[ir.Node, ir.Value, ir.Value | None] | None:
+    """(node, scale, bias) when x is a norm output whose per-channel scale can absorb 1/s."""
+    p = x.producer()
+    if p is None:
+        return None
+    if p.op_type == "LayerNormalization" and p.attributes.get_int("axis", -1) in (-1,) and len(p.outputs) >= 1:
+        scale = p.inputs[1]
+        bias = p.inputs[2] if len(p.inputs) > 2 else None
+        if _const_vector(scale, k) and (bias is None or _const_vector(bias, k)) and all(
+                o is p.outputs[0] or not o.uses() for o in p.outputs):
+            return p, scale, bias
+        return None
+    if p.op_type == "Mul":
+        for cand in p.inputs:
+            if _const_vector(cand, k):
+                other = _other_input(p, cand)
+                if other is not None and not is_constant(other):
+                    return p, cand, None
+    return None
+
+
+def _linear_producer(value: ir.Value, sites_by_node: dict[int, LinearSite]) -> tuple[LinearSite, ir.Value | None] | None:
+    """(linear site, bias) producing `value` directly or through Add(., const bias) only."""
+    p = value.producer()
+    bias = None
+    if p is not None and p.op_type == "Add":
+        for cand in p.inputs:
+            other = _other_input(p, cand)
+            if is_constant(cand) and other is not None and other.producer() is not None:
+                bias, value = cand, other
+                p = other.producer()
+                if len([u for u in value.uses()]) != 1 or value.is_graph_output():
+                    return None
+                break
+        else:
+            return None
+    if p is None or id(p) not in sites_by_node:
+        return None
+    site = sites_by_node[id(p)]
+    if site.node.op_type != "MatMul":
+        return None
+    return site, bias
+
+
+def _mlp_site(x: ir.Value, k: int, sites_by_node: dict[int, LinearSite]) -> tuple[LinearSite, ir.Value | None] | None:
+    """down_proj input Mul(act(gate), up): the up linear whose only consumer is that Mul."""
+    p = x.producer()
+    if p is None or p.op_type != "Mul" or len(p.inputs) != 2:
+        return None
+    for cand in p.inputs:
+        found = _linear_producer(cand, sites_by_node)
+        if found is None:
+            continue
+        site, _ = found
+        if site.out_features != k or len(list(cand.uses())) != 1 or cand.is_graph_output():
+            continue
+        if p.inputs[0] is p.inputs[1]:
+            return None
+        return found
+    return None
+
+
+def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple[LinearSite | None, str]:
+    """Walk forward from v_proj's output; the o_proj it reaches through channel-preserving ops only."""
+    start = v_site.node.outputs[0]
+    frontier, seen, reached = [start], set(), []
+    while frontier:
+        x = frontier.pop()
+        for use in x.uses():
+            node = use.node
+            if node.op_type == "Shape":
+                continue
+            if id(node) in o_sites and use.idx == 0:
+                reached.append(o_sites[id(node)])
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type == "Add" and x is start:
+                continue  # v bias: handled by _v_bias, the walk goes on from the Add's output below
+            if node.op_type in LAYOUT_OPS:
+                if node.op_type != "Concat" and use.idx != 0:
+                    return None, f"v path meets {node.op_type} '{node.name}' on a shape input"
+            elif node.op_type == "MatMul" and use.idx == 1 and not is_constant(node.inputs[0]):
+                pass  # probs @ V keeps V's last (channel) axis
+            else:
+                return None, f"v path meets {node.op_type} '{node.name}'"
+            frontier.extend(node.outputs)
+        if x is start:
+            bias_add = _v_bias_node(start)
+            if bias_add is not None:
+                frontier.extend(bias_add.outputs)
+    if len(reached) != 1:
+        return None, f"v path reaches {len(reached)} o_proj-like linears"
+    return reached[0], ""
+
+
+def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
+    for use in v_out.uses():
+        n = use.node
+        if n.op_type == "Add":
+            other = _other_input(n, v_out)
+            if is_constant(other):
+                return n
+    return None
+
+
+def _weight_private(site: LinearSite, allowed: set[int]) -> bool:
+    """The stored weight feeds only the given nodes directly (no tied table, no shared initializer)."""
+    if site.quantized or site.transposed and site.node.inputs[1].producer() is not None:
+        return False
+    return all(id(u.node) in allowed for u in site.weight.uses())
+
+
+def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tuple[int, int] | None
+                      ) -> tuple[list[SmoothSite], dict[str, str]]:
+    """Every smoothable activation, and the skipped ones with their reason."""
+    linear = find_linear_sites(graph)
+    by_node = {id(s.node): s for s in linear}
+    by_act: dict[int, list[LinearSite]] = {}
+    for s in linear:
+        by_act.setdefault(id(s.activation), []).append(s)
+    found: list[SmoothSite] = []
+    skipped: dict[str, str] = {}
+    v_candidates = [s for s in linear if s.node.op_type == "MatMul" and not s.quantized]
+    attn_by_o: dict[int, tuple[LinearSite, str]] = {}
+    if opts.smooth_attention:
+        o_sites = {id(s.node): s for s in linear}
+        for v in v_candidates:
+            if not any(k in v.name for k in ("v_proj", "value", "attn")):
+                continue
+            o, reason = _attention_path(v, o_sites)
+            if o is not None:
+                attn_by_o[id(o.node)] = (v, reason)
+    for group in by_act.values():
+        x = group[0].activation
+        k = group[0].in_features
+        name = group[0].name
+        if opts.include and not re.search(opts.include, name):
+            continue
+        if opts.exclude and re.search(opts.exclude, name):
+            continue
+        nodes = {id(s.node) for s in group}
+        if any(s.quantized for s in group):
+            skipped[name] = "weight already quantized (run smooth_quant before quantize_weights)"
+            continue
+        if any(s.in_features != k for s in group):
+            skipped[name] = "consumers disagree on input features"
+            continue
+        if not all(_weight_private(s, nodes) for s in group):
+            skipped[name] = "a consumer's weight is shared with another node (e.g. tied lm_head / embedding)"
+            continue
+        reason = _only_linear_consumers(x, nodes)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        if len(group) == 1 and id(group[0].node) in attn_by_o:
+            v, _ = attn_by_o[id(group[0].node)]
+            if not _weight_private(v, {id(v.node)}):
+                skipped[name] = f"v projection {v.name} has a shared weight"
+                continue
+            n_v = v.out_features
+            if k % n_v:
+                skipped[name] = f"o input {k} channels is not a multiple of v's {n_v}"
+                continue
+            groups = k // n_v
+            head_dim = 0
+            if groups > 1:
+                if head_info is None:
+                    skipped[name] = "GQA without known head_dim (manifest kv_cache) cannot tie scales per kv head"
+                    continue
+                head_dim = head_info[1]
+                if n_v % head_dim:
+                    skipped[name] = "v width is not a multiple of head_dim"
+                    continue
+            bias_node = _v_bias_node(v.node.outputs[0])
+            bias = None
+            if bias_node is not None:
+                bias = _other_input(bias_node, v.node.outputs[0])
+                if bias.shape is None or tuple(bias.shape) != (n_v,):
+                    skipped[name] = "v bias is not a [N] vector"
+                    continue
+            found.append(SmoothSite("attn", x, group, fold_bias=bias, fold_linear=v, groups=groups, head_dim=head_dim))
+            continue
+        src, reason = _through_reshapes(x, k)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        norm = _norm_site(src, k)
+        if src is not x and norm is None:
+            skipped[name] = "a Reshape sits between the activation and a producer that is not a norm"
+            continue
+        if norm is not None:
+            if not opts.smooth_norm:
+                continue
+            node, scale, bias = norm
+            found.append(SmoothSite("norm", x, group, fold_scale=scale, fold_bias=bias, fold_node=node))
+            continue
+        mlp = _mlp_site(x, k, by_node)
+        if mlp is not None:
+            if not opts.smooth_mlp:
+                continue
+            up, bias = mlp
+            if not _weight_private(up, {id(up.node)}):
+                skipped[name] = f"producer {up.name} has a shared weight"
+                continue
+            found.append(SmoothSite("mlp", x, group, fold_bias=bias, fold_linear=up))
+            continue
+        p = src.producer()
+        skipped[name] = f"no per-channel affine producer to fold into (produced by {p.op_type if p else 'a graph input'})"
+    return found, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales and their search
+
+
+def _weight_rows_absmax(site: LinearSite) -> np.ndarray:
+    w = np.abs(weight_array(site.weight))
+    return w.max(axis=0) if site.transposed else w.max(axis=1)
+
+
+def _kxn(site: LinearSite) -> np.ndarray:
+    w = weight_array(site.weight).astype(np.float32)
+    return w.T if site.transposed else w
+
+
+def _tie(v: np.ndarray, site: SmoothSite) -> np.ndarray:
+    """Per o_proj channel -> per v channel (max over the query heads of each kv group)."""
+    if site.kind != "attn" or site.groups == 1:
+        return v
+    hd, g = site.head_dim, site.groups
+    heads = v.reshape(-1, hd)  # [n_heads, hd], query head h belongs to kv head h // g
+    return heads.reshape(-1, g, hd).max(axis=1).reshape(-1)
+
+
+def _untie(v: np.ndarray, site: SmoothSite) -> np.ndarray:
+    if site.kind != "attn" or site.groups == 1:
+        return v
+    hd, g = site.head_dim, site.groups
+    return np.repeat(v.reshape(-1, 1, hd), g, axis=1).reshape(-1)
+
+
+def compute_scale(x_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float, site: SmoothSite,
+                  opts: SmoothQuantOptions) -> np.ndarray:
+    """s per input channel of the consumers (o_proj channels for attn, tied per kv group)."""
+    xa = np.maximum(_tie(x_absmax.astype(np.float64), site), 1e-5)
+    wa = np.maximum(_tie(w_absmax.astype(np.float64), site), 1e-5)
+    s = np.clip(xa ** alpha / wa ** (1.0 - alpha), opts.min_scale, opts.max_scale)
+    return _untie(s, site).astype(np.float32)
+
+
+def _quant_weight(w: np.ndarray, block: int) -> np.ndarray:
+    """Dequantized int8 weight [K,N], per output channel or blocked along K."""
+    return quantize_channelwise(w, axis=0 if block else 1, bits=8, block_size=block).dequantize()
+
+
+def _quant_act(x: np.ndarray, amax: float) -> np.ndarray:
+    scale = amax / 127.0 if amax > 0 else 1.0
+    return np.clip(np.rint(x / scale), -128, 127) * scale
+
+
+def _quant_act_rows(x: np.ndarray) -> np.ndarray:
+    """Per-row (per-token) symmetric int8, as quantize_activations_dynamic computes it."""
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(127.0), np.float32(1e-8))
+    return np.clip(np.rint(x / scale), -128, 127) * scale
+
+
+def score_ort(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray, block: int,
+              ref: np.ndarray, granularity: str = "tensor", norm: str = "total") -> float:
+    """Relative squared error of the int8 output on sampled rows x [R,K]."""
+    xs = _quant_act_rows(x / s) if granularity == "token" else _quant_act(x / s, float((amax_channel / s).max()))
+    y = xs.astype(np.float32) @ _quant_weight(w * s[:, None], block)
+    if norm == "row":
+        err = ((y - ref) ** 2).sum(axis=1) / np.maximum((ref ** 2).sum(axis=1), 1e-30)
+        return float(err.mean())
+    return float(((y - ref) ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
+
+
+def score_gram(gram: np.ndarray, rows: int, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray,
+               block: int) -> float:
+    """Same error from X^T X: exact weight part, activation rounding as uniform noise."""
+    wq = _quant_weight(w * s[:, None], block) / s[:, None]  # effective weight in X's units
+    dw = (wq - w).astype(np.float64)
+    weight_err = float(np.einsum("kn,kj,jn->", dw, gram, dw))
+    step = float((amax_channel / s).max()) / 127.0
+    act_err = rows * step * step / 12.0 * float(((wq * s[:, None]).astype(np.float64) ** 2).sum())
+    ref = float(np.einsum("kn,kj,jn->", w.astype(np.float64), gram, w.astype(np.float64)))
+    return (weight_err + act_err) / max(ref, 1e-30)
+
+
+def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[str, Any], opts: SmoothQuantOptions
+                       ) -> dict[str, np.ndarray]:
+    """Rows [R, K] of each activation from a few windows of the calibration text run through ORT."""
+    from eqcompiler import artifact as art_mod
+    from eqcompiler.calibrate import _encoder_feed, instrumented_session
+    from eqcompiler.data import load_tokenizer, read_text, tokenize, windows
+    from eqcompiler.runtime import causal_feed
+
+    art = art_mod.resolve_artifact(source)
+    data = opts.data or (stats_meta.get("data") or {}).get("path")
+    if not data:
+        raise EqcError("smooth_quant search='ort' needs calibration text: set the pass option 'data'")
+    seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
+    text, _ = read_text(data)
+    ids = tokenize(load_tokenizer(art.folder), text, max_tokens=opts.search_windows * seq_len)
+    session = instrumented_session(art_mod.model_file(art), names)
+    available = {o.name for o in session.get_outputs()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise EqcError(f"smooth_quant: source model has no tensor '{missing[0]}'; run smooth_quant first in the recipe")
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for window in windows(ids, seq_len, opts.search_windows):
+        feed = causal_feed(session, window) if art.task == "causal-lm" else _encoder_feed(window)
+        for name, value in zip(names, session.run(names, feed)):
+            rows[name].append(value.reshape(-1, value.shape[-1]))
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, parts in rows.items():
+        x = np.concatenate(parts)
+        if len(x) > opts.search_rows:
+            x = x[np.sort(rng.choice(len(x), opts.search_rows, replace=False))]
+        out[name] = x.astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewriting
+
+
+def _replace_const(graph: ir.Graph, node: ir.Node, old: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
+    """Give `node` a private, rescaled copy of constant `old` (which may be shared)."""
+    new = new_initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.numpy().dtype))
+    for i, inp in enumerate(node.inputs):
+        if inp is old:
+            node.replace_input_with(i, new)
+    if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
+        graph.initializers.pop(old.name)
+    return new
+
+
+def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
+    """Fold 1/s into the producer, s into every consumer's weight rows (exact in float)."""
+    inv = (1.0 / s.astype(np.float64))
+    if site.kind == "norm":
+        _replace_const(graph, site.fold_node, site.fold_scale, weight_array(site.fold_scale) * inv, "smoothed")
+        if site.fold_bias is not None:
+            _replace_const(graph, site.fold_node, site.fold_bias, weight_array(site.fold_bias) * inv, "smoothed")
+    else:
+        lin = site.fold_linear
+        col = inv if site.kind == "mlp" else _tie(inv, site)
+        w = weight_array(lin.weight).astype(np.float64)
+        w = w * col[None, :] if not lin.transposed else w * col[:, None]
+        # LinearSite objects are shared between smoothing sites (v_proj absorbs s of its input and
+        # 1/s of o_proj's input): keep .weight pointing at the current initializer.
+        lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
+        if site.fold_bias is not None:
+            add = next(u.node for u in site.fold_bias.uses())
+            _replace_const(graph, add, site.fold_bias, weight_array(site.fold_bias) * col, "smoothed")
+    for lin in site.sites:
+        w = weight_array(lin.weight).astype(np.float64)
+        w = w * s[:, None] if not lin.transposed else w * s[None, :]
+        lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
+
+
+def adjusted_stats(t: TensorStats, s: np.ndarray) -> TensorStats:
+    """Statistics of X/s from those of X (see the module docstring for what is exact)."""
+    amax = t.absmax_channel / s
+    m = float(amax.max())
+    extra: dict[str, np.ndarray] = {}
+    for key, value in t.extra.items():
+        if key == "abssum_channel":
+            extra[key] = value / s
+        elif key == "gram":
+            inv = 1.0 / s.astype(np.float64)
+            extra[key] = value * inv[:, None] * inv[None, :]
+        elif key in ("hist", "hist_max"):
+            continue
+        else:
+            extra[key] = value
+    return TensorStats(min=-m if t.min < 0 else 0.0, max=m if t.max > 0 else 0.0,
+                       absmax_channel=amax.astype(np.float32), count=t.count, extra=extra)
+
+
+def _head_info(context_manifest: dict[str, Any]) -> tuple[int, int] | None:
+    kv = context_manifest.get("kv_cache") or {}
+    if kv.get("num_kv_heads") and kv.get("head_dim"):
+        return int(kv["num_kv_heads"]), int(kv["head_dim"])
+    return None
+
+
+class SmoothQuantPass(EqcPass):
+    name = "smooth_quant"
+    Options = SmoothQuantOptions
+    requires_stats = True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opts = self.options
+        sites, skipped = find_smooth_sites(graph, opts, _head_info(self.context.manifest))
+        if not sites:
+            raise EqcError("smooth_quant found no smoothable activation"
+                           + (f" (skipped: {json.dumps(skipped)[:300]})" if skipped else ""))
+        stats = self.context.stats
+        for site in sites:
+            t = stats.get(site.activation.name)
+            if t.absmax_channel is None or t.absmax_channel.shape[0] != site.channels:
+                raise EqcError(f"statistics for '{site.activation.name}' have no per-channel maxima of width {site.channels}")
+        method = self._method(sites)
+        samples = {}
+        if method == "ort":
+            source = self.context.options.get("source_folder")
+            if not source:
+                raise EqcError("smooth_quant search='ort' needs the source artifact (compile option source_folder)")
+            samples = sample_activations(pathlib.Path(source), [s.activation.name for s in sites], stats.meta, opts)
+        chosen: dict[str, Any] = {}
+        for site in sites:
+            t = stats.get(site.activation.name)
+            s, alpha, score, base = self._choose(site, t, method, samples.get(site.activation.name))
+            apply_smoothing(graph, site, s)
+            stats.tensors[site.activation.name] = adjusted_stats(t, s)
+            chosen[site.name] = {"kind": site.kind, "alpha": alpha, "tensor": site.activation.name,
+                                 "consumers": [x.name for x in site.sites],
+                                 "channel_max_ratio_before": _ratio(t.absmax_channel),
+                                 "channel_max_ratio_after": _ratio(t.absmax_channel / s),
+                                 **({"score": score, "score_unsmoothed": base} if score is not None else {})}
+        attn = [c for c in chosen.values() if c["kind"] == "attn"]
+        if attn:
+            self.context.manifest.setdefault("smoothing", {})["kv_value_divided_by_scale"] = True
+        self.report({"method": method, "sites": chosen, "skipped": skipped,
+                     "stats_adjusted": sorted(s.activation.name for s in sites),
+                     "note": ("present.*.value hold V/s for smoothed attention sites (consistent within this model)"
+                              if attn else "")})
+        return ir.passes.PassResult(model, modified=True)
+
+    def _method(self, sites: list[SmoothSite]) -> str:
+        search = self.options.search
+        if search != "auto":
+            return search
+        if self.options.activation_granularity != "tensor" or self.options.score_norm != "total":
+            return "ort"  # the Gram score cannot model per-token quantization or per-row errors
+        has_gram = all("gram" in self.context.stats.get(s.activation.name).extra for s in sites)
+        return "gram" if has_gram else "ort"
+
+    def _choose(self, site: SmoothSite, t: TensorStats, method: str, x: np.ndarray | None
+                ) -> tuple[np.ndarray, float | None, float | None, float | None]:
+        opts = self.options
+        w_abs = np.max([_weight_rows_absmax(s) for s in site.sites], axis=0)
+        if method == "none":
+            return compute_scale(t.absmax_channel, w_abs, opts.alpha, site, opts), opts.alpha, None, None
+        w = np.concatenate([_kxn(s) for s in site.sites], axis=1)
+        if method == "gram":
+            if "gram" not in t.extra or "gram_rows" not in t.extra:
+                raise EqcError(f"smooth_quant search='gram' needs the 'gram' observer for '{site.activation.name}' "
+                               "(eqc calibrate --observers gram)")
+            gram, rows = t.extra["gram"].astype(np.float64), float(t.extra["gram_rows"])
+
+            def score(s: np.ndarray) -> float:
+                return score_gram(gram, rows, w, s, t.absmax_channel, opts.weight_block_size)
+        else:
+            ref = x @ w
+
+            def score(s: np.ndarray) -> float:
+                return score_ort(x, w, s, t.absmax_channel, opts.weight_block_size, ref,
+                                 opts.activation_granularity, opts.score_norm)
+        ones = np.ones(site.channels, np.float32)
+        base = score(ones)
+        best = (base, None, ones) if opts.allow_identity else (float("inf"), None, ones)
+        for alpha in opts.alpha_grid:
+            s = compute_scale(t.absmax_channel, w_abs, float(alpha), site, opts)
+            err = score(s)
+            if err < best[0]:
+                best = (err, float(alpha), s)
+        return best[2], best[1], best[0], base
+
+
+def _ratio(absmax: np.ndarray) -> float:
+    """max/median of the per-channel maxima: how much one channel dominates the tensor's range."""
+    return float(absmax.max() / max(float(np.median(absmax)), 1e-12))

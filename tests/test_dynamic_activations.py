@@ -1,0 +1,82 @@
+"""Per-token dynamic activations: graph matches numpy, recipes compile and run, SmolLM2 accuracy."""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from eqcompiler import artifact as am
+from eqcompiler.evaluate import perplexity
+from eqcompiler.pass_base import CompileContext
+from eqcompiler.passes.quantize_activations_dynamic import QuantizeActivationsDynamicPass, per_token_reference
+from eqcompiler.pipeline import compile_model
+from eqcompiler.runtime import causal_feed, make_session
+
+from conftest import WIKI_TEST
+
+
+def _synthetic(k: int = 16, n: int = 5) -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(k, n)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
+    x = ir.Value(name="x", shape=ir.Shape([2, 3, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    vals = [ir.Value(name=nm, shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(a, name=nm)) for nm, a in (("w1", w1), ("w2", w2))]
+    m1 = ir.node("MatMul", [x, vals[0]], name="/l/q_proj/MatMul")
+    m2 = ir.node("MatMul", [x, vals[1]], name="/l/k_proj/MatMul")
+    for i, node in enumerate((m1, m2)):
+        node.outputs[0].name, node.outputs[0].dtype = f"y{i}", ir.DataType.FLOAT
+        node.outputs[0].shape = ir.Shape([2, 3, n])
+    graph = ir.Graph([x], [m1.outputs[0], m2.outputs[0]], nodes=[m1, m2], initializers=vals,
+                     opset_imports={"": 21}, name="synthetic")
+    return ir.Model(graph, ir_version=10), w1, w2
+
+
+def test_dynamic_pattern_matches_numpy_per_token_reference():
+    model, w1, w2 = _synthetic()
+    QuantizeActivationsDynamicPass(CompileContext())(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QuantizeLinear") == 1  # one chain shared by both linears
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    assert q.attributes.get_int("block_size") == 16 and len(q.inputs) == 2  # no zero point input
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    x = np.random.default_rng(1).normal(size=(2, 3, 16)).astype(np.float32)
+    x[0, 1, 4] = 50.0  # an outlier only affects its own token's scale
+    x[1, 2] = 0.0  # an all-zero row stays exact thanks to the scale floor
+    y1, y2 = make_session(proto.SerializeToString()).run(None, {"x": x})
+    qr, sr = per_token_reference(x)
+    xq = qr.astype(np.float32) * sr
+    np.testing.assert_allclose(y1, xq @ w1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y2, xq @ w2, rtol=1e-5, atol=1e-5)
+    assert np.abs(xq - x).max() <= sr.max() / 2 + 1e-6
+    assert np.abs(xq[0, 0] - x[0, 0]).max() < 0.05  # token 0's scale is not hurt by token 1's outlier
+    assert not y1[1, 2].any()
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "zeroquant", "w8a8-smooth"])
+def test_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_llama_stats, tmp_path):
+    src = tiny_artifact("llama")
+    out = tmp_path / recipe
+    manifest = compile_model(src, recipe, out, calib=str(tiny_llama_stats))
+    onnx.checker.check_model(str(out / "model.onnx"))
+    ids = np.random.default_rng(0).integers(4, 500, (1, 24))
+    def logits(folder: pathlib.Path) -> np.ndarray:
+        session = make_session(am.model_file(am.resolve_artifact(folder)))
+        return session.run(["logits"], causal_feed(session, ids))[0]
+    ref, got = logits(src), logits(out)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < rel < 0.2
+    passes = [p["pass"] for p in manifest["quantization"]["passes"]]
+    assert ("smooth_quant" in passes) == (recipe == "w8a8-smooth")
+
+
+def test_smollm2_w8a8_dynamic_ppl_close_to_fp32(smollm2_artifact, tmp_path):
+    out = tmp_path / "dyn"
+    compile_model(smollm2_artifact, "w8a8-dynamic", out)
+    base = perplexity(smollm2_artifact, WIKI_TEST, max_tokens=1024)
+    got = perplexity(out, WIKI_TEST, max_tokens=1024)
+    assert base["windows"] == got["windows"] == 2
+    assert got["ppl"] <= base["ppl"] * 1.02, (got["ppl"], base["ppl"])

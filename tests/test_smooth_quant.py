@@ -1,0 +1,180 @@
+"""SmoothQuant folding: exact in float, smaller channel outliers, correct adjusted statistics."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from eqcompiler import artifact as am
+from eqcompiler.calibrate import calibrate
+from eqcompiler.pass_base import CompileContext
+from eqcompiler.pipeline import compile_model
+from eqcompiler.runtime import causal_feed, make_session
+from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.passes.smooth_quant import SmoothQuantPass
+
+from conftest import WIKI_VALID
+
+
+def _smooth_recipe(tmp_path: pathlib.Path, **options) -> str:
+    path = tmp_path / "smooth.json"
+    path.write_text(json.dumps({"name": "smooth-only", "requires_calibration": True,
+                                "passes": [{"pass": "smooth_quant", "options": options}]}))
+    return str(path)
+
+
+def _logits(folder: pathlib.Path, task: str) -> np.ndarray:
+    session = make_session(am.model_file(am.resolve_artifact(folder)))
+    ids = np.random.default_rng(0).integers(4, 500, (2, 33))
+    if task == "encoder":
+        return session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                  "token_type_ids": np.zeros_like(ids)})[0]
+    return session.run(["logits"], causal_feed(session, ids))[0]
+
+
+@pytest.fixture(scope="module")
+def smoothed_llama(tiny_artifact, tiny_llama_stats, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sq") / "llama"
+    manifest = compile_model(tiny_artifact("llama"), _smooth_recipe(out.parent), out, calib=str(tiny_llama_stats))
+    return out, manifest["quantization"]["report"]["smooth_quant"]
+
+
+def test_llama_smoothing_is_exact_in_float(tiny_artifact, smoothed_llama):
+    out, report = smoothed_llama
+    kinds = sorted({site["kind"] for site in report["sites"].values()})
+    assert kinds == ["attn", "mlp", "norm"]  # q/k/v + gate/up via RMSNorm, down via up_proj, o via v (GQA tied)
+    assert len(report["sites"]) == 8
+    assert list(report["skipped"]) == ["lm_head"] and "shared" in report["skipped"]["lm_head"]  # tied to embeddings
+    ref, got = _logits(tiny_artifact("llama"), "causal-lm"), _logits(out, "causal-lm")
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    onnx.checker.check_model(str(out / "model.onnx"))
+
+
+def test_llama_smoothing_reduces_channel_outliers_and_adjusts_stats(smoothed_llama, tiny_llama_stats, tmp_path):
+    out, report = smoothed_llama
+    for site in report["sites"].values():
+        if site["alpha"] is not None:
+            assert site["channel_max_ratio_after"] < site["channel_max_ratio_before"]
+    # Recalibrating the smoothed model measures what the pass predicted for X/s.
+    fresh = calibrate(out, WIKI_VALID, samples=4, seq_len=64)
+    original = CalibrationStats.load(tiny_llama_stats)
+    for name in {site["tensor"] for site in report["sites"].values()}:
+        measured = fresh.get(name).absmax_channel
+        before = original.get(name).absmax_channel
+        ratio_measured = measured.max() / np.median(measured)
+        assert ratio_measured <= before.max() / np.median(before) + 1e-6 or np.allclose(measured, before)
+
+
+def test_adjusted_stats_match_smoothed_model(tiny_artifact, tiny_llama_stats, tmp_path):
+    """The stats the pass leaves in the context equal a fresh calibration of the smoothed graph."""
+    src = tiny_artifact("llama")
+    stats = CalibrationStats.load(tiny_llama_stats)
+    before = {n: t.absmax_channel.copy() for n, t in stats.tensors.items()}
+    context = CompileContext(stats=stats, manifest=dict(am.resolve_artifact(src).manifest),
+                             options={"source_folder": str(src)})
+    model = am.load_ir(am.model_file(am.resolve_artifact(src)))
+    SmoothQuantPass(context, search="none", alpha=0.5)(model)
+    out = tmp_path / "smoothed"
+    out.mkdir()
+    am.save_ir(model, out)
+    (out / "manifest.json").write_text((src / "manifest.json").read_text())
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        (out / f).write_bytes((src / f).read_bytes())
+    fresh = calibrate(out, WIKI_VALID, samples=4, seq_len=64)
+    changed = 0
+    for name in context.report["smooth_quant"]["stats_adjusted"]:
+        adjusted = stats.get(name)
+        np.testing.assert_allclose(fresh.get(name).absmax_channel, adjusted.absmax_channel, rtol=1e-3, atol=1e-5)
+        assert adjusted.max == pytest.approx(float(adjusted.absmax_channel.max()))
+        changed += not np.allclose(before[name], adjusted.absmax_channel)
+    assert changed >= 8
+
+
+def test_bert_smoothing_exact_and_skips_residual_norms(tiny_artifact, tmp_path):
+    src = tiny_artifact("bert")
+    stats = tmp_path / "bert.npz"
+    calibrate(src, WIKI_VALID, samples=2, seq_len=64, out=stats)
+    out = tmp_path / "bert-smooth"
+    manifest = compile_model(src, _smooth_recipe(tmp_path), out, calib=str(stats))
+    report = manifest["quantization"]["report"]["smooth_quant"]
+    # Post-LN BERT: every LayerNorm output also feeds the residual Add, so only o_proj (via value) folds.
+    assert {s["kind"] for s in report["sites"].values()} == {"attn"}
+    assert any("also feeds Add" in why for why in report["skipped"].values())
+    ref, got = _logits(src, "encoder"), _logits(out, "encoder")
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_gram_search_matches_ort_search_choice_direction(tiny_artifact, tiny_llama_stats, tmp_path):
+    """search='gram' needs the gram observer: without it the error names the observer."""
+    from eqcompiler.errors import EqcError
+
+    src = tiny_artifact("llama")
+    stats = CalibrationStats.load(tiny_llama_stats)
+    context = CompileContext(stats=stats, manifest=dict(am.resolve_artifact(src).manifest))
+    model = am.load_ir(am.model_file(am.resolve_artifact(src)))
+    with pytest.raises(EqcError, match="gram"):
+        SmoothQuantPass(context, search="gram")(model)
+
+
+def _synthetic(residual: bool) -> ir.Model:
+    """x -> RMS-style Mul(gamma) -> two MatMuls (and optionally a residual Add on the normed value)."""
+    rng = np.random.default_rng(1)
+    k, n = 8, 6
+    x = ir.Value(name="x", shape=ir.Shape([4, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    def const(name, arr):
+        return ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                        const_value=ir.tensor(arr.astype(np.float32), name=name))
+    gamma, w1, w2 = const("gamma", rng.uniform(0.5, 2, k)), const("w1", rng.normal(size=(k, n))), const("w2", rng.normal(size=(k, n)))
+    mul = ir.node("Mul", [x, gamma], name="/norm/Mul")
+    m1 = ir.node("MatMul", [mul.outputs[0], w1], name="/layers.0/q_proj/MatMul")
+    m2 = ir.node("MatMul", [mul.outputs[0], w2], name="/layers.0/k_proj/MatMul")
+    nodes = [mul, m1, m2]
+    outs = [m1.outputs[0], m2.outputs[0]]
+    if residual:
+        add = ir.node("Add", [mul.outputs[0], x], name="/residual/Add")
+        nodes.append(add)
+        outs.append(add.outputs[0])
+    mul.outputs[0].name = "normed"
+    for i, o in enumerate(outs):
+        o.name = f"y{i}"
+        o.dtype = ir.DataType.FLOAT
+        o.shape = ir.Shape([4, n if i < 2 else k])
+    graph = ir.Graph([x], outs, nodes=nodes, initializers=[gamma, w1, w2], opset_imports={"": 21},
+                     name="synthetic")
+    return ir.Model(graph, ir_version=10)
+
+
+def _synthetic_stats(k: int = 8) -> CalibrationStats:
+    amax = np.ones(k, np.float32)
+    amax[3] = 40.0  # one outlier channel
+    return CalibrationStats(meta={}, tensors={"normed": TensorStats(-40.0, 40.0, amax, 32)})
+
+
+def test_synthetic_fold_exact_and_residual_skipped():
+    x = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
+    model = _synthetic(residual=False)
+    ref = _run(model, x)
+    context = CompileContext(stats=_synthetic_stats())
+    SmoothQuantPass(context, search="none", alpha=0.5)(model)
+    got = _run(model, x)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    adjusted = context.stats.get("normed")
+    assert adjusted.absmax_channel.max() / np.median(adjusted.absmax_channel) < 40.0 / 1.0
+    # With a residual Add on the normed value, folding would change the residual: skipped.
+    model = _synthetic(residual=True)
+    context = CompileContext(stats=_synthetic_stats())
+    from eqcompiler.errors import EqcError
+    with pytest.raises(EqcError, match="also feeds Add"):
+        SmoothQuantPass(context, search="none")(model)
+
+
+def _run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    session = make_session(proto.SerializeToString())
+    return session.run(None, {"x": x})
