@@ -76,13 +76,15 @@ def main() -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Artifact folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ORT-vs-PyTorch parity check (not recommended).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow running Python code shipped in the model folder (config auto_map). Off by default.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @guarded
-def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, as_json: bool) -> None:
+def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_remote_code: bool, as_json: bool) -> None:
     """Export SRC (HF folder, .gguf file, or alias such as smollm2) to an ONNX artifact folder."""
     from eqcompiler.export import export as do_export
 
-    manifest = do_export(src, out, overwrite=overwrite, check=not no_parity)
+    manifest = do_export(src, out, overwrite=overwrite, check=not no_parity, trust_remote_code=trust_remote_code)
     _emit(manifest, as_json, lambda m: [
         f"exported {m['family']} ({m['task']}) to {out}",
         f"parity: {json.dumps({k: v for k, v in m['parity'].items() if k != 'metric'})}"])
@@ -239,6 +241,68 @@ def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> Non
     _emit(result, as_json, lambda r: [r["prompt"] + r["text"],
                                       f"({r['new_tokens']} tokens, stopped at {r['stopped']}, "
                                       f"{r['ms_per_token']} ms/token, cache {r['cache_bytes']} bytes)"])
+
+
+@main.command(name="bench")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--prefill", default=512, show_default=True, help="Prompt tokens for the prefill measurement.")
+@click.option("--past", default=512, show_default=True, help="Cached tokens for the decode-step measurement.")
+@click.option("--warmup", default=2, show_default=True, help="Untimed runs before timing.")
+@click.option("--runs", default=10, show_default=True, help="Timed runs (median/min/max reported).")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, runs: int, threads: int, as_json: bool) -> None:
+    """Prefill/decode latency, throughput, peak memory, size and KV bytes/token of MODELS, side by side."""
+    from eqcompiler.bench import bench, table
+
+    if min(prefill, past, runs) < 1 or warmup < 0:
+        raise EqcError("--prefill, --past and --runs must be >= 1, --warmup >= 0")
+    results = bench(list(models), prefill=prefill, past=past, warmup=warmup, runs=runs, threads=threads)
+    if as_json:
+        click.echo(json.dumps({"results": results}, indent=2, sort_keys=True))
+    else:
+        for line in table(results):
+            click.echo(line)
+
+
+@main.command(name="inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def inspect_cmd(model: str, as_json: bool) -> None:
+    """Op counts, quantized MatMuls (bits, granularity, activation kind), KV-cache format, size by precision."""
+    from eqcompiler.inspect_model import inspect, lines
+
+    _emit(inspect(model), as_json, lines)
+
+
+@main.command(name="report")
+@click.argument("out", type=click.Path(path_type=pathlib.Path))
+@click.option("--models", "models", required=True, multiple=True, help="Artifact folders (repeat, or separate with commas); first row is the reference.")
+@click.option("--ppl", "ppl_text", default=None, help="Text for perplexity (test split); omitted: no perplexity column.")
+@click.option("--ppl-tokens", default=2048, show_default=True, help="Tokens of the text to score (small budget).")
+@click.option("--calib", default=None, help="Statistics file: plot calibration ranges and outlier channels.")
+@click.option("--layers", default=None, help="Comma-separated regexes of layers for weight histograms.")
+@click.option("--tensors", default=None, help="Regex of calibration tensors to plot per channel (default: the 2 most outlying).")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Measure prefill/decode latency (eqc bench).")
+@click.option("--prefill", default=128, show_default=True)
+@click.option("--past", default=128, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@guarded
+def report_cmd(out: pathlib.Path, models: tuple[str, ...], ppl_text: str | None, ppl_tokens: int, calib: str | None,
+               layers: str | None, tensors: str | None, speed: bool, prefill: int, past: int, runs: int,
+               overwrite: bool, as_json: bool) -> None:
+    """Write OUT.html: accuracy/size/speed table, weight histograms, per-layer error, calibration ranges."""
+    from eqcompiler.report import DEFAULT_LAYERS, build_report
+
+    names = [m for item in models for m in item.split(",") if m]
+    result = build_report(out, names, ppl_text=ppl_text, ppl_tokens=ppl_tokens, calib=calib,
+                          layers=tuple(layers.split(",")) if layers else DEFAULT_LAYERS, tensors=tensors,
+                          speed=speed, prefill=prefill, past=past, runs=runs, overwrite=overwrite)
+    _emit(result, as_json, lambda r: [f"wrote {r['output']} ({r['bytes'] / 1e6:.1f} MB, {r['figures']} figures)"])
 
 
 def _default_text() -> str:

@@ -17,18 +17,28 @@ from eqcompiler.recipes import load_recipe
 from eqcompiler.stats import CalibrationStats
 
 
+MIN_OPSET = 21
+
+
 def build_passes(recipe: dict[str, Any], context: CompileContext) -> list[ir.passes.PassBase]:
     return [make_pass(step["pass"], context, dict(step.get("options", {}))) for step in recipe["passes"]]
 
 
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
                   overwrite: bool = False, options: dict[str, Any] | None = None,
-                  extra_steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest."""
+                  extra_steps: list[dict[str, Any]] | None = None, target: str = "portable") -> dict[str, Any]:
+    """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest.
+
+    `target` (eqcompiler.targets) appends lowering or check passes after the recipe's own steps.
+    """
+    from eqcompiler.targets import target_steps
+
     start = time.perf_counter()
     art = art_mod.resolve_artifact(model)
     model_path = art_mod.model_file(art)
     recipe = load_recipe(recipe_name)
+    target_warnings: list[str] = []
+    extra_steps = list(extra_steps or []) + target_steps(target, target_warnings, recipe)
     if extra_steps:
         recipe = {**recipe, "passes": list(recipe["passes"]) + list(extra_steps)}
     out = pathlib.Path(out)
@@ -41,11 +51,25 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     elif recipe.get("requires_calibration"):
         raise EqcError(f"recipe '{recipe['name']}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
     ir_model = art_mod.load_ir(model_path)
+    opset = ir_model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
+        raise EqcError(f"'{model_path}' uses default opset {opset}; eqc compiles opset {MIN_OPSET} or newer "
+                       "(re-export it with `eqc export`)")
     context = CompileContext(stats=stats, manifest=dict(art.manifest), options=dict(options or {}))
+    context.warnings.extend(target_warnings)
     context.options.setdefault("source_folder", str(art.folder))
     passes = build_passes(recipe, context)
     manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
-    manager(ir_model)
+    try:
+        manager(ir_model)
+    except ir.passes.PassError as exc:  # onnx-ir wraps a pass's exception; surface eqc's one-line error
+        cause = exc.__cause__
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, EqcError):
+            raise cause from None
+        raise
     with staged_dir(out, overwrite=overwrite) as stage:
         art_mod.save_ir(ir_model, stage)
         try:
@@ -63,6 +87,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
             "warnings": context.warnings,
             "parent_fingerprint": art_mod.model_fingerprint(model_path),
         }
+        manifest["target"] = target
         manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
         art_mod.write_manifest(stage, manifest)
     return manifest

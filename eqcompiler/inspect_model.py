@@ -1,0 +1,145 @@
+"""`eqc inspect`: what a compiled artifact contains, read from the graph itself (not the manifest).
+
+Op counts; every linear layer with its weight bits and granularity (per-channel, block size,
+per-tensor), its activation quantization (none / static per-tensor int8|uint8 / per-token dynamic),
+whether it was lowered to an ORT kernel; the KV-cache format (manifest); stored bytes by precision.
+"""
+from __future__ import annotations
+
+import collections
+import pathlib
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from eqcompiler import artifact as art_mod
+from eqcompiler.graph import find_linear_sites, layer_name
+
+BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
+        ir.DataType.FLOAT: 32, ir.DataType.FLOAT16: 16, ir.DataType.BFLOAT16: 16, ir.DataType.INT64: 64,
+        ir.DataType.INT32: 32, ir.DataType.FLOAT8E4M3FN: 8}
+LOWERED = {("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "MatMulNBits"), ("ai.eqc", "FusedInt8Gemm"),
+           ("com.microsoft", "DynamicQuantizeMatMul"), ("", "MatMulInteger"), ("", "QLinearMatMul")}
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _activation_kind(value: ir.Value) -> str:
+    """How a linear layer's input is quantized: none, static-per-tensor-<type>, dynamic-per-token-int8."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return "none"
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear":
+        return "none"
+    scale = _const(q.inputs[1])
+    if scale is None:  # computed in the graph from the tensor itself
+        return "dynamic-per-token-int8" if q.attributes.get_int("block_size", 0) else "dynamic-per-tensor"
+    zp = _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    dtype = "uint8" if zp is not None and zp.dtype == np.uint8 else "int8"
+    return f"static-per-tensor-{dtype}" if scale.size == 1 else f"static-per-channel-{dtype}"
+
+
+def _weight_format(site: Any) -> dict[str, Any]:
+    if not site.quantized:
+        return {"bits": BITS.get(site.weight.dtype, None), "granularity": "float"}
+    src = site.node.inputs[1].producer()
+    if src.op_type == "Transpose":
+        src = src.inputs[0].producer()
+    bits = BITS.get(src.inputs[0].dtype)
+    block = src.attributes.get_int("block_size", 0)
+    scale = _const(src.inputs[1])
+    if block:
+        gran = f"block {block}"
+    elif scale is not None and scale.size > 1:
+        gran = "per-channel"
+    else:
+        gran = "per-tensor"
+    zp = _const(src.inputs[2]) if len(src.inputs) > 2 else None
+    return {"bits": bits, "granularity": gran, "symmetric": zp is None or not np.any(zp.astype(np.int64))}
+
+
+def _lowered_layer(node: ir.Node) -> dict[str, Any]:
+    op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+    info: dict[str, Any] = {"name": layer_name(node), "op": op, "lowered": True}
+    if node.op_type == "MatMulNBits":
+        info.update(bits=node.attributes.get_int("bits", 4), granularity=f"block {node.attributes.get_int('block_size', 0)}",
+                    activation="none")
+    elif node.op_type == "FusedInt8Gemm":
+        info.update(bits=8, granularity="per-channel", activation="dynamic-per-token-int8")
+    elif node.op_type == "MatMulIntegerToFloat":
+        b_scale = _const(node.inputs[3])
+        a_zp = _const(node.inputs[4]) if len(node.inputs) > 4 else None
+        kind = "uint8" if a_zp is not None and a_zp.dtype == np.uint8 else "int8"
+        info.update(bits=8, granularity="per-channel" if b_scale is not None and b_scale.size > 1 else "per-tensor",
+                    activation=f"static-per-tensor-{kind}")
+    else:
+        info.update(bits=8, granularity="unknown", activation="dynamic-per-tensor")
+    return info
+
+
+def _size_by_precision(graph: ir.Graph) -> dict[str, int]:
+    sizes: dict[str, int] = collections.Counter()
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None:
+            continue
+        numel = int(np.prod(tensor.shape.numpy())) if tensor.shape is not None else 0
+        sizes[tensor.dtype.name.lower()] += numel * tensor.dtype.bitwidth // 8
+    return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
+
+
+def inspect(model: str | pathlib.Path) -> dict[str, Any]:
+    art = art_mod.resolve_artifact(model)
+    ir_model = art_mod.load_ir(art_mod.model_file(art))
+    graph = ir_model.graph
+    ops = collections.Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in graph)
+    layers = []
+    for site in find_linear_sites(graph):
+        layers.append({"name": site.name, "op": site.node.op_type, "lowered": False, **_weight_format(site),
+                       "activation": _activation_kind(site.activation),
+                       "shape": [site.in_features, site.out_features]})
+    layers += [_lowered_layer(n) for n in graph if (n.domain, n.op_type) in LOWERED]
+    summary = collections.Counter(
+        f"{'w' + str(l['bits']) if l['granularity'] != 'float' else 'float'} {l['granularity']} / act {l['activation']}"
+        + (f" ({l['op']})" if l["lowered"] else "") for l in layers)
+    quantized = [l for l in layers if l["granularity"] != "float"]
+    kv = art.manifest.get("kv_cache") or {}
+    return {
+        "model": str(model),
+        "recipe": (art.manifest.get("quantization") or {}).get("recipe", "none"),
+        "target": art.manifest.get("target", "portable"),
+        "nodes": sum(ops.values()),
+        "op_counts": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "linear_layers": len(layers),
+        "quantized_matmuls": len(quantized),
+        "activation_quantization": dict(collections.Counter(l["activation"] for l in layers)),
+        "layer_summary": dict(summary),
+        "layers": layers,
+        "kv_cache": {"dtype": kv.get("dtype"), "quantized": bool(kv.get("quantized")),
+                     "bits": (kv.get("quantized") or {}).get("bits"), "bytes_per_token": kv.get("bytes_per_token")} if kv else None,
+        "size_by_precision": _size_by_precision(graph),
+        "size_bytes": art_mod.size_bytes(art.folder if art.manifest else pathlib.Path(model)),
+    }
+
+
+def lines(result: dict[str, Any]) -> list[str]:
+    out = [f"{result['model']}: recipe {result['recipe']}, target {result['target']}, {result['nodes']} nodes, "
+           f"{result['size_bytes'] / 1e6:.1f} MB"]
+    out.append("ops: " + ", ".join(f"{k} {v}" for k, v in list(result["op_counts"].items())[:12])
+               + (" ..." if len(result["op_counts"]) > 12 else ""))
+    out.append(f"linear layers: {result['linear_layers']} ({result['quantized_matmuls']} quantized)")
+    for kind, count in result["layer_summary"].items():
+        out.append(f"  {count:4d} x {kind}")
+    kv = result["kv_cache"]
+    if kv:
+        out.append(f"KV cache: {kv['dtype']}" + (f" ({kv['bits']}-bit quantized)" if kv["quantized"] else "")
+                   + (f", {kv['bytes_per_token']} B/token" if kv.get("bytes_per_token") else ""))
+    out.append("stored bytes by precision: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in result["size_by_precision"].items()))
+    return out

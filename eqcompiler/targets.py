@@ -1,0 +1,81 @@
+"""Compile targets: which lowering or check passes run after a recipe (`eqc compile --target`).
+
+- portable (default): the recipe's standard-ONNX QDQ graph, unchanged; runs anywhere.
+- tensorrt: QDQ unchanged, then check_tensorrt_placement (fails with the first violations).
+- ort-cpu: QDQ lowered to the fastest ONNX Runtime CPU kernels that keep the QDQ numerics
+  (int8 rounding included). Measured on SmolLM2-135M, 2 threads (tools/bench_speed.py,
+  tools/results/speed.md): ORT's CPU provider does not fuse eqc's DQ->MatMul into an integer
+  kernel, so QDQ graphs dequantize every weight on every run and are 4-16x slower than fp32.
+  Preference, per pattern (each pass leaves layers it does not match untouched, so the
+  order below is the per-recipe choice):
+    * per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm (eqc's op library; skipped with a warning
+      when the library is not built)
+    * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
+    * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
+    * per-channel int8 weight-only -> stays QDQ: MatMulNBits bits=8 (lower_weight_only_int8) was slower
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from eqcompiler.errors import EqcError
+
+TARGETS = ("portable", "tensorrt", "ort-cpu")
+
+# Lowering passes for ort-cpu in preference order (see module docstring).
+ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits")
+# Not scheduled: lower_weight_only_int8 (per-channel int8 -> MatMulNBits bits=8, exact numerics) measured
+# 6x slower than the QDQ graph at decode on ORT 1.32 (accuracy_level 0 takes a float32 path), see speed.md;
+# it stays available to recipes and `extra_steps`.
+
+
+def _fused_library_available() -> bool:
+    try:
+        from eqcompiler import custom_ops
+
+        custom_ops.find_library()
+        return True
+    except Exception:
+        return False
+
+
+def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
+    """Which ort-cpu lowerings a recipe's output can use (lowering passes refuse graphs they cannot match)."""
+    if recipe is None:
+        return set(ORT_CPU_LOWERINGS)
+    needs: set[str] = set()
+    for step in recipe.get("passes", []):
+        name, opts = step.get("pass"), step.get("options", {}) or {}
+        if name == "quantize_activations_dynamic":
+            needs.add("lower_fused_int8_gemm")
+        elif name == "quantize_activations":
+            needs.add("lower_qdq_to_ort_int8")
+        if opts.get("block_size"):
+            needs.add("lower_matmul_nbits")
+    return needs
+
+
+def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Pass steps appended after `recipe` for `target`."""
+    if target not in TARGETS:
+        raise EqcError(f"unknown target '{target}' (known: {', '.join(TARGETS)})")
+    if target == "portable":
+        return []
+    if target == "tensorrt":
+        return [{"pass": "check_tensorrt_placement", "options": {"fail": True}}]
+    from eqcompiler.pass_base import available_passes
+
+    known = available_passes()
+    needs = _recipe_needs(recipe)
+    steps = []
+    for name in ORT_CPU_LOWERINGS:
+        if name not in known or name not in needs:
+            continue
+        if name == "lower_fused_int8_gemm" and not _fused_library_available():
+            if warnings is not None:
+                warnings.append("ort-cpu: eqc op library not built (`make ops`); per-token W8A8 layers stay QDQ")
+            continue
+        steps.append({"pass": name, "options": {}})
+    if not steps and warnings is not None:
+        warnings.append("ort-cpu: no ONNX Runtime CPU lowering applies to this recipe; the graph stays QDQ")
+    return steps
