@@ -32,7 +32,7 @@ def validate_recipe(data: Any, origin: str) -> dict[str, Any]:
     if unknown:
         raise EqcError(f"recipe {origin} has unknown keys: {', '.join(sorted(unknown))}")
     steps = data.get("passes")
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, list) or (not steps and data.get("name") != "none"):  # only "none" may be empty
         raise EqcError(f"recipe {origin} needs a non-empty 'passes' list")
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or "pass" not in step or set(step) - STEP_KEYS:

@@ -1,0 +1,360 @@
+"""Quantized KV cache: the graph's past inputs and present outputs carry 8- or 4-bit integers.
+
+Interface after the pass, per layer i and kind k in (key, value):
+  inputs   past_key_values.{i}.{k}              uint8 [batch, kv_heads, past_sequence, head_dim*bits/8]
+           past_key_values.{i}.{k}_scale        float16 [batch, kv_heads, past_sequence, 1]   (per-token only)
+           past_key_values.{i}.{k}_zero_point   uint8   [batch, kv_heads, past_sequence, 1]   (per-token only)
+  outputs  present.{i}.{k}, present.{i}.{k}_scale, present.{i}.{k}_zero_point  (same shapes, total_sequence)
+4-bit codes are packed two per byte along head_dim: channel 2j in the low nibble, 2j+1 in the high one.
+Dequantization is x = (q - zero_point) * scale (asymmetric min/max with 0 kept inside the range, so the
+zero point is an exact integer and a constant or all-zero group dequantizes without NaN or bias).
+
+Design (why it looks like this):
+- The exported graph computes present = Concat(past, new) and runs attention on it. A cache that stays
+  quantized must never re-quantize the past (error would compound every step), so only the NEW tokens
+  are quantized each call: present_q = Concat(past_q, quant(new)); attention runs on
+  Concat(dequant(past_q), dequant(quant(new))). Prefill (past empty) therefore sees exactly the error
+  later decode steps see, and a chunked pass over a text reproduces token-by-token decoding.
+- Values: per token (one scale/zero point per token and head over head_dim), computed in the graph for
+  each new token (KIVI/KVQuant: value error is mixed per token by the attention weights).
+- Keys: per channel (KVQuant: keys have fixed outlier channels, so per-token key scales waste the range on
+  a few channels). Per-channel scales need a grouping along tokens that never changes once written;
+  decode adds one token per call, so scales computed over "this call's tokens" would be per element.
+  We freeze them instead: one scale/zero point per (kv head, channel) from calibration statistics
+  (`eqc calibrate --observers kv`: extra kv_min_channel / kv_max_channel of present.{i}.key). They are
+  graph constants, cost no cache bytes and make decode and prefill identical. Values outside the
+  calibrated range saturate. key_granularity="token" (dynamic per token, like values) needs no
+  calibration and is the fallback when none is given.
+- Scales are stored as float16 (the quantizer uses the float16-rounded scale, so storage is exact);
+  zero points as uint8. Per-token groups cost 3 bytes per (token, head), which is why an int8 cache
+  with per-token values is 0.5x + 3/(2*head_dim) of an fp16 cache, not exactly 0.5x
+  (value_granularity="channel" freezes value scales from calibration too and gets exactly 0.5x / 0.25x).
+- Keys are quantized after RoPE (the graph's present tensors); pre-RoPE key quantization is not done.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import TopologicalSortPass
+
+from eqcompiler.errors import EqcError
+from eqcompiler.graph import new_initializer
+from eqcompiler.pass_base import EqcPass
+
+PAST = "past_key_values."
+PRESENT = "present."
+GRANULARITIES = ("channel", "token")
+SCALE_FLOOR = 1e-5  # float16-representable; a zero-range group gets this step and quantizes to zp exactly
+# Scales are stored as float16; widening by one float16 ulp before rounding keeps the stored scale >= the
+# exact one, so the group's min and max stay representable (error <= scale/2 everywhere, no clipping).
+SCALE_WIDEN = np.float32(1 + 2 ** -10)
+
+
+# ----------------------------------------------------------------------------- numpy reference
+
+def quant_params(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale float32, zero_point float32 integer-valued) for asymmetric min/max over [min(lo,0), max(hi,0)].
+
+    The scale is rounded to float16 (how per-token scales are stored) so quantizer and dequantizer agree.
+    """
+    qmax = float(2 ** bits - 1)
+    lo = np.minimum(np.asarray(lo, np.float32), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float32), 0.0)
+    scale = np.maximum((hi - lo) / np.float32(qmax), np.float32(SCALE_FLOOR)) * SCALE_WIDEN
+    scale = scale.astype(np.float16).astype(np.float32)
+    zp = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.float32)
+    return scale, zp
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    """Integer codes (uint8 container): saturate(round_half_even(x / scale) + zp)."""
+    return np.clip(np.rint(x / scale) + zp, 0, 2 ** bits - 1).astype(np.uint8)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+
+def fake_quant_per_token(x: np.ndarray, bits: int) -> np.ndarray:
+    """Reference for per-token groups (reduce over the last axis, head_dim)."""
+    scale, zp = quant_params(x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True), bits)
+    return dequantize(quantize(x, scale, zp, bits), scale, zp)
+
+
+def fake_quant_per_channel(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Reference for frozen per-channel groups; lo/hi are [kv_heads, head_dim], x [batch, heads, tokens, dim]."""
+    scale, zp = quant_params(lo[None, :, None, :], hi[None, :, None, :], bits)
+    return dequantize(quantize(x, scale, zp, bits), scale, zp)
+
+
+def pack4(q: np.ndarray) -> np.ndarray:
+    """Two 4-bit codes per byte along the last axis (even channel in the low nibble)."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack4(p: np.ndarray) -> np.ndarray:
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = p & 15, p >> 4
+    return out
+
+
+# ----------------------------------------------------------------------------- the pass
+
+@dataclasses.dataclass
+class QuantizeKVCacheOptions:
+    bits: int = 8
+    key_granularity: str = "channel"  # "channel": frozen calibrated per-channel scales; "token": dynamic per token
+    value_granularity: str = "token"  # "token": dynamic per token; "channel": frozen calibrated per channel
+    asymmetric: bool = True
+    margin: float = 1.0  # calibrated ranges are widened by this factor (>= 1) before freezing
+
+    def validate(self) -> None:
+        if self.bits not in (8, 4):
+            raise EqcError(f"quantize_kv_cache: bits must be 8 or 4, got {self.bits}")
+        for what, g in (("key_granularity", self.key_granularity), ("value_granularity", self.value_granularity)):
+            if g not in GRANULARITIES:
+                raise EqcError(f"quantize_kv_cache: {what} must be one of {', '.join(GRANULARITIES)}, got '{g}'")
+        if not self.asymmetric:
+            raise EqcError("quantize_kv_cache: only asymmetric (min/max) quantization is implemented")
+        if not self.margin >= 1.0:
+            raise EqcError(f"quantize_kv_cache: margin must be >= 1, got {self.margin}")
+
+
+class _Builder:
+    """Appends nodes to the graph with readable unique names (a topological sort runs afterwards)."""
+
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def op(self, op_type: str, inputs: list[ir.Value], **attrs: Any) -> ir.Value:
+        self.count += 1
+        node = ir.node(op_type, inputs, attributes=attrs or None, name=f"{self.prefix}/{op_type}_{self.count}")
+        node.outputs[0].name = f"{self.prefix}/{op_type}_{self.count}_output"
+        # value_info needs a type: Cast gives `to`, every other op here keeps its first input's type.
+        # (exported intermediates may carry no type: those are the float32 keys/values).
+        node.outputs[0].dtype = attrs["to"] if op_type == "Cast" else (inputs[0].dtype or ir.DataType.FLOAT)
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        return new_initializer(self.graph, f"{self.prefix}/{name}", array)
+
+
+class QuantizeKVCachePass(EqcPass):
+    name = "quantize_kv_cache"
+    Options = QuantizeKVCacheOptions
+
+    def __init__(self, context: Any = None, **options: Any) -> None:
+        super().__init__(context, **options)
+        # Checked here, not in call(): errors raised inside a PassManager run arrive wrapped in a PassError.
+        frozen = "channel" in (self.options.key_granularity, self.options.value_granularity)
+        stats = self.context.stats
+        if frozen and (stats is None or "kv" not in stats.observers):
+            raise EqcError("quantize_kv_cache: per-channel KV scales are frozen from calibration: run "
+                           "`eqc calibrate --observers kv` and pass --calib STATS (or use per-token granularity)")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        pasts = {v.name: v for v in graph.inputs if v.name and v.name.startswith(PAST)}
+        presents = {v.name: v for v in graph.outputs if v.name and v.name.startswith(PRESENT)}
+        if not pasts:
+            raise EqcError("quantize_kv_cache: the graph has no past_key_values.* inputs (export a causal LM with a KV cache)")
+        if any(v.dtype != ir.DataType.FLOAT for v in pasts.values()):
+            raise EqcError("quantize_kv_cache: the KV cache is already quantized (past inputs are not float32)")
+        layers = sorted({int(n.split(".")[1]) for n in pasts})
+        groups: dict[str, str] = {}
+        for layer in layers:
+            for kind in ("key", "value"):
+                gran = self.options.key_granularity if kind == "key" else self.options.value_granularity
+                self._rewrite(graph, layer, kind, gran, pasts, presents)
+                groups[kind] = gran
+        TopologicalSortPass()(model)
+        self._update_manifest(graph, layers)
+        self.report({"bits": self.options.bits, "layers": len(layers), "key_granularity": groups["key"],
+                     "value_granularity": groups["value"],
+                     "bytes_per_token": self.context.manifest["kv_cache"]["bytes_per_token"],
+                     "ratio_vs_fp16": self.context.manifest["kv_cache"]["ratio_vs_fp16"]})
+        return ir.passes.PassResult(model, modified=True)
+
+    # -- one cache tensor ------------------------------------------------------------------------
+
+    def _rewrite(self, graph: ir.Graph, layer: int, kind: str, gran: str, pasts: dict[str, ir.Value],
+                 presents: dict[str, ir.Value]) -> None:
+        past_name, present_name = f"{PAST}{layer}.{kind}", f"{PRESENT}{layer}.{kind}"
+        past, present = pasts.get(past_name), presents.get(present_name)
+        if past is None or present is None:
+            raise EqcError(f"quantize_kv_cache: '{past_name}' or '{present_name}' is missing from the graph interface")
+        concat = present.producer()
+        if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
+            raise EqcError(f"quantize_kv_cache: '{present_name}' is not Concat(past, new); unsupported graph")
+        shape = past.shape
+        heads, dim = shape[1], shape[3]
+        if not (isinstance(heads, int) and isinstance(dim, int)):
+            raise EqcError(f"quantize_kv_cache: '{past_name}' needs static kv_heads and head_dim, has {shape}")
+        bits = self.options.bits
+        if bits == 4 and dim % 2:
+            raise EqcError(f"quantize_kv_cache: 4-bit packing needs an even head_dim, '{past_name}' has {dim}")
+        b = _Builder(graph, f"kvq/{layer}.{kind}")
+        new = concat.inputs[1]
+        qmax = b.const("qmax", np.array(2 ** bits - 1, np.float32))
+        zero = b.const("zero", np.array(0.0, np.float32))
+        stored_dim = dim * bits // 8
+
+        # The graph input keeps its name but now carries codes; its float consumers get the dequantized past.
+        past_q = ir.Value(name=past_name, shape=ir.Shape([shape[0], heads, shape[2], stored_dim]),
+                          type=ir.TensorType(ir.DataType.UINT8))
+        if gran == "token":
+            past_s = ir.Value(name=f"{past_name}_scale", shape=ir.Shape([shape[0], heads, shape[2], 1]),
+                              type=ir.TensorType(ir.DataType.FLOAT16))
+            past_z = ir.Value(name=f"{past_name}_zero_point", shape=ir.Shape([shape[0], heads, shape[2], 1]),
+                              type=ir.TensorType(ir.DataType.UINT8))
+            new_s, new_z = self._token_params(b, new, qmax, zero)
+            deq_past = self._dequant(b, past_q, b.op("Cast", [past_s], to=ir.DataType.FLOAT),
+                                     b.op("Cast", [past_z], to=ir.DataType.FLOAT), dim)
+            extra_inputs = [past_s, past_z]
+        else:
+            scale, zp = self._frozen_params(f"{PRESENT}{layer}.{kind}", heads, dim)
+            new_s, new_z = b.const("scale", scale), b.const("zero_point", zp)
+            deq_past = self._dequant(b, past_q, new_s, new_z, dim)
+            extra_inputs = []
+        codes = b.op("Clip", [b.op("Add", [b.op("Round", [b.op("Div", [new, new_s])]), new_z]), zero, qmax])
+        deq_new = b.op("Mul", [b.op("Sub", [codes, new_z]), new_s])
+        new_q = b.op("Cast", [self._pack(b, codes, dim) if bits == 4 else codes], to=ir.DataType.UINT8)
+
+        past.replace_all_uses_with(deq_past)
+        concat.replace_input_with(1, deq_new)
+        present_q = b.op("Concat", [past_q, new_q], axis=2)
+        outputs = [(present_name, present_q)]
+        if gran == "token":
+            s16 = b.op("Cast", [new_s], to=ir.DataType.FLOAT16)
+            z8 = b.op("Cast", [new_z], to=ir.DataType.UINT8)
+            outputs += [(f"{present_name}_scale", b.op("Concat", [past_s, s16], axis=2)),
+                        (f"{present_name}_zero_point", b.op("Concat", [past_z, z8], axis=2))]
+
+        total = present.shape[2] if present.shape is not None else "total_sequence"
+        for name, value in outputs:
+            value.shape = ir.Shape([shape[0], heads, total, 1 if name.endswith(("_scale", "_zero_point")) else stored_dim])
+        self._swap_interface(graph, past, [past_q, *extra_inputs], present, outputs)
+
+    def _token_params(self, b: _Builder, x: ir.Value, qmax: ir.Value, zero: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Per-token scale (rounded through float16, as stored) and integer zero point, over head_dim."""
+        axes = b.const("axes", np.array([-1], np.int64))
+        lo = b.op("Min", [b.op("ReduceMin", [x, axes], keepdims=1), zero])
+        hi = b.op("Max", [b.op("ReduceMax", [x, axes], keepdims=1), zero])
+        floor = b.const("scale_floor", np.array(SCALE_FLOOR, np.float32))
+        scale = b.op("Max", [b.op("Div", [b.op("Sub", [hi, lo]), qmax]), floor])
+        scale = b.op("Mul", [scale, b.const("scale_widen", np.array(SCALE_WIDEN, np.float32))])
+        scale = b.op("Cast", [b.op("Cast", [scale], to=ir.DataType.FLOAT16)], to=ir.DataType.FLOAT)
+        zp = b.op("Clip", [b.op("Round", [b.op("Div", [b.op("Neg", [lo]), scale])]), zero, qmax])
+        return scale, zp
+
+    def _frozen_params(self, stat_name: str, heads: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        stats = self.context.stats
+        if stats is None:
+            raise EqcError("quantize_kv_cache: per-channel KV scales are frozen from calibration: run "
+                           "`eqc calibrate --observers kv` and pass --calib STATS (or use per-token granularity)")
+        lo = np.asarray(stats.require(stat_name, "kv_min_channel", "kv", "quantize_kv_cache"), np.float32)
+        hi = np.asarray(stats.require(stat_name, "kv_max_channel", "kv", "quantize_kv_cache"), np.float32)
+        if lo.shape != (heads, dim) or hi.shape != (heads, dim):
+            raise EqcError(f"quantize_kv_cache: kv statistics of '{stat_name}' have shape {lo.shape}, expected {(heads, dim)}")
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise EqcError(f"quantize_kv_cache: kv statistics of '{stat_name}' are not finite")
+        m = np.float32(self.options.margin)
+        scale, zp = quant_params(lo * m, hi * m, self.options.bits)
+        return scale.reshape(1, heads, 1, dim), zp.reshape(1, heads, 1, dim)
+
+    def _dequant(self, b: _Builder, codes_u8: ir.Value, scale: ir.Value, zp: ir.Value, codes_dim: int) -> ir.Value:
+        codes = b.op("Cast", [codes_u8], to=ir.DataType.FLOAT)
+        if self.options.bits == 4:
+            codes = self._unpack(b, codes, codes_dim)
+        return b.op("Mul", [b.op("Sub", [codes, zp]), scale])
+
+    @staticmethod
+    def _pack(b: _Builder, codes: ir.Value, dim: int) -> ir.Value:
+        """float codes [.., D] -> float bytes [.., D/2]: even channel + 16 * odd channel (exact in float32)."""
+        pairs = b.op("Reshape", [codes, b.const("pair_shape", np.array([0, 0, 0, dim // 2, 2], np.int64))])
+        weights = b.const("nibble_weights", np.array([1.0, 16.0], np.float32))
+        return b.op("ReduceSum", [b.op("Mul", [pairs, weights]), b.const("last", np.array([-1], np.int64))], keepdims=0)
+
+    @staticmethod
+    def _unpack(b: _Builder, packed: ir.Value, dim: int) -> ir.Value:
+        # Explicit dims (no -1): ORT cannot infer -1 when the past has zero tokens.
+        sixteen = b.const("sixteen", np.array(16.0, np.float32))
+        high = b.op("Floor", [b.op("Div", [packed, sixteen])])
+        low = b.op("Sub", [packed, b.op("Mul", [high, sixteen])])
+        last = b.const("unsq_axis", np.array([-1], np.int64))
+        pairs = b.op("Concat", [b.op("Unsqueeze", [low, last]), b.op("Unsqueeze", [high, last])], axis=-1)
+        return b.op("Reshape", [pairs, b.const("unpair_shape", np.array([0, 0, 0, dim], np.int64))])
+
+    @staticmethod
+    def _swap_interface(graph: ir.Graph, past: ir.Value, new_inputs: list[ir.Value], present: ir.Value,
+                        outputs: list[tuple[str, ir.Value]]) -> None:
+        """Put the quantized tensors where the float past/present were, keeping the interface order."""
+        pos = list(graph.inputs).index(past)
+        graph.inputs.pop(pos)
+        past.name = f"{past.name}__float"
+        for k, value in enumerate(new_inputs):
+            graph.inputs.insert(pos + k, value)
+        pos = list(graph.outputs).index(present)
+        graph.outputs.pop(pos)
+        present_name = present.name
+        present.name = f"{present_name}__float"
+        for k, (name, value) in enumerate(outputs):
+            value.name = name
+            graph.outputs.insert(pos + k, value)
+
+    # -- manifest ----------------------------------------------------------------------------------
+
+    def _update_manifest(self, graph: ir.Graph, layers: list[int]) -> None:
+        from eqcompiler.export import _io_spec
+
+        manifest = self.context.manifest
+        manifest["inputs"] = _io_spec(graph.inputs)
+        manifest["outputs"] = _io_spec(graph.outputs)
+        kv = dict(manifest.get("kv_cache") or {})
+        per_token = 0
+        fp16 = 0
+        for v in graph.inputs:
+            if v.name.startswith(PAST):
+                dims = [int(d) for d in (v.shape[1], v.shape[3])]
+                per_token += dims[0] * dims[1] * v.dtype.itemsize
+                if not v.name.endswith(("_scale", "_zero_point")):
+                    heads = dims[0]
+                    fp16 += heads * int(kv.get("head_dim") or 0) * 2
+        opts = self.options
+        entry = lambda kind, gran: {  # noqa: E731
+            "granularity": gran,
+            "data": "past_key_values.{layer}." + kind,
+            "scale": ("past_key_values.{layer}." + kind + "_scale") if gran == "token" else "constant",
+            "zero_point": ("past_key_values.{layer}." + kind + "_zero_point") if gran == "token" else "constant",
+            "present": {"data": "present.{layer}." + kind,
+                        **({"scale": "present.{layer}." + kind + "_scale",
+                            "zero_point": "present.{layer}." + kind + "_zero_point"} if gran == "token" else {})},
+        }
+        kv.update({
+            "dtype": "uint8" if opts.bits == 8 else "uint4x2",
+            "quantized": {
+                "bits": opts.bits,
+                "scheme": "asymmetric min/max, x = (q - zero_point) * scale, 0 kept in range",
+                "packing": "two 4-bit codes per byte along head_dim, even channel in the low nibble" if opts.bits == 4 else None,
+                "scale_dtype": "float16",
+                "zero_point_dtype": "uint8",
+                "key": entry("key", opts.key_granularity),
+                "value": entry("value", opts.value_granularity),
+            },
+            "bytes_per_token": per_token,
+            "fp16_bytes_per_token": fp16,
+            "ratio_vs_fp16": round(per_token / fp16, 4) if fp16 else None,
+        })
+        manifest["kv_cache"] = kv
+
+
+def kv_step(bits: int, keys: str = "auto", values: str = "token", calib: str | None = None) -> dict[str, Any]:
+    """The recipe step `eqc compile --kv-bits` appends; keys "auto" = per channel when calibration is given."""
+    if keys == "auto":
+        keys = "channel" if calib else "token"
+    return {"pass": QuantizeKVCachePass.name,
+            "options": {"bits": bits, "key_granularity": keys, "value_granularity": values}}
