@@ -99,6 +99,10 @@ def load_ir(path: str | pathlib.Path) -> ir.Model:
         raise EqcError(f"'{p}' is not an ONNX model (empty or truncated file)")
     if not any(op.domain in ("", "ai.onnx") for op in proto.opset_import):
         raise EqcError(f"'{p}' declares no default ONNX opset")
+    opset = default_opset(proto)
+    if opset > onnx.defs.onnx_opset_version():
+        raise EqcError(f"'{p}' declares default opset {opset}, newer than this onnx supports "
+                       f"({onnx.defs.onnx_opset_version()})")
     _check_external_data(proto, p.parent)
     try:
         model = ir.serde.deserialize_model(proto)
@@ -115,8 +119,18 @@ def load_ir(path: str | pathlib.Path) -> ir.Model:
 def save_ir(model: ir.Model, folder: pathlib.Path) -> pathlib.Path:
     """Save into `folder` (a staged temp folder), weights as external data beside the graph."""
     path = folder / MODEL_FILE
-    ir.save(model, path, external_data=DATA_FILE)
+    try:
+        ir.save(model, path, external_data=DATA_FILE)
+    except OSError as exc:
+        # numpy's tofile reports a short write (ENOSPC, EFBIG) as a bare OSError without errno.
+        reason = exc.strerror or f"disk full or file too large? ({exc})"
+        raise EqcError(f"cannot write the model into '{folder.parent}': {reason}") from None
     return path
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The model's default-domain opset version (0 when it declares none)."""
+    return max((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), default=0)
 
 
 def copy_carried_files(src: pathlib.Path, dst: pathlib.Path) -> None:

@@ -82,17 +82,42 @@ def _fix_special_tokens(model: Any, tokenizer: Any, special: dict[str, tuple[str
             setattr(model.generation_config, f"{kind}_token_id", token_id)
 
 
-def load_source(src: str) -> LoadedModel:
-    """Load a model and tokenizer in float32 with eager attention (explicit masks export cleanly)."""
+def needs_remote_code(folder: pathlib.Path) -> str | None:
+    """The file whose `auto_map` asks transformers to import Python code shipped with the model, if any."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            continue  # unreadable configs get their own error when transformers reads them
+        if isinstance(data, dict) and data.get("auto_map"):
+            return name
+    return None
+
+
+def load_source(src: str, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model and tokenizer in float32 with eager attention (explicit masks export cleanly).
+
+    Code shipped inside a model folder (config `auto_map`) is never run unless the user passed
+    --trust-remote-code: a model folder is data, and importing its Python would run anything.
+    """
     import torch
     import transformers
 
     folder, gguf_file, alias = resolve_source(src)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager"}
+    remote = None if gguf_file else needs_remote_code(folder)
+    if remote and not trust_remote_code:
+        raise EqcError(f"model folder '{folder}' needs its own Python code ({remote} has auto_map); refusing to run it: "
+                       "pass --trust-remote-code only if you trust this folder")
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager",
+                              "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                         **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as exc:  # transformers raises many types for unreadable configs
         raise EqcError(f"cannot read the model config in '{folder}': {exc}") from None
     family = config.model_type
@@ -108,7 +133,8 @@ def load_source(src: str) -> LoadedModel:
         try:
             model = auto.from_pretrained(folder, **kwargs).eval()
             tok_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **tok_kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                                   **tok_kwargs)
         except EqcError:
             raise
         except Exception as exc:

@@ -63,7 +63,8 @@ class QuantizeWeightsPass(EqcPass):
             weight = group[0].weight
             if id(weight) in tables:
                 continue  # handled with its Gather below, so the table is stored once
-            qw = quantize_site_weight(weight_array(weight), group[0].transposed, opts.bits, opts.symmetric, opts.block_size)
+            qw = quantize_site_weight(_checked_weight(weight), group[0].transposed, opts.bits, opts.symmetric, opts.block_size)
+            _release(weight)
             first = min(group, key=lambda s: order[id(s.node)])
             dq = emit_dequantize(graph, qw, weight.name, before=first.node)
             for site in group:
@@ -86,7 +87,7 @@ class QuantizeWeightsPass(EqcPass):
                         layers: dict[str, str]) -> tuple[int, int]:
         """Per-row int8 table; Gather reads int8 rows and their scales, then dequantizes them."""
         table = gathers[0].inputs[0]
-        w = weight_array(table)
+        w = _checked_weight(table)
         qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True)
         order = node_order(graph)
         first = min(gathers + [s.node for s in tied_sites], key=lambda n: order[id(n)])
@@ -119,8 +120,32 @@ class QuantizeWeightsPass(EqcPass):
             graph.remove(gather, safe=True)
             layers[_gather_name(gather)] = _describe(qw) + " (embedding rows)"
         nbytes = table.const_value.nbytes
+        del w
+        _release(table)
         graph.initializers.pop(table.name)
         return nbytes, _stored_bytes(qw)
+
+
+def _checked_weight(value: ir.Value) -> np.ndarray:
+    """The weight as a float array; refuse (naming the initializer) non-float or non-finite weights."""
+    w = weight_array(value)
+    if not np.issubdtype(w.dtype, np.floating):
+        raise EqcError(f"quantize_weights: weight '{value.name}' is {w.dtype}, not floating point; "
+                       "exclude that layer from the recipe")
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:
+        raise EqcError(f"quantize_weights: weight '{value.name}' has {bad} NaN/Inf values; refusing to quantize it")
+    return w
+
+
+def _release(value: ir.Value) -> None:
+    """Drop a memory-mapped source weight once quantized, so big models never hold all weights mapped."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view of the mapping is still alive somewhere: it is freed with it
+            pass
 
 
 def _group_gathers(gathers: list[ir.Node]) -> dict[int, list[ir.Node]]:

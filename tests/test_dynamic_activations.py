@@ -70,13 +70,19 @@ def test_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_llama_stats, tmp
     rel = np.abs(got - ref).max() / np.abs(ref).max()
     assert 0 < rel < 0.2
     passes = [p["pass"] for p in manifest["quantization"]["passes"]]
-    assert ("smooth_quant" in passes) == (recipe == "w8a8-smooth")
+    assert ("smooth_quant" in passes) == (recipe != "zeroquant")
 
 
-def test_smollm2_w8a8_dynamic_ppl_close_to_fp32(smollm2_artifact, tmp_path):
+def test_smollm2_w8a8_dynamic_ppl_close_to_fp32(smollm2_artifact, smollm2_stats, tmp_path):
+    """SmoothQuant + per-token int8 on SmolLM2. Measured on these 2 test windows: fp32 20.465,
+    w8a8-dynamic 20.502 (+0.18%; 16 windows: see tools/results/accuracy_8bit.md); without the
+    smoothing 21.203 (+3.6%). The bound leaves a margin for the fixture's 8-window statistics."""
     out = tmp_path / "dyn"
-    compile_model(smollm2_artifact, "w8a8-dynamic", out)
+    manifest = compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats))
+    report = manifest["quantization"]["report"]["smooth_quant"]
+    assert len(report["sites"]) == 120  # q/k/v, gate/up, down, o in 30 layers
+    assert list(report["skipped"]) == ["lm_head"]  # tied to the embedding table
     base = perplexity(smollm2_artifact, WIKI_TEST, max_tokens=1024)
     got = perplexity(out, WIKI_TEST, max_tokens=1024)
     assert base["windows"] == got["windows"] == 2
-    assert got["ppl"] <= base["ppl"] * 1.02, (got["ppl"], base["ppl"])
+    assert base["ppl"] < got["ppl"] <= base["ppl"] * 1.007, (got["ppl"], base["ppl"])

@@ -63,6 +63,26 @@ def test_pack4_roundtrip() -> None:
     np.testing.assert_array_equal(kvq.unpack4(p), q)
 
 
+def test_search_clip_ratio_clips_heavy_tails_not_uniform_data() -> None:
+    rng = np.random.default_rng(1)
+    # a Gaussian bulk plus one outlier token that sets max: shrinking the range lowers the 4-bit error
+    x = rng.normal(size=(1, 2, 1000, 8)).astype(np.float32)
+    x[:, :, 0, :] = 10.0
+    lo, hi = x.min(axis=(0, 2)), x.max(axis=(0, 2))
+    grid = np.array([1.0, 0.8, 0.6, 0.4, 0.2])
+    best, errs = kvq.search_clip_ratio([(x, lo, hi)], bits=4, grid=grid)
+    assert best == 0.8 and min(errs) < 0.8 * errs[0]
+    assert errs[-1] > errs[0]  # clipping too hard saturates the bulk
+    assert errs[list(grid).index(best)] == min(errs)
+    assert errs[0] == pytest.approx(kvq.clip_error(x, lo, hi, 1.0, 4))
+    # uniform data fills its range: any clipping saturates real mass, so the raw min/max wins
+    u = rng.uniform(-3, 3, size=(1, 2, 400, 8)).astype(np.float32)
+    best_u, errs_u = kvq.search_clip_ratio([(u, u.min(axis=(0, 2)), u.max(axis=(0, 2)))], bits=4, grid=grid)
+    assert best_u == 1.0 and errs_u == sorted(errs_u)
+    with pytest.raises(EqcError, match="no calibration samples"):
+        kvq.search_clip_ratio([], bits=4)
+
+
 # ----------------------------------------------------------------------------- synthetic graph
 
 def _synthetic(tmp: pathlib.Path, heads: int = 2, dim: int = 8) -> pathlib.Path:
@@ -146,6 +166,29 @@ def test_channel_keys_without_kv_stats_is_a_clear_error(tmp_path: pathlib.Path) 
         _apply(_synthetic(tmp_path), tmp_path / "q", stats=None, bits=8, key_granularity="channel")
     with pytest.raises(EqcError, match="bits must be 8 or 4"):
         _apply(_synthetic(tmp_path), tmp_path / "q", bits=3, key_granularity="token")
+
+
+def test_clip_ratios_shrink_frozen_ranges_in_the_graph(tmp_path: pathlib.Path) -> None:
+    src = _synthetic(tmp_path)
+    lo_k, hi_k = np.full((2, 8), -4.0, np.float32), np.full((2, 8), 4.0, np.float32)
+    lo_v, hi_v = np.full((2, 8), -2.0, np.float32), np.full((2, 8), 3.0, np.float32)
+    stats = _kv_stats({"present.0.key": (lo_k, hi_k), "present.0.value": (lo_v, hi_v)})
+    path, ctx = _apply(src, tmp_path / "q", stats=stats, bits=4, key_granularity="channel",
+                       value_granularity="channel", key_clip=0.5, value_clip=0.75)
+    sess = make_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    new = RNG.normal(size=(1, 2, 6, 8)).astype(np.float32) * 3
+    feed = {"past_key_values.0.key": np.zeros((1, 2, 0, 4), np.uint8),
+            "past_key_values.0.value": np.zeros((1, 2, 0, 4), np.uint8), "new_key": new, "new_value": new}
+    out = dict(zip(names, sess.run(None, feed)))
+    np.testing.assert_allclose(out["seen_key"], kvq.fake_quant_per_channel(new, lo_k * 0.5, hi_k * 0.5, 4), atol=1e-6)
+    np.testing.assert_allclose(out["seen_value"], kvq.fake_quant_per_channel(new, lo_v * 0.75, hi_v * 0.75, 4), atol=1e-6)
+    step = 8.0 * 0.5 / 15
+    assert np.abs(new).max() > 4.0 and np.abs(out["seen_key"]).max() <= 2.0 + step  # beyond the clipped range: saturated
+    assert ctx.manifest["kv_cache"]["ratio_vs_fp16"] == 0.25  # both frozen: codes only
+    assert ctx.manifest["kv_cache"]["quantized"]["key"]["clip"] == 0.5
+    with pytest.raises(EqcError, match="key_clip must be in"):
+        _apply(src, tmp_path / "q2", stats=stats, bits=4, key_clip=1.5)
 
 
 # ----------------------------------------------------------------------------- tiny llama

@@ -178,3 +178,38 @@ def _run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
     onnx.checker.check_model(proto)
     session = make_session(proto.SerializeToString())
     return session.run(None, {"x": x})
+
+
+def test_token_granularity_score_models_per_row_quantization():
+    """The 'token' score quantizes each row by its own absmax: a huge row no longer crushes a small one,
+    and smoothing a channel outlier lowers the per-token error (what w8a8-dynamic's alpha search sees)."""
+    from eqcompiler.passes.smooth_quant import score_ort
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    x[:, 3] *= 300.0  # channel outlier (SmolLM2 down_proj style)
+    x[0] *= 1000.0  # token outlier
+    w = rng.normal(size=(32, 16)).astype(np.float32)
+    ref = x @ w
+    ones = np.ones(32, np.float32)
+    amax = np.abs(x).max(axis=0)
+    per_tensor = score_ort(x, w, ones, amax, 0, ref, "tensor", "row")
+    per_token = score_ort(x, w, ones, amax, 0, ref, "token", "row")
+    assert per_token < per_tensor / 100  # the token outlier costs per-tensor, not per-token
+    s = np.sqrt(amax / np.abs(w).max(axis=1))  # alpha 0.5
+    assert score_ort(x, w, s, amax, 0, ref, "token", "row") < per_token / 4
+    # "row" weighs every token equally; "total" is dominated by the outlier token's huge output
+    assert score_ort(x, w, s, amax, 0, ref, "token", "total") < score_ort(x, w, s, amax, 0, ref, "token", "row")
+
+
+def test_score_options_validated():
+    from eqcompiler.errors import EqcError
+    from eqcompiler.passes.smooth_quant import SmoothQuantOptions
+
+    with pytest.raises(EqcError, match="activation_granularity"):
+        SmoothQuantOptions(activation_granularity="channel").validate()
+    with pytest.raises(EqcError, match="score_norm"):
+        SmoothQuantOptions(score_norm="max").validate()
+    with pytest.raises(EqcError, match="search='gram'"):
+        SmoothQuantOptions(search="gram", activation_granularity="token").validate()
+    SmoothQuantOptions(search="ort", activation_granularity="token", score_norm="row").validate()

@@ -31,6 +31,7 @@ VARIANTS = {
     "int8 KV (keys per-token, values per-token)": ("none", 8, "token", "token"),
     "int4 KV (keys per-token, values per-token)": ("none", 4, "token", "token"),
     "int8 KV (keys and values per-channel frozen)": ("none", 8, "channel", "channel"),
+    "int4 KV (keys and values per-channel frozen)": ("none", 4, "channel", "channel"),
     "w8a8 (fp32 cache)": ("w8a8", None, None, None),
     "w8a8 + int8 KV": ("w8a8", 8, "channel", "token"),
     "w8a8-smooth (fp32 cache)": ("w8a8-smooth", None, None, None),
