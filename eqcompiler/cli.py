@@ -155,7 +155,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
               help="Key groups: channel (frozen from --calib made with --observers kv), token (dynamic); auto: channel with --calib.")
 @click.option("--kv-values", type=click.Choice(["auto", "token", "channel"]), default="auto", show_default=True,
               help="Value groups: token (dynamic per token) or channel (frozen from calibration); "
-                   "auto: channel for --kv-bits 4 with --calib (0.25x, lower ppl), else token.")
+                   "auto: channel for --kv-bits 4 with per-channel keys (0.25x, lower ppl), else token.")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,

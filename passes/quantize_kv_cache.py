@@ -389,12 +389,12 @@ def kv_step(bits: int, keys: str = "auto", values: str = "auto", calib: str | No
     """The recipe step `eqc compile --kv-bits` appends.
 
     keys "auto" = per channel when calibration is given. values "auto" = per channel for 4 bits with
-    calibration (SmolLM2, 8192 test tokens: frozen per-channel values beat per-token ones at 4 bits and
+    per-channel keys (SmolLM2, 8192 test tokens: frozen per-channel values beat per-token ones at 4 bits and
     are the only way to reach 0.25x of fp16), per token otherwise (8 bits: -0.01% ppl either way).
     """
     if keys == "auto":
         keys = "channel" if calib else "token"
     if values == "auto":
-        values = "channel" if (bits == 4 and calib) else "token"
+        values = "channel" if (bits == 4 and keys == "channel") else "token"  # frozen keys = kv stats at hand
     return {"pass": QuantizeKVCachePass.name,
             "options": {"bits": bits, "key_granularity": keys, "value_granularity": values}}
