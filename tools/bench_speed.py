@@ -73,7 +73,7 @@ def main() -> None:
         "w8_nbits": (str(work / "w8nbits.json"), "portable", False),  # ort-cpu keeps w8 as QDQ; the rejected candidate
         "w8a8": ("w8a8", "portable", True),
         "w8a8_ort": ("w8a8", "ort-cpu", True),
-        "w8a8dyn_ort": ("w8a8-dynamic", "ort-cpu", False),
+        "w8a8dyn_ort": ("w8a8-dynamic", "ort-cpu", True),
         "w4_ort": (str(work / "w4.json"), "ort-cpu", False),
     }
     skip = set(filter(None, args.skip.split(",")))
