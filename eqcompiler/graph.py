@@ -112,6 +112,14 @@ def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str 
     return sites
 
 
+def sites_by_activation(graph: ir.Graph, include: str | None = None, exclude: str | None = None) -> list[list[LinearSite]]:
+    """Linear sites grouped by the activation they read (q/k/v share one input), in graph order."""
+    groups: dict[int, list[LinearSite]] = {}
+    for site in find_linear_sites(graph, include, exclude):
+        groups.setdefault(id(site.activation), []).append(site)
+    return list(groups.values())
+
+
 def embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
     """Gather nodes reading rows of a constant 2-D table (token embeddings)."""
     return [n for n in graph if n.op_type == "Gather" and is_constant(n.inputs[0])

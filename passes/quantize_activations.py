@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import node_order, find_linear_sites, new_initializer
+from eqcompiler.graph import new_initializer, node_order, sites_by_activation
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import activation_scale
 
@@ -70,13 +70,10 @@ class QuantizeActivationsPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        sites = find_linear_sites(graph, opts.include, opts.exclude)
         order = node_order(graph)
-        by_input: dict[int, list] = {}
-        for site in sites:
-            by_input.setdefault(id(site.activation), []).append(site)
+        groups = sites_by_activation(graph, opts.include, opts.exclude)
         ranges: dict[str, list[float]] = {}
-        for group in by_input.values():
+        for group in groups:
             x = group[0].activation
             if x.name is None:
                 raise EqcError("an activation feeding a linear layer has no name; cannot look up its statistics")

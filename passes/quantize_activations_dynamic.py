@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import find_linear_sites, int_constant, node_order, scalar_initializer
+from eqcompiler.graph import int_constant, node_order, scalar_initializer, sites_by_activation
 from eqcompiler.pass_base import EqcPass
 
 
@@ -59,13 +59,10 @@ class QuantizeActivationsDynamicPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        sites = find_linear_sites(graph, opts.include, opts.exclude)
         order = node_order(graph)
-        by_input: dict[int, list] = {}
-        for site in sites:
-            by_input.setdefault(id(site.activation), []).append(site)
+        groups = sites_by_activation(graph, opts.include, opts.exclude)
         done: dict[str, list[str]] = {}
-        for group in by_input.values():
+        for group in groups:
             x = group[0].activation
             k = group[0].in_features
             if any(s.in_features != k for s in group):
