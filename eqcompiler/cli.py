@@ -141,6 +141,27 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
                                       f"{r.get('workers', 1)} worker(s)) in {r['seconds']} s -> {out}"])
 
 
+def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
+                  save_plan_file: pathlib.Path | None) -> dict[str, Any]:
+    """Check --budget/--plan/--save-plan before compiling: only recipes with apply_precision_plan take them."""
+    if budget is None and plan_file is None and save_plan_file is None:
+        return {}
+    from eqcompiler import bitwidth
+    from eqcompiler.recipes import load_recipe
+
+    if not any(step["pass"] == "apply_precision_plan" for step in load_recipe(recipe)["passes"]):
+        raise EqcError("--budget/--plan/--save-plan apply to recipe 'mixed' (a recipe with apply_precision_plan)")
+    if budget is not None and plan_file is not None:
+        raise EqcError("give --budget or --plan, not both")
+    if budget is not None:
+        bitwidth.parse_budget(budget)
+        return {"budget": budget}
+    if plan_file is not None:
+        bitwidth.load_plan(plan_file)
+        return {"plan": plan_file}
+    return {}
+
+
 @main.command(name="compile")
 @click.argument("model")
 @click.option("--recipe", required=True, help="Built-in recipe name or a recipe .json file.")
@@ -156,10 +177,15 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
 @click.option("--kv-values", type=click.Choice(["auto", "token", "channel"]), default="auto", show_default=True,
               help="Value groups: token (dynamic per token) or channel (frozen from calibration); "
                    "auto: channel for --kv-bits 4 with per-channel keys (0.25x, lower ppl), else token.")
+@click.option("--budget", default=None, help="Recipe mixed: average bits per linear weight (6bits) or artifact size (120MB).")
+@click.option("--plan", "plan_file", default=None, help="Recipe mixed: re-apply a saved per-layer precision plan.")
+@click.option("--save-plan", "save_plan_file", default=None, type=click.Path(path_type=pathlib.Path),
+              help="Recipe mixed: write the per-layer precision plan used (JSON).")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                kv_bits: str | None, kv_keys: str, kv_values: str, as_json: bool) -> None:
+                kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, plan_file: str | None,
+                save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.artifact import size_bytes
     from eqcompiler.pipeline import compile_model
@@ -169,8 +195,14 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
         from eqcompiler.passes.quantize_kv_cache import kv_step
 
         extra.append(kv_step(int(kv_bits), kv_keys, kv_values, calib))
-    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra)
+    options = _plan_options(recipe, budget, plan_file, save_plan_file)
+    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
+                             options=options)
     q = manifest["quantization"]
+    if save_plan_file is not None:
+        from eqcompiler.bitwidth import save_plan
+
+        save_plan(save_plan_file, q["report"]["apply_precision_plan"]["plan"])
     result = {"output": str(out), "recipe": q["recipe"], "size_bytes": size_bytes(out), "warnings": q["warnings"],
               "report": q["report"], "seconds": manifest["compile_seconds"]}
     def lines(r: dict[str, Any]) -> list[str]:
