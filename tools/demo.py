@@ -46,7 +46,7 @@ def main() -> None:
     rows = []
     for name in ["fp32", *RECIPES]:
         result = json.loads(eqc("eval", out / name, "--ppl", test, "--max-tokens", args.max_tokens, "--json"))
-        rows.append({"model": name, **result})
+        rows.append({**result, "model": name})
     base = rows[0]["ppl"]
     print()
     print(f"SmolLM2-135M on WikiText-2 test ({rows[0]['tokens']} tokens, {rows[0]['window']}-token windows), ONNX Runtime CPU")
