@@ -66,7 +66,7 @@ def main() -> None:
     lines = [
         "# Calibration benchmark", "",
         f"Model `{args.model}`, WikiText-2 valid, seq-len {args.seq_len}, observers `{args.observers}`; "
-        f"machine: {os.cpu_count()} cores shared with other engineers (timings include contention).", "",
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} when the run started.", "",
         "## Peak RSS vs windows (1 process, 2 threads)", "",
         "| windows | peak RSS (MiB) | wall (s) |", "|---|---|---|",
         *[f"| {r['samples']} | {r['peak_rss_mib']} | {r['wall_s']} |" for r in rss], "",
