@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from eqcompiler import artifact as art_mod
-from eqcompiler.data import load_tokenizer, read_text, tokenize, windows
+from eqcompiler.data import load_tokenizer, read_text, tokenize
 from eqcompiler.errors import EqcError
+from eqcompiler.evaluate import score_windows
 from eqcompiler.runtime import empty_past, make_session
 
 PAST, PRESENT = "past_key_values.", "present."
@@ -78,12 +79,6 @@ def _runner(model: str | pathlib.Path, threads: int | None) -> tuple[art_mod.Art
     return art, CacheRunner(make_session(art_mod.model_file(art), threads=threads))
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    from eqcompiler.evaluate import _log_softmax_nll
-
-    return _log_softmax_nll(logits, targets)
-
-
 def chunked_perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path, chunk: int = 64,
                        max_tokens: int = 16384, window: int = 512, threads: int | None = None,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -97,25 +92,18 @@ def chunked_perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path,
     art, runner = _runner(model, threads)
     text, sha = read_text(text_path)
     ids = tokenize(load_tokenizer(art.folder), text, max_tokens=max_tokens)
-    count = len(ids) // window
-    if count == 0:
-        raise EqcError(f"text has {len(ids)} tokens, fewer than one window of {window}")
-    nll, scored, cache_bytes = 0.0, 0, 0
-    start = time.perf_counter()
-    for i, win in enumerate(windows(ids, window)):
+    cache_bytes = 0
+
+    def logits_through_cache(win: np.ndarray) -> np.ndarray:
+        nonlocal cache_bytes
         runner.reset(batch=1)
         logits = np.concatenate([runner.step(win[:, s:s + chunk])[0] for s in range(0, window, chunk)])
         cache_bytes = runner.cache_bytes()
-        nll += _nll(logits[:-1], win[0, 1:])
-        scored += window - 1
-        if progress:
-            progress(i + 1, count)
-    ppl = float(np.exp(nll / scored))
-    if not np.isfinite(ppl):
-        raise EqcError(f"perplexity is not finite ({ppl}); the model produces NaN/Inf logits")
-    return {"ppl": ppl, "tokens": scored, "windows": count, "window": window, "chunk": chunk,
-            "cache_bytes_per_token": cache_bytes / window,
-            "text": {"path": str(text_path), "sha256": sha}, "seconds": round(time.perf_counter() - start, 1)}
+        return logits
+
+    result = score_windows(ids, window, logits_through_cache, progress)
+    return {**result, "chunk": chunk, "cache_bytes_per_token": cache_bytes / window,
+            "text": {"path": str(text_path), "sha256": sha}}
 
 
 def generate(model: str | pathlib.Path, prompt: str, max_new_tokens: int = 32, threads: int | None = None) -> dict[str, Any]:

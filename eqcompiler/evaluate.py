@@ -32,13 +32,21 @@ def perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path, max_tok
     text, sha = read_text(text_path)
     ids = tokenize(load_tokenizer(art.folder), text, max_tokens=max_tokens)
     session = make_session(art_mod.model_file(art), threads=threads)
-    nll, scored, count = 0.0, 0, len(ids) // window
+    result = score_windows(ids, window, lambda win: session.run(["logits"], causal_feed(session, win))[0][0], progress)
+    return {**result, "text": {"path": str(text_path), "sha256": sha}}
+
+
+def score_windows(ids: np.ndarray, window: int, logits_for: Callable[[np.ndarray], np.ndarray],
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Perplexity over consecutive windows of `ids`; `logits_for(window [1, W]) -> logits [W, V]`."""
+    count = len(ids) // window
     if count == 0:
         raise EqcError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    nll, scored = 0.0, 0
     start = time.perf_counter()
-    for i, chunk in enumerate(windows(ids, window)):
-        logits = session.run(["logits"], causal_feed(session, chunk))[0][0]
-        nll += _log_softmax_nll(logits[:-1], chunk[0, 1:])
+    for i, win in enumerate(windows(ids, window)):
+        logits = logits_for(win)
+        nll += _log_softmax_nll(logits[:-1], win[0, 1:])
         scored += window - 1
         if progress:
             progress(i + 1, count)
@@ -46,7 +54,7 @@ def perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path, max_tok
     if not np.isfinite(ppl):
         raise EqcError(f"perplexity is not finite ({ppl}); the model produces NaN/Inf logits")
     return {"ppl": ppl, "tokens": scored, "windows": count, "window": window,
-            "text": {"path": str(text_path), "sha256": sha}, "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
