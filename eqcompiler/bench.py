@@ -17,16 +17,15 @@ import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from eqcompiler import artifact as art_mod
 from eqcompiler.errors import EqcError
+from eqcompiler.evaluate import timed
 
 FIELDS = ("model", "size_bytes", "prefill", "decode", "peak_rss_mb", "kv_cache", "threads", "ort_version")
 
@@ -34,18 +33,6 @@ FIELDS = ("model", "size_bytes", "prefill", "decode", "peak_rss_mb", "kv_cache",
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "warmup": warmup, "runs": runs}
 
 
 def kv_bytes_per_token(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,7 +71,7 @@ def measure(model: str | pathlib.Path, prefill: int = 512, past: int = 512, warm
         runner.reset()
         runner.step(prompt)
 
-    pre = _timed(run_prefill, warmup, runs)
+    pre = timed(run_prefill, warmup, runs)
     pre["tokens"] = prefill
     pre["tokens_per_s"] = prefill / (pre["median_ms"] / 1000)
     runner.reset()
@@ -96,7 +83,7 @@ def measure(model: str | pathlib.Path, prefill: int = 512, past: int = 512, warm
         runner.past, runner.past_len = dict(saved), saved_len
         runner.step(token)
 
-    dec = _timed(run_decode, warmup, runs)
+    dec = timed(run_decode, warmup, runs)
     dec["past"] = past
     dec["tokens_per_s"] = 1000 / dec["median_ms"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -57,7 +57,8 @@ def score_windows(ids: np.ndarray, window: int, logits_for: Callable[[np.ndarray
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
+def timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
+    """Milliseconds per call of `fn` after `warmup` untimed calls: median, min and max of `runs`."""
     for _ in range(warmup):
         fn()
     times = []
@@ -77,14 +78,14 @@ def decode_latency(model: str | pathlib.Path, past_len: int = 128, warmup: int =
     if art.task != "causal-lm":
         ids = np.ones((1, 128), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": ids, "token_type_ids": np.zeros_like(ids)}
-        result = _timed(lambda: session.run(None, feed), warmup, runs)
+        result = timed(lambda: session.run(None, feed), warmup, runs)
         return {**result, "what": "encoder forward, 128 tokens"}
     prefill = causal_feed(session, np.ones((1, past_len), dtype=np.int64))
     outputs = session.run(None, prefill)
     names = [o.name for o in session.get_outputs()]
     past = {n.replace("present.", "past_key_values."): v for n, v in zip(names, outputs) if n.startswith("present.")}
     feed = causal_feed(session, np.ones((1, 1), dtype=np.int64), past=past, past_len=past_len)
-    result = _timed(lambda: session.run(["logits"], feed), warmup, runs)
+    result = timed(lambda: session.run(["logits"], feed), warmup, runs)
     return {**result, "what": f"decode step, 1 token, {past_len} cached"}
 
 
