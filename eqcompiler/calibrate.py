@@ -11,6 +11,11 @@ activations (one token attending to a long cache) are calibrated too.
 
 `Calibrator` computes statistics for any subset of windows; `calibrate()` runs all of them in one
 process and eqcompiler/distributed.py shards them across ranks and merges with collectives.
+
+With stream_layers (eqcompiler/layer_stream.py) the graph runs one decoder layer at a time over all
+windows instead of one whole-graph session per process, so peak memory is one layer's weights (plus
+the small per-window boundary tensors), not the model; the statistics are the same. stream_layers=None
+chooses it when the weights exceed layer_stream.AUTO_FRACTION of the available memory.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from eqcompiler import artifact as art_mod
 from eqcompiler.data import load_tokenizer, read_text, tokenize
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.graph import find_linear_sites
-from eqcompiler.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers
+from eqcompiler.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
 from eqcompiler.runtime import causal_feed, make_session
 from eqcompiler.stats import CalibrationStats, TensorStats
 
@@ -71,7 +76,7 @@ class Calibrator:
 
     def __init__(self, model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
                  observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
-                 skip_nonfinite: bool = False, threads: int | None = None) -> None:
+                 skip_nonfinite: bool = False, threads: int | None = None, stream_layers: bool | None = False) -> None:
         if samples < 1:
             raise EqcError(f"--samples must be at least 1, got {samples}")
         if seq_len < 2:
@@ -100,6 +105,14 @@ class Calibrator:
         self.linear_inputs = observed_tensors(self.model_path)
         self._session: Any = None
         self.kv_outputs: list[str] = []
+        if stream_layers is None:
+            from eqcompiler.layer_stream import auto_stream
+
+            self.stream_layers, self.stream_reason = auto_stream(self.model_path)
+        else:
+            self.stream_layers, self.stream_reason = stream_layers, ("--stream-layers" if stream_layers else "")
+        if self.stream_layers:
+            self.kv_outputs = self._graph_kv_outputs()
 
     @property
     def session(self) -> Any:
@@ -111,8 +124,17 @@ class Calibrator:
             self._session = probe
         return self._session
 
+    def _graph_kv_outputs(self) -> list[str]:
+        """present.* outputs read from the graph file (streaming never opens a whole-graph session)."""
+        proto = onnx.load(str(self.model_path), load_external_data=False)
+        kv = [o.name for o in proto.graph.output if o.name.startswith("present.")]
+        if (self.decode_steps or "kv" in self.observers) and not kv:
+            raise EqcError(f"'{self.model_path}' has no present.* KV-cache outputs to decode with or observe")
+        return kv
+
     def new_stats(self) -> dict[str, TensorStats]:
-        _ = self.session  # opening the session lists the KV outputs
+        if not self.stream_layers:
+            _ = self.session  # opening the session lists the KV outputs
         names = list(self.linear_inputs)
         if "kv" in self.observers:
             names += self.kv_outputs
@@ -122,6 +144,8 @@ class Calibrator:
             progress: Progress | None = None, on_window: Callable[[int], None] | None = None) -> dict[str, TensorStats]:
         """Observe windows `indices` (0-based positions in the text) into `stats`."""
         stats = self.new_stats() if stats is None else stats
+        if self.stream_layers:
+            return self._run_streamed(list(indices), stats, progress, on_window)
         for done, index in enumerate(indices, 1):
             if on_window is not None:
                 on_window(index)
@@ -130,13 +154,38 @@ class Calibrator:
                 progress(done, len(indices))
         return stats
 
-    def _observe(self, stats: dict[str, TensorStats], name: str, value: np.ndarray, kv_slice: bool = False) -> None:
+    def _run_streamed(self, indices: list[int], stats: dict[str, TensorStats], progress: Progress | None,
+                      on_window: Callable[[int], None] | None) -> dict[str, TensorStats]:
+        """Stage-major: every window through layer 0, then through layer 1, ... (layer_stream)."""
+        from eqcompiler.layer_stream import StreamedRunner, window_runs
+
+        if not indices:
+            return stats
+        for index in indices:
+            if on_window is not None:
+                on_window(index)
+        need_kv = bool(self.decode_steps) or "kv" in self.observers
+        runner = StreamedRunner(self.model_path, list(self.linear_inputs) + (self.kv_outputs if need_kv else []),
+                                threads=self.threads)
+        runs = window_runs(self.ids, [i * self.seq_len for i in indices], self.seq_len, self.decode_steps,
+                           self.causal, runner.graph_inputs, _encoder_feed)
+
+        def observe(name: str, value: np.ndarray, w: int, r: int) -> None:
+            first = 0 if r == 0 else self.seq_len + r - 1
+            self._observe(stats, name, value, kv_slice=r > 0, window=indices[w], first_position=first)
+
+        runner.run(runs, observe, kv_carry=bool(self.decode_steps), progress=progress)
+        return stats
+
+    def _observe(self, stats: dict[str, TensorStats], name: str, value: np.ndarray, kv_slice: bool = False,
+                 window: int = 0, first_position: int = 0) -> None:
         value = _check_finite(name, value, self.skip_nonfinite)
         if name in self.kv_outputs:
             if "kv" in self.observers:
                 observe_kv(stats[name], value[:, :, -1:, :] if kv_slice else value)
         elif name in stats:
-            observe_activation(stats[name], value, self.observers)
+            rows = row_ids(window, first_position, value.size // value.shape[-1]) if "sample" in self.observers else None
+            observe_activation(stats[name], value, self.observers, rows=rows)
 
     def _window(self, index: int, stats: dict[str, TensorStats]) -> None:
         session = self.session
@@ -147,14 +196,14 @@ class Calibrator:
         feed = causal_feed(session, window) if self.causal else _encoder_feed(window)
         values = dict(zip(wanted, session.run(wanted, feed)))
         for name, value in values.items():
-            self._observe(stats, name, value)
+            self._observe(stats, name, value, window=index)
         past_len = self.seq_len
         for step in range(self.decode_steps):
             past = {n.replace("present.", "past_key_values.", 1): values[n] for n in self.kv_outputs}
             token = self.ids[start + self.seq_len + step:start + self.seq_len + step + 1][None, :]
             values = dict(zip(wanted, session.run(wanted, causal_feed(session, token, past=past, past_len=past_len))))
-            for name, value in values.items():
-                self._observe(stats, name, value, kv_slice=True)  # only the new token's cache entries
+            for name, value in values.items():  # kv_slice: only the new token's cache entries
+                self._observe(stats, name, value, kv_slice=True, window=index, first_position=self.seq_len + step)
             past_len += 1
         del values
 
@@ -164,6 +213,7 @@ class Calibrator:
             "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
                      "seq_len": self.seq_len, "decode_steps": self.decode_steps},
             "observers": list(self.observers),
+            "stream_layers": self.stream_layers,  # (not why: that depends on free memory, the file must not)
             "seconds": round(seconds, 2),
             **more,
         }
@@ -172,11 +222,16 @@ class Calibrator:
 def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
               out: pathlib.Path | None = None, overwrite: bool = True, skip_nonfinite: bool = False,
               progress: Progress | None = None, threads: int | None = None,
-              observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0) -> CalibrationStats:
-    """Compute statistics over `samples` windows of `seq_len` tokens in this process; write them to `out` if given."""
+              observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
+              stream_layers: bool | None = False) -> CalibrationStats:
+    """Compute statistics over `samples` windows of `seq_len` tokens in this process; write them to `out` if given.
+
+    stream_layers: True runs one decoder layer at a time (bounded memory), None decides by model size.
+    Progress then counts stages, not windows.
+    """
     start = time.perf_counter()
     cal = Calibrator(model, text_path, samples, seq_len, observers=observers, decode_steps=decode_steps,
-                     skip_nonfinite=skip_nonfinite, threads=threads)
+                     skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
     stats = cal.run(range(cal.n_windows), progress=progress)
     result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=1), tensors=stats)
     if out is not None:

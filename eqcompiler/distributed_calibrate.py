@@ -22,7 +22,8 @@ from eqcompiler.errors import EqcError
 
 
 def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
-             skip_nonfinite: bool, observers: str, decode_steps: int, threads: int | None) -> dict | None:
+             skip_nonfinite: bool, observers: str, decode_steps: int, threads: int | None,
+             stream_layers: bool = False) -> dict | None:
     """Calibrate this rank's shard, merge with the others; rank 0 writes `out` and returns the summary."""
     import torch
     import torch.distributed as dist
@@ -39,7 +40,7 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
         threads = threads or threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         torch.set_num_threads(threads)
         cal = Calibrator(model, text, samples, seq_len, observers=observers, decode_steps=decode_steps,
-                         skip_nonfinite=skip_nonfinite, threads=threads)
+                         skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
         if cal.n_windows < world:
             raise EqcError(f"{cal.n_windows} windows cannot be shared by {world} ranks; use more --samples or fewer workers")
         mine = shard(cal.n_windows, rank, world)
@@ -54,7 +55,10 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
             stats = cal.run(mine, progress=progress, on_window=on_window)
         finally:
             close()
+        rows = _pop_samples(stats)  # rank-dependent row counts: merged on rank 0, not by all_reduce
         merge_stats(stats, device)
+        if "sample" in cal.observers:
+            _gather_samples(stats, rows, rank, world)
         if rank != 0:
             return None
         result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=world,
@@ -66,6 +70,26 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
             dist.destroy_process_group()
 
 
+def _pop_samples(stats: dict) -> dict:
+    """Take the 'sample' observer's rows out of every tensor's extra (name -> {key: array})."""
+    return {name: {k: t.extra.pop(k) for k in ("sample_keys", "sample_rows")}
+            for name, t in stats.items() if "sample_keys" in t.extra}
+
+
+def _gather_samples(stats: dict, samples: dict, rank: int, world: int) -> None:
+    """Rank 0 merges every rank's bottom-k samples (exact: union, keep the smallest keys)."""
+    import torch.distributed as dist
+
+    from eqcompiler.observers import merge_extra
+
+    gathered: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(samples, gathered, dst=0)
+    if rank == 0:
+        for other in gathered:
+            for name, extra in other.items():
+                merge_extra(stats[name].extra, extra)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
@@ -74,16 +98,18 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
-@click.option("--observers", default="minmax,absmax_channel", show_default=True, help="See `eqc calibrate --help`.")
+@click.option("--observers", default="minmax,absmax_channel,abssum", show_default=True, help="See `eqc calibrate --help`.")
 @click.option("--decode-steps", default=0, show_default=True, help="Decode steps after each prefill window.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads per rank (default: cores // local ranks).")
+@click.option("--stream-layers", is_flag=True, help="Each rank runs its windows one decoder layer at a time.")
 @click.option("--json", "as_json", is_flag=True, help="Rank 0 prints the summary as JSON.")
 def main(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool, skip_nonfinite: bool,
-         observers: str, decode_steps: int, threads: int | None, as_json: bool) -> None:
+         observers: str, decode_steps: int, threads: int | None, stream_layers: bool, as_json: bool) -> None:
     """Calibrate MODEL as one rank of a torch.distributed group (torchrun or `eqc calibrate --workers`)."""
     rank = os.environ.get("RANK", "?")
     try:
-        summary = run_rank(model, text, samples, seq_len, out, overwrite, skip_nonfinite, observers, decode_steps, threads)
+        summary = run_rank(model, text, samples, seq_len, out, overwrite, skip_nonfinite, observers, decode_steps, threads,
+                           stream_layers)
     except EqcError as exc:
         click.echo(f"error: rank {rank}: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -12,6 +12,12 @@ Observer names (`calibrate(..., observers=[...])`, `eqc calibrate --observers a,
   float64 scalar (percentile / entropy / MSE range selection).
 - "gram": extra["gram"], float64 [K, K] sum over tokens of x^T x, extra["gram_rows"] int64 token count
   (GPTQ-style Hessians).
+- "sample": extra["sample_rows"] float32 [R, K], R <= SAMPLE_ROWS token rows of the input itself, and
+  extra["sample_keys"] uint64 [R] their sort keys (SmoothQuant's alpha search without a model session,
+  passes/smooth_quant.py search="sample"). A bottom-k sample: every row gets the key
+  splitmix64(window * 2**32 + position) of its place in the calibration text, and the R rows with the
+  smallest keys are kept, so the sample is a uniform random subset that is the same whatever the
+  order, grouping or streaming of the windows, and merges exactly (union, keep the R smallest keys).
 - "kv": on the KV-cache outputs present.{i}.key/value: per-tensor min/max (TensorStats.min/max) and
   extra["kv_min_channel"] / extra["kv_max_channel"] shaped [kv_heads, head_dim] (per channel of each head).
 
@@ -34,13 +40,16 @@ from eqcompiler.errors import EqcError
 HIST_BINS = 2048
 _MIN_HIST_MAX = 2.0 ** -24  # range floor for all-zero tensors
 
-OBSERVERS = ("minmax", "absmax_channel", "abssum", "hist", "gram", "kv")
-DEFAULT_OBSERVERS = ("minmax", "absmax_channel")
-_ALIASES = {"absmax": "absmax_channel", "abssum_channel": "abssum", "histogram": "hist", "hessian": "gram"}
+OBSERVERS = ("minmax", "absmax_channel", "abssum", "hist", "gram", "sample", "kv")
+ALL = tuple(o for o in OBSERVERS if o != "sample")  # what "all" means
+SAMPLE_ROWS = 512  # rows kept per tensor by the "sample" observer
+ROW_STRIDE = 1 << 32  # row id = window index * ROW_STRIDE + token position in the window
+DEFAULT_OBSERVERS = ("minmax", "absmax_channel", "abssum")  # abssum: w8a8-smooth's dynamic_above reads it
+_ALIASES = {"absmax": "absmax_channel", "abssum_channel": "abssum", "histogram": "hist", "hessian": "gram", "samples": "sample"}
 
 # How each `extra` key merges; "hist" is special (re-binned to the larger range first).
 MERGE_RULES = {"abssum_channel": "sum", "gram": "sum", "gram_rows": "sum", "hist": "hist", "hist_max": "max",
-               "kv_min_channel": "min", "kv_max_channel": "max"}
+               "kv_min_channel": "min", "kv_max_channel": "max", "sample_rows": "sample", "sample_keys": "sample"}
 
 
 def parse_observers(spec: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -48,8 +57,9 @@ def parse_observers(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     if spec is None:
         return DEFAULT_OBSERVERS
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    if any(s == "all" for s in items):
-        return OBSERVERS
+    if "all" in items:  # every summary statistic; "sample" (raw rows, large) only when named: "all,sample"
+        extra = [s for s in items if s and s != "all" and _ALIASES.get(s, s) not in ALL]
+        items = list(ALL) + extra
     out: list[str] = ["minmax"]
     for item in items:
         if not item:
@@ -95,8 +105,42 @@ def _abs_hist(a: np.ndarray, hist_max: float) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=HIST_BINS).astype(np.int64)
 
 
-def observe_activation(stats: Any, x: np.ndarray, observers: Iterable[str]) -> None:
-    """Update a TensorStats with one batch of a linear layer's input (last dim = channels)."""
+def row_ids(window: int, first_position: int, rows: int) -> np.ndarray:
+    """Global ids of `rows` consecutive token rows of one window (what the "sample" observer keys on)."""
+    return np.uint64(window) * np.uint64(ROW_STRIDE) + np.arange(first_position, first_position + rows, dtype=np.uint64)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed bijective mix of uint64 ids: sort keys that look random but depend only on the id."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _keep_smallest(keys: np.ndarray, rows: np.ndarray, limit: int = SAMPLE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(keys, kind="stable")[:limit]
+    return keys[order], rows[order]
+
+
+def observe_sample(extra: dict[str, np.ndarray], flat: np.ndarray, ids: np.ndarray) -> None:
+    """Merge the rows `flat` [R, K] with global ids `ids` into the bottom-k sample of `extra`."""
+    if len(ids) != len(flat):
+        raise EqcError(f"sample observer got {len(ids)} row ids for {len(flat)} rows")
+    keys, rows = _splitmix64(ids), flat.astype(np.float32)
+    if "sample_keys" in extra:
+        keys = np.concatenate([extra["sample_keys"], keys])
+        rows = np.concatenate([extra["sample_rows"], rows])
+    extra["sample_keys"], extra["sample_rows"] = _keep_smallest(keys, rows)
+
+
+def observe_activation(stats: Any, x: np.ndarray, observers: Iterable[str], rows: np.ndarray | None = None) -> None:
+    """Update a TensorStats with one batch of a linear layer's input (last dim = channels).
+
+    `rows`: global ids of the flattened token rows (observers.row_ids), needed by "sample"; without
+    them the rows are numbered by how many this tensor has seen, which is right for one stream only.
+    """
     x = np.asarray(x, dtype=np.float32)
     if x.size == 0:
         return
@@ -127,6 +171,11 @@ def observe_activation(stats: Any, x: np.ndarray, observers: Iterable[str]) -> N
         g = x64.T @ x64
         extra["gram"] = g if "gram" not in extra else extra["gram"] + g
         extra["gram_rows"] = np.array(int(extra.get("gram_rows", 0)) + flat.shape[0], dtype=np.int64)
+    if "sample" in obs:
+        if rows is None:
+            seen = (stats.count - x.size) // max(flat.shape[1], 1)
+            rows = np.arange(seen, seen + flat.shape[0], dtype=np.uint64)
+        observe_sample(extra, flat, rows)
 
 
 def observe_kv(stats: Any, x: np.ndarray) -> None:
@@ -148,9 +197,16 @@ def observe_kv(stats: Any, x: np.ndarray) -> None:
 
 def merge_extra(mine: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
     """Merge `other`'s extra statistics into `mine` (exact for counts, min and max)."""
+    if "sample_keys" in other:
+        if "sample_keys" in mine:
+            keys = np.concatenate([mine["sample_keys"], other["sample_keys"]])
+            rows = np.concatenate([mine["sample_rows"], other["sample_rows"]])
+            mine["sample_keys"], mine["sample_rows"] = _keep_smallest(keys, rows)
+        else:
+            mine["sample_keys"], mine["sample_rows"] = other["sample_keys"].copy(), other["sample_rows"].copy()
     for key, value in other.items():
-        if key == "hist_max":
-            continue  # handled with "hist"
+        if key in ("hist_max", "sample_keys", "sample_rows"):
+            continue  # handled with "hist" / above
         if key not in mine:
             mine[key] = value.copy()
             if key == "hist":

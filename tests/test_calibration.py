@@ -67,7 +67,7 @@ def test_abssum_and_gram_are_float64_sums():
 
 def test_parse_observers():
     assert parse_observers("hist,gram") == ("minmax", "hist", "gram")
-    assert parse_observers(None) == ("minmax", "absmax_channel")
+    assert parse_observers(None) == ("minmax", "absmax_channel", "abssum")
     assert set(parse_observers("all")) == {"minmax", "absmax_channel", "abssum", "hist", "gram", "kv"}
     with pytest.raises(EqcError, match="unknown observer 'histo'"):
         parse_observers("minmax,histo")

@@ -5,7 +5,7 @@ WikiText-2 test is fed 64 tokens at a time through the KV cache, so later chunks
 (quantized) keys and values. The fp32-cache artifact scored the same way is the baseline.
 
   python tools/bench_kv_cache.py --fp32 /tmp/x/smol --calib /tmp/x/stats.npz [--max-tokens 8192]
-(stats from `eqc calibrate SMOL --data valid.txt --samples 16 --seq-len 512 --observers minmax,absmax_channel,kv`)
+(stats from `eqc calibrate SMOL --data valid.txt --samples 16 --seq-len 512 --observers minmax,absmax_channel,abssum,kv`)
 Writes tools/results/kv_cache.json and tools/results/kv_cache.md.
 """
 from __future__ import annotations
