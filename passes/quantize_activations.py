@@ -4,6 +4,14 @@ Only the activation inputs of linear layers (MatMul/Gemm with a constant weight)
 attention-score MatMuls, the additive mask and softmax stay float. Scales are frozen from the
 calibration statistics (per tensor). One pair serves all linear consumers of a tensor (q/k/v share
 the normalised hidden state), which is also how TensorRT wants shared inputs quantized.
+
+Per-site fallback (`dynamic_above`, off by default): a static per-tensor scale is set by the largest
+|x| ever seen, so a tensor whose range is owned by a few massive-activation tokens rounds its typical
+elements to a handful of levels. The pass measures that from the calibration statistics as
+step / typical|x| (step = scale of the static quantizer, typical|x| = median over channels of the
+mean |x|, from the "abssum" observer, or the "sample" observer's rows; after smooth_quant these are the smoothed statistics) and gives
+the inputs above the threshold per-token dynamic int8 instead (the quantize_activations_dynamic
+chain), so every linear stays int8 W8A8. The report lists each tensor's score and which fell back.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from eqcompiler.errors import EqcError
 from eqcompiler.graph import new_initializer, node_order, sites_by_activation
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import activation_scale
+from eqcompiler.passes.quantize_activations_dynamic import emit_per_token
 
 # Range selection (see eqcompiler/range_methods.py): minmax uses the observed range; percentile,
 # entropy (TensorRT KL) and mse clip outliers using the calibration histogram (`--observers hist`).
@@ -30,14 +39,34 @@ class QuantizeActivationsOptions:
     percentile: float = 99.99  # method "percentile": share of |x| kept inside the range
     include: str | None = None
     exclude: str | None = None
+    # > 0: inputs whose static step / typical |x| exceeds this get per-token dynamic int8 instead
+    # (needs the abssum observer); 0: every input static.
+    dynamic_above: float = 0.0
 
     def validate(self) -> None:
+        if self.dynamic_above < 0:
+            raise EqcError(f"quantize_activations: dynamic_above must be >= 0, got {self.dynamic_above}")
         if self.bits != 8:
             raise EqcError(f"quantize_activations: only 8-bit activations are supported, got {self.bits}")
         if self.method not in METHODS:
             raise EqcError(f"quantize_activations: unknown method '{self.method}' (known: {', '.join(METHODS)})")
         if not 0.0 < float(self.percentile) <= 100.0:
             raise EqcError(f"quantize_activations: percentile must be in (0, 100], got {self.percentile}")
+
+
+def static_step_ratio(stats: object, name: str, scale: float) -> float:
+    """step / typical |x|: how coarse the static grid is for the tensor's ordinary elements."""
+    t = stats.get(name)  # type: ignore[attr-defined]
+    if "abssum_channel" in t.extra:
+        abssum = np.asarray(t.extra["abssum_channel"], dtype=np.float64)
+        mean_abs = abssum / max(t.count / max(abssum.shape[0], 1), 1.0)
+    elif "sample_rows" in t.extra:  # the same per-channel mean |x|, estimated on the stored token sample
+        mean_abs = np.abs(np.asarray(t.extra["sample_rows"], dtype=np.float64)).mean(axis=0)
+    else:
+        raise EqcError(f"quantize_activations dynamic_above needs the 'abssum' calibration observer "
+                       f"(missing for '{name}'); rerun `eqc calibrate --observers minmax,absmax_channel,abssum`")
+    typical = float(np.median(mean_abs))
+    return float(scale / typical) if typical > 0 else float("inf")
 
 
 def activation_range(stats: object, name: str, method: str, percentile: float = 99.99) -> tuple[float, float]:
@@ -73,6 +102,8 @@ class QuantizeActivationsPass(EqcPass):
         order = node_order(graph)
         groups = sites_by_activation(graph, opts.include, opts.exclude)
         ranges: dict[str, list[float]] = {}
+        scores: dict[str, float] = {}
+        dynamic: list[str] = []
         for group in groups:
             x = group[0].activation
             if x.name is None:
@@ -81,13 +112,26 @@ class QuantizeActivationsPass(EqcPass):
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise EqcError(f"statistics for '{x.name}' are not finite (min={lo}, max={hi})")
             scale, zp = activation_scale(lo, hi, opts.bits, opts.symmetric)
-            dq = self._insert_qdq(graph, x, scale, zp, before=min((s.node for s in group), key=lambda n: order[id(n)]))
+            first = min((s.node for s in group), key=lambda n: order[id(n)])
+            if opts.dynamic_above > 0:
+                scores[x.name] = static_step_ratio(self.context.stats, x.name, scale)
+                if scores[x.name] > opts.dynamic_above:
+                    dq = emit_per_token(graph, x, group[0].in_features, first)
+                    for site in group:
+                        site.node.replace_input_with(0, dq)
+                    dynamic.append(x.name)
+                    continue
+            dq = self._insert_qdq(graph, x, scale, zp, before=first)
             for site in group:
                 site.node.replace_input_with(0, dq)
             ranges[x.name] = [lo, hi, scale]
-        if not ranges:
+        if not ranges and not dynamic:
             raise EqcError("quantize_activations matched no linear layer input")
-        self.report({"tensors": len(ranges), "ranges": ranges, "method": opts.method})
+        report = {"tensors": len(ranges) + len(dynamic), "static": len(ranges), "ranges": ranges, "method": opts.method}
+        if opts.dynamic_above > 0:
+            report.update({"dynamic_above": opts.dynamic_above, "dynamic_fallback": len(dynamic),
+                           "dynamic_tensors": dynamic, "step_ratio": scores})
+        self.report(report)
         return ir.passes.PassResult(model, modified=True)
 
     def _insert_qdq(self, graph: ir.Graph, x: ir.Value, scale: float, zp: int, before: ir.Node) -> ir.Value:

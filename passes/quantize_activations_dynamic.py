@@ -68,7 +68,7 @@ class QuantizeActivationsDynamicPass(EqcPass):
             if any(s.in_features != k for s in group):
                 raise EqcError(f"linear layers reading '{x.name}' disagree on input features")
             first = min((s.node for s in group), key=lambda n: order[id(n)])
-            dq = self._emit(graph, x, k, first)
+            dq = emit_per_token(graph, x, k, first, opts.eps)
             for site in group:
                 site.node.replace_input_with(0, dq)
             done[x.name or group[0].name] = [s.name for s in group]
@@ -78,33 +78,35 @@ class QuantizeActivationsDynamicPass(EqcPass):
                      "ema_scale": "not applied: per-token scales are stateless (see pass docstring)"})
         return ir.passes.PassResult(model, modified=True)
 
-    def _emit(self, graph: ir.Graph, x: ir.Value, k: int, before: ir.Node) -> ir.Value:
-        base = x.name or "activation"
-        axes = int_constant(graph, f"{base}_token_axes", [-1])
-        q127 = scalar_initializer(graph, f"{base}_qmax", 127.0)
-        nodes = []
-        a = ir.node("Abs", [x], name=f"{base}/Abs")
-        m = ir.node("ReduceMax", [a.outputs[0], axes], {"keepdims": 1}, name=f"{base}/ReduceMax")
-        s = ir.node("Div", [m.outputs[0], q127], name=f"{base}/TokenScale")
-        nodes += [a, m, s]
-        scale = s.outputs[0]
-        if self.options.eps:
-            eps = scalar_initializer(graph, f"{base}_scale_floor", self.options.eps)
-            floor = ir.node("Max", [scale, eps], name=f"{base}/ScaleFloor")
-            nodes.append(floor)
-            scale = floor.outputs[0]
-        q = ir.node("QuantizeLinear", [x, scale],
-                    {"axis": -1, "block_size": k, "output_dtype": ir.DataType.INT8.value}, name=f"{base}/QuantizeLinear")
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale], {"axis": -1, "block_size": k},
-                     name=f"{base}/DequantizeLinear")
-        nodes += [q, dq]
-        for node in nodes:
-            graph.insert_before(before, node)
-        scale.name = f"{base}_token_scale"
-        scale.dtype = ir.DataType.FLOAT
-        q.outputs[0].name = f"{base}_quantized"
-        q.outputs[0].dtype = ir.DataType.INT8
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = x.shape
-        return dq.outputs[0]
+
+def emit_per_token(graph: ir.Graph, x: ir.Value, k: int, before: ir.Node, eps: float = 1e-8) -> ir.Value:
+    """Insert the per-token int8 Q/DQ chain for x [..., K] before `before`; returns the DQ output."""
+    base = x.name or "activation"
+    axes = int_constant(graph, f"{base}_token_axes", [-1])
+    q127 = scalar_initializer(graph, f"{base}_qmax", 127.0)
+    nodes = []
+    a = ir.node("Abs", [x], name=f"{base}/Abs")
+    m = ir.node("ReduceMax", [a.outputs[0], axes], {"keepdims": 1}, name=f"{base}/ReduceMax")
+    s = ir.node("Div", [m.outputs[0], q127], name=f"{base}/TokenScale")
+    nodes += [a, m, s]
+    scale = s.outputs[0]
+    if eps:
+        floor_value = scalar_initializer(graph, f"{base}_scale_floor", eps)
+        floor = ir.node("Max", [scale, floor_value], name=f"{base}/ScaleFloor")
+        nodes.append(floor)
+        scale = floor.outputs[0]
+    q = ir.node("QuantizeLinear", [x, scale],
+                {"axis": -1, "block_size": k, "output_dtype": ir.DataType.INT8.value}, name=f"{base}/QuantizeLinear")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale], {"axis": -1, "block_size": k},
+                 name=f"{base}/DequantizeLinear")
+    nodes += [q, dq]
+    for node in nodes:
+        graph.insert_before(before, node)
+    scale.name = f"{base}_token_scale"
+    scale.dtype = ir.DataType.FLOAT
+    q.outputs[0].name = f"{base}_quantized"
+    q.outputs[0].dtype = ir.DataType.INT8
+    dq.outputs[0].name = f"{base}_dequantized"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    dq.outputs[0].shape = x.shape
+    return dq.outputs[0]

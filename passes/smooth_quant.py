@@ -31,7 +31,15 @@ or blocked as `weight_block_size`), where X is either
   (context.options["source_folder"], the text in the statistics' metadata), rows sub-sampled; or
 - search="gram": the calibration Gram matrix extra ("gram"/"gram_rows"): weight error is exact,
   tr(dW^T G dW), activation rounding is modelled as uniform noise (step^2/12 per element);
-- search="auto": gram when every site has it, else ort; search="none": `alpha` for every site.
+- search="sample": the rows the calibration 'sample' observer stored (extra "sample_rows", a uniform
+  random subset of the calibration tokens), scored exactly like "ort" but without any model session;
+- search="auto": gram when every site has it (and the score is per-tensor/total), else sample when
+  every site has it, else ort when the model is small enough for one whole-graph session; on a model
+  whose weights exceed eqcompiler.layer_stream.AUTO_FRACTION of available memory it fails, naming the
+  observer to add (a silent fixed alpha would hide a worse model); search="none": `alpha` for every site.
+Big models: smoothed weights of memory-mapped (external) sources stay lazy (computed when the next pass
+reads them, their source mapping released after), and the source weights a site scored are released,
+so smoothing never holds the model's weights in memory.
 With `allow_identity` s=1 (no smoothing) also competes, so the pass never picks a worse proxy score.
 
 Statistics: after smoothing the stats the later passes read (quantize_activations looks them up by
@@ -57,7 +65,7 @@ from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import quantize_channelwise
 from eqcompiler.stats import TensorStats
 
-SEARCHES = ("auto", "ort", "gram", "none")
+SEARCHES = ("auto", "ort", "gram", "sample", "none")
 GRANULARITIES = ("tensor", "token")  # how the score models activation quantization
 NORMS = ("total", "row")
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Concat"}
@@ -466,11 +474,26 @@ def score_gram(gram: np.ndarray, rows: int, w: np.ndarray, s: np.ndarray, amax_c
     """Same error from X^T X: exact weight part, activation rounding as uniform noise."""
     wq = _quant_weight(w * s[:, None], block) / s[:, None]  # effective weight in X's units
     dw = (wq - w).astype(np.float64)
-    weight_err = float(np.einsum("kn,kj,jn->", dw, gram, dw))
+    # sum((G dW) * dW) == tr(dW^T G dW) as one BLAS product (a 3-operand einsum loops in C: minutes
+    # on a [576, 49152] untied lm_head).
+    weight_err = float(np.sum((gram @ dw) * dw))
     step = float((amax_channel / s).max()) / 127.0
     act_err = rows * step * step / 12.0 * float(((wq * s[:, None]).astype(np.float64) ** 2).sum())
-    ref = float(np.einsum("kn,kj,jn->", w.astype(np.float64), gram, w.astype(np.float64)))
+    w64 = w.astype(np.float64)
+    ref = float(np.sum((gram @ w64) * w64))
     return (weight_err + act_err) / max(ref, 1e-30)
+
+
+def stored_samples(t: TensorStats, opts: SmoothQuantOptions) -> np.ndarray:
+    """The calibration 'sample' observer's rows as the [R, K] x score_ort takes (at most search_rows).
+
+    Rows are stored in key order, a uniformly random order, so the first search_rows are themselves
+    a uniform subset.
+    """
+    if "sample_rows" not in t.extra:
+        raise EqcError("smooth_quant search='sample' needs the 'sample' calibration observer "
+                       "(eqc calibrate --observers minmax,absmax_channel,sample)")
+    return np.asarray(t.extra["sample_rows"][:opts.search_rows], dtype=np.float32)
 
 
 def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[str, Any], opts: SmoothQuantOptions
@@ -512,15 +535,48 @@ def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[
 # Rewriting
 
 
-def _replace_const(graph: ir.Graph, node: ir.Node, old: ir.Value, array: np.ndarray, suffix: str) -> ir.Value:
+def _replace_const(graph: ir.Graph, node: ir.Node, old: ir.Value, array: np.ndarray | ir.TensorProtocol,
+                   suffix: str) -> ir.Value:
     """Give `node` a private, rescaled copy of constant `old` (which may be shared)."""
-    new = new_initializer(graph, f"{old.name}_{suffix}", array.astype(old.const_value.numpy().dtype))
+    data = array if isinstance(array, ir.TensorProtocol) else array.astype(old.dtype.numpy())
+    new = new_initializer(graph, f"{old.name}_{suffix}", data)
     for i, inp in enumerate(node.inputs):
         if inp is old:
             node.replace_input_with(i, new)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         graph.initializers.pop(old.name)
     return new
+
+
+def _rescaled(value: ir.Value, scale: np.ndarray, axis: int) -> np.ndarray | ir.TensorProtocol:
+    """The weight times `scale` along `axis` (in float64, cast back when stored).
+
+    A memory-mapped (external) or already lazy weight gives a LazyTensor: computed each time a later
+    pass reads it, releasing the source mapping afterwards, so a model larger than memory is never
+    held whole (quantize_weights reads each weight once and drops it).
+    """
+    src = value.const_value
+    shape = [1, 1]
+    shape[axis] = -1
+    factor = scale.astype(np.float64).reshape(shape)
+    if not isinstance(src, (ir.ExternalTensor, ir.LazyTensor)):
+        return src.numpy().astype(np.float64) * factor
+
+    def compute() -> ir.TensorProtocol:
+        out = (src.numpy().astype(np.float64) * factor).astype(src.dtype.numpy())
+        _release_tensor(src)
+        return ir.tensor(out)
+
+    return ir.LazyTensor(compute, dtype=src.dtype, shape=src.shape)
+
+
+def _release_tensor(tensor: Any) -> None:
+    """Unmap a memory-mapped weight (as quantize_weights._release does); it re-maps if read again."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view is still alive: the mapping goes with it
+            pass
 
 
 def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
@@ -533,8 +589,7 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
     else:
         lin = site.fold_linear
         col = inv if site.kind == "mlp" else _tie(inv, site)
-        w = weight_array(lin.weight).astype(np.float64)
-        w = w * col[None, :] if not lin.transposed else w * col[:, None]
+        w = _rescaled(lin.weight, col, axis=0 if lin.transposed else 1)
         # LinearSite objects are shared between smoothing sites (v_proj absorbs s of its input and
         # 1/s of o_proj's input): keep .weight pointing at the current initializer.
         lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
@@ -542,9 +597,8 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
             add = next(u.node for u in site.fold_bias.uses())
             _replace_const(graph, add, site.fold_bias, weight_array(site.fold_bias) * col, "smoothed")
     for lin in site.sites:
-        w = weight_array(lin.weight).astype(np.float64)
-        w = w * s[:, None] if not lin.transposed else w * s[None, :]
-        lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
+        lin.weight = _replace_const(graph, lin.node, lin.weight, _rescaled(lin.weight, s, axis=1 if lin.transposed else 0),
+                                    "smoothed")
 
 
 def adjusted_stats(t: TensorStats, s: np.ndarray) -> TensorStats:
@@ -558,6 +612,8 @@ def adjusted_stats(t: TensorStats, s: np.ndarray) -> TensorStats:
         elif key == "gram":
             inv = 1.0 / s.astype(np.float64)
             extra[key] = value * inv[:, None] * inv[None, :]
+        elif key == "sample_rows":
+            extra[key] = (value / s).astype(np.float32)
         elif key in ("hist", "hist_max"):
             continue
         else:
@@ -597,11 +653,16 @@ class SmoothQuantPass(EqcPass):
             if not source:
                 raise EqcError("smooth_quant search='ort' needs the source artifact (compile option source_folder)")
             samples = sample_activations(pathlib.Path(source), [s.activation.name for s in sites], stats.meta, opts)
+        elif method == "sample":
+            samples = {s.activation.name: stored_samples(stats.get(s.activation.name), opts) for s in sites}
         chosen: dict[str, Any] = {}
         for site in sites:
             t = stats.get(site.activation.name)
             s, alpha, score, base = self._choose(site, t, method, samples.get(site.activation.name))
+            read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
             apply_smoothing(graph, site, s)
+            for tensor in read:
+                _release_tensor(tensor)  # pages the score touched; lazy smoothed copies re-map when read
             stats.tensors[site.activation.name] = adjusted_stats(t, s)
             chosen[site.name] = {"kind": site.kind, "alpha": alpha, "tensor": site.activation.name,
                                  "consumers": [x.name for x in site.sites],
@@ -622,9 +683,25 @@ class SmoothQuantPass(EqcPass):
         if search != "auto":
             return search
         if self.options.activation_granularity != "tensor" or self.options.score_norm != "total":
-            return "ort"  # the Gram score cannot model per-token quantization or per-row errors
+            return self._rows_method(sites)  # the Gram score cannot model per-token quantization or per-row errors
         has_gram = all("gram" in self.context.stats.get(s.activation.name).extra for s in sites)
-        return "gram" if has_gram else "ort"
+        return "gram" if has_gram else self._rows_method(sites)
+
+    def _rows_method(self, sites: list[SmoothSite]) -> str:
+        """search='auto' without gram: stored sample rows, else an ORT session if the model is small."""
+        if all("sample_rows" in self.context.stats.get(s.activation.name).extra for s in sites):
+            return "sample"
+        source = self.context.options.get("source_folder")
+        if source:
+            from eqcompiler import artifact as art_mod
+            from eqcompiler.layer_stream import auto_stream
+
+            big, why = auto_stream(art_mod.model_file(art_mod.resolve_artifact(source)))
+            if big:
+                raise EqcError(f"smooth_quant search='auto' needs the 'sample' (or 'gram') calibration observer on "
+                               f"this model ({why.split(':')[0]}: too big for a whole-model ORT session); rerun "
+                               "`eqc calibrate --observers minmax,absmax_channel,sample`, or set search='none'")
+        return "ort"
 
     def _choose(self, site: SmoothSite, t: TensorStats, method: str, x: np.ndarray | None
                 ) -> tuple[np.ndarray, float | None, float | None, float | None]:

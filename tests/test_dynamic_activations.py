@@ -56,11 +56,23 @@ def test_dynamic_pattern_matches_numpy_per_token_reference():
     assert not y1[1, 2].any()
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_abssum_stats(tiny_artifact, tmp_path_factory):
+    """w8a8-smooth's dynamic fallback reads the abssum observer."""
+    from eqcompiler.calibrate import calibrate
+    from conftest import WIKI_VALID
+
+    out = tmp_path_factory.mktemp("abssum") / "stats.npz"
+    calibrate(tiny_artifact("llama"), WIKI_VALID, samples=4, seq_len=64, out=out, observers="minmax,absmax_channel,abssum")
+    return out
+
+
 @pytest.mark.parametrize("recipe", ["w8a8-dynamic", "zeroquant", "w8a8-smooth"])
-def test_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_llama_stats, tmp_path):
+def test_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_llama_stats, tiny_llama_abssum_stats, tmp_path):
     src = tiny_artifact("llama")
     out = tmp_path / recipe
-    manifest = compile_model(src, recipe, out, calib=str(tiny_llama_stats))
+    stats = tiny_llama_abssum_stats if recipe == "w8a8-smooth" else tiny_llama_stats
+    manifest = compile_model(src, recipe, out, calib=str(stats))
     onnx.checker.check_model(str(out / "model.onnx"))
     ids = np.random.default_rng(0).integers(4, 500, (1, 24))
     def logits(folder: pathlib.Path) -> np.ndarray:
@@ -75,7 +87,8 @@ def test_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_llama_stats, tmp
 
 def test_smollm2_w8a8_dynamic_ppl_close_to_fp32(smollm2_artifact, smollm2_stats, tmp_path):
     """SmoothQuant + per-token int8 on SmolLM2. Measured on these 2 test windows: fp32 20.465,
-    w8a8-dynamic 20.502 (+0.18%; 16 windows: see tools/results/accuracy_8bit.md); without the
+    w8a8-dynamic 20.532 (+0.33%; 1-window alpha search: 20.502, but +0.59% vs +0.42% on 16 windows: see
+    tools/results/accuracy_8bit.md); without the
     smoothing 21.203 (+3.6%). The bound leaves a margin for the fixture's 8-window statistics."""
     out = tmp_path / "dyn"
     manifest = compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats))
@@ -85,4 +98,5 @@ def test_smollm2_w8a8_dynamic_ppl_close_to_fp32(smollm2_artifact, smollm2_stats,
     base = perplexity(smollm2_artifact, WIKI_TEST, max_tokens=1024)
     got = perplexity(out, WIKI_TEST, max_tokens=1024)
     assert base["windows"] == got["windows"] == 2
-    assert base["ppl"] < got["ppl"] <= base["ppl"] * 1.007, (got["ppl"], base["ppl"])
+    # Two windows are noisy enough that the quantized model can score slightly better (20.430 in one run).
+    assert got["ppl"] != base["ppl"] and abs(got["ppl"] / base["ppl"] - 1) <= 0.007, (got["ppl"], base["ppl"])

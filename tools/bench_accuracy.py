@@ -150,7 +150,7 @@ def lower_recipe(work: pathlib.Path) -> pathlib.Path:
 
 
 def bench_model(kind: str, args: argparse.Namespace, work: pathlib.Path,
-                checkpoint: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                checkpoint: Callable[[dict[str, Any]], None], prior: dict[str, Any] | None = None) -> dict[str, Any]:
     from eqcompiler.calibrate import calibrate
     from eqcompiler.evaluate import decode_latency, embedding_similarity, perplexity
     from eqcompiler.export import export
@@ -174,11 +174,13 @@ def bench_model(kind: str, args: argparse.Namespace, work: pathlib.Path,
     def size_mb(folder: pathlib.Path) -> float:
         return round(sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 2**20, 1)
 
-    rows: dict[str, Any] = {}
+    rows: dict[str, Any] = dict(prior or {})  # --merge: rows of an earlier run, replaced one by one
 
     def record(name: str, family: str, fn: Callable[[], pathlib.Path]) -> None:
         if args.methods and name not in args.methods and name != "fp32":
             return
+        if name == "fp32" and args.merge and ("ppl" in rows.get(name, {}) or "mean_cosine" in rows.get(name, {})):
+            return  # same model and text: the merged run's fp32 score stands
         log(f"{kind}: {name}")
         t = time.perf_counter()
         try:
@@ -277,6 +279,9 @@ def write_markdown(result: dict[str, Any], path: pathlib.Path) -> None:
                   f"fp32 {v['fp32']:.3f}; eqc best {v['eqc_best']} {v['eqc_ppl']:.3f} (loss {v['eqc_ppl'] - v['fp32']:.3f}); "
                   f"ORT best {v['ort_best']} {v['ort_ppl']:.3f} (loss {v['ort_ppl'] - v['fp32']:.3f}); "
                   f"loss ratio {v['loss_ratio']:.3f} (bar <= 0.75): {'MET' if v['met'] else 'NOT MET'}", ""]
+    notes = path.with_name(path.stem + "_notes.md")  # hand-written run notes survive regeneration
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -297,6 +302,8 @@ def main() -> int:
     ap.add_argument("--lower", nargs="*", default=["w4-gptq", "w4-awq"],
                     help="w4 recipes also scored after lower_matmul_nbits (accuracy_level 0)")
     ap.add_argument("--reuse", action="store_true", help="score artifacts already in --work instead of rebuilding them")
+    ap.add_argument("--merge", action="store_true",
+                    help="start from the rows already in the results JSON (same settings) and replace/add the ones run now")
     args = ap.parse_args()
     args.valid, args.test = find_wikitext("valid"), find_wikitext("test")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -304,6 +311,11 @@ def main() -> int:
                                           f"calib_samples={args.calib_samples}, ort_calib_windows={args.ort_calib_windows}",
                               "models": {}}
     json_path, md_path = RESULTS / f"{args.out_name}.json", RESULTS / f"{args.out_name}.md"
+    if args.merge and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        if old.get("settings") != result["settings"]:
+            raise SystemExit(f"--merge: {json_path} was written with different settings ({old.get('settings')})")
+        result = old
     for kind in ("smollm2", "minilm"):
         if args.only and kind != args.only:
             continue
@@ -316,7 +328,7 @@ def main() -> int:
             json_path.write_text(json.dumps(result, indent=2) + "\n")
             write_markdown(result, md_path)
 
-        checkpoint(bench_model(kind, args, args.work, checkpoint))
+        checkpoint(bench_model(kind, args, args.work, checkpoint, result["models"].get(kind)))
     log(f"wrote {json_path} and {md_path}")
     return 0
 
