@@ -17,7 +17,26 @@ average bits per planned linear weight ("6bits"), or the bytes of ALL stored wei
   added per bit saved until the budget holds (fast, not always optimal);
 - dp: exact multiple-choice knapsack over costs discretised into integer units (costs are rounded
   up, so the plan always meets the budget; optimal up to that rounding);
-- grid: exhaustive search, only for tiny problems; tests use it to prove the DP optimal.
+- grid: exhaustive search, only for tiny problems; tests use it to prove the DP optimal;
+- entropy: the LLMEasyQuant-style heuristic: bits follow each layer's weight-value entropy (more
+  entropy, more bits), ignoring the error table (solve_entropy).
+
+Measured sensitivity (option sensitivity "kl", eqcompiler.sensitivity) replaces the proxy in the
+table by the mean logits KL with one layer quantized at a time, which sees error propagation.
+
+W8A8 (int8 weights per channel + static int8 per-tensor quantization of the layer's INPUT) is a
+candidate when asked for (choices=...). Its proxy adds the activation rounding noise to the int8
+weight error: with the calibrated symmetric scale s = max|x| / 127 the rounding error e of each
+input element is ~uniform on [-s/2, s/2] (variance s^2/12, independent of x), so over the T
+calibration tokens it adds E||e Wq||^2 = T * s^2/12 * ||Wq||_F^2 to the output error. It stores
+the same bytes as int8, so a size budget alone never prefers it: it is for plans that want int8
+GEMMs (choices "int4-g128,int4-g64,w8a8,float") and for plans written by hand.
+
+A perplexity budget ("ppl+2%") is met by measurement, not by the proxy: search_ppl bisects the
+average-bits budget (log scale) and scores each candidate plan's compiled model through ONNX
+Runtime (apply_precision_plan does the scoring, on held-out calibration windows), returning the
+smallest plan measured within the bound. Because every bound walks the same bisection grid, a
+looser bound never returns a bigger budget.
 """
 from __future__ import annotations
 
@@ -27,7 +46,7 @@ import json
 import math
 import pathlib
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -40,9 +59,17 @@ PRECISIONS: dict[str, tuple[int, int, bool] | None] = {
     "int4-g64": (4, 64, False),
     "int8": (8, 0, True),  # as the w8 recipe: int8 symmetric per output channel
     "float": None,
+    "w8a8": (8, 0, True),  # int8 weights as above + static int8 per-tensor input (ACTIVATION_QUANTIZED)
 }
+ACTIVATION_QUANTIZED = frozenset({"w8a8"})
+PRECISIONS_ORDER = {name: i for i, name in enumerate(PRECISIONS)}  # precisions that also quantize the layer's input
+DEFAULT_CHOICES = ("int4-g128", "int4-g64", "int8", "float")  # w8a8 costs int8's bytes: opt in
 PLAN_VERSION = 1
+PPL_WINDOWS = 4  # held-out calibration windows each perplexity probe scores (default)
+PPL_STEPS = 7  # bisection steps of the perplexity search: at most 2 + PPL_STEPS compiled probes
 GRID_LIMIT = 4 ** 10  # exhaustive search is refused above this many combinations
+ENTROPY_SPREAD = 2.0  # solver "entropy": bits of target per standard deviation of weight entropy
+SENSITIVITIES = ("proxy", "kl")  # Gram proxy (default) or measured logits KL (eqcompiler.sensitivity)
 
 
 def stored_bytes(precision: str, k: int, n: int, float_bytes: int = 4) -> int:
@@ -58,7 +85,7 @@ def stored_bytes(precision: str, k: int, n: int, float_bytes: int = 4) -> int:
 
 @dataclasses.dataclass
 class Budget:
-    kind: str  # "bits" (average bits per planned linear weight) or "bytes" (whole artifact)
+    kind: str  # "bits" (average bits per planned linear weight), "bytes" (whole artifact) or "ppl" (% rise)
     value: float
     text: str
 
@@ -67,14 +94,19 @@ _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2 ** 10, "mib": 2 ** 2
 
 
 def parse_budget(text: str) -> Budget:
-    """'6bits' / '4.5bits' -> average bits; '120MB' / '1.2GiB' -> bytes; 'ppl+2%' -> refused for now."""
+    """'6bits' / '4.5bits' -> average bits; '120MB' / '1.2GiB' -> bytes; 'ppl+2%' -> perplexity rise."""
     s = str(text).strip().lower().replace(" ", "")
     if s.startswith("ppl"):
-        raise EqcError(f"budget '{text}': perplexity budgets (ppl+X%) are not supported yet; "
-                       "use an average bitwidth (e.g. 6bits) or a size (e.g. 120MB)")
+        m = re.fullmatch(r"ppl\+([0-9]*\.?[0-9]+)%", s)
+        if not m:
+            raise EqcError(f"budget '{text}' not understood: a perplexity budget reads ppl+X% (e.g. ppl+2%)")
+        rise = float(m.group(1))
+        if rise > 1000:
+            raise EqcError(f"budget '{text}': a perplexity rise above 1000% is not a useful bound")
+        return Budget("ppl", rise, text)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bits?|b|kb|mb|gb|kib|mib|gib)", s)
     if not m:
-        raise EqcError(f"budget '{text}' not understood: use e.g. 6bits, 120MB or 1.2GiB")
+        raise EqcError(f"budget '{text}' not understood: use e.g. 6bits, 120MB, 1.2GiB or ppl+2%")
     value, unit = float(m.group(1)), m.group(2)
     if unit.startswith("bit"):
         if not 4.0 <= value <= 32.0:
@@ -93,12 +125,27 @@ class Layer:
     params: int
     choices: list[str]
     nbytes: list[int]
-    error: list[float]
+    error: list[float]  # proxy error, or measured logits KL (sensitivity "kl")
+    entropy: float = 0.0  # weight-value entropy in bits (eqcompiler.sensitivity.weight_entropy); solver "entropy"
 
 
-def layer_sensitivity(name: str, w: np.ndarray, gram: np.ndarray,
-                      choices: Sequence[str] = tuple(PRECISIONS)) -> Layer:
-    """Proxy error of each precision for a [K, N] weight, relative to the layer's output energy."""
+def parse_choices(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'int4-g128,int8,float' -> the candidate precisions, validated, in the given order."""
+    names = [c.strip() for c in (text.split(",") if isinstance(text, str) else text) if c.strip()]
+    bad = [c for c in names if c not in PRECISIONS]
+    if bad or not names:
+        what = f"precision choices {text!r}: unknown {bad[0]!r}" if bad else "no precision choices given"
+        raise EqcError(f"{what} (valid: {', '.join(PRECISIONS)})")
+    return tuple(dict.fromkeys(names))
+
+
+def layer_sensitivity(name: str, w: np.ndarray, gram: np.ndarray, choices: Sequence[str] = DEFAULT_CHOICES,
+                      act_noise: float | None = None) -> Layer:
+    """Proxy error of each precision for a [K, N] weight, relative to the layer's output energy.
+
+    `act_noise` = sum over the layer's inputs of T * s^2 / 12 (T calibration tokens, s the int8
+    activation scale); needed only when a choice quantizes the activation (w8a8).
+    """
     from eqcompiler.passes.gptq import output_error
     from eqcompiler.passes.quantize_weights import quantize_site_weight
 
@@ -112,8 +159,13 @@ def layer_sensitivity(name: str, w: np.ndarray, gram: np.ndarray,
             errors.append(0.0)
             continue
         bits, block, sym = spec
-        dw = quantize_site_weight(w, False, bits, sym, block).dequantize() - w
-        errors.append(output_error(dw, gram) / ref if ref > 0 else 0.0)
+        wq = quantize_site_weight(w, False, bits, sym, block).dequantize()
+        err = output_error(wq - w, gram)
+        if p in ACTIVATION_QUANTIZED:
+            if act_noise is None:
+                raise EqcError(f"layer '{name}': precision {p} needs the input's calibrated range (minmax statistics)")
+            err += act_noise * float(np.square(wq, dtype=np.float64).sum())
+        errors.append(err / ref if ref > 0 else 0.0)
     return Layer(name, k * n, list(choices), sizes, errors)
 
 
@@ -158,10 +210,16 @@ def solve_greedy(layers: Sequence[Layer], capacity: float) -> list[int]:
     return picks
 
 
-def solve_dp(layers: Sequence[Layer], capacity: float, resolution: int = 4000) -> list[int]:
-    """Multiple-choice knapsack: min summed error with costs in integer units (rounded up)."""
+def solve_dp(layers: Sequence[Layer], capacity: float, resolution: int | None = None) -> list[int]:
+    """Multiple-choice knapsack: min summed error with costs in integer units (rounded up).
+
+    Each layer's cost is rounded up by less than one unit, so up to len(layers) units of the budget
+    can go unused: the default resolution (200 units per layer) bounds that loss to 0.5%.
+    """
     if capacity < sum(min(l.nbytes) for l in layers):
         raise _infeasible(layers, capacity)
+    if resolution is None:
+        resolution = max(4000, 200 * len(layers))
     unit = max(capacity / resolution, 1.0)
     cap = int(math.floor(capacity / unit + 1e-9))
     inf = float("inf")
@@ -208,7 +266,42 @@ def solve_grid(layers: Sequence[Layer], capacity: float) -> list[int]:
     return [int(i) for i in np.unravel_index(flat, [len(l.choices) for l in layers])]
 
 
-SOLVERS = {"greedy": solve_greedy, "dp": solve_dp, "grid": solve_grid}
+def solve_entropy(layers: Sequence[Layer], capacity: float, spread: float = ENTROPY_SPREAD) -> list[int]:
+    """The entropy heuristic (LLMEasyQuant-style): layers whose weights carry more information get more bits.
+
+    Each layer's target is t + spread * z (z: its weight entropy's z-score over the layers, spread in
+    bits per standard deviation); it takes the largest choice whose bits per weight stay within the
+    target (the cheapest if none). t is bisected to the largest value whose plan fits: raising t
+    never lowers a pick, so the plan's bytes grow monotonically with t. The error table is NOT used:
+    the heuristic needs no calibration, which is its point and its weakness.
+    """
+    if capacity < sum(min(l.nbytes) for l in layers):
+        raise _infeasible(layers, capacity)
+    h = np.array([l.entropy for l in layers], dtype=np.float64)
+    z = (h - h.mean()) / (h.std() if h.std() > 0 else 1.0)
+    orders = [sorted(range(len(l.choices)), key=lambda i, l=l: (l.nbytes[i], i)) for l in layers]
+
+    def picks_at(t: float) -> list[int]:
+        picks = []
+        for layer, order, zi in zip(layers, orders, z):
+            target = t + spread * zi
+            fits = [i for i in order if 8 * layer.nbytes[i] / layer.params <= target]
+            picks.append(fits[-1] if fits else order[0])
+        return picks
+
+    lo, hi = -64.0, 64.0  # t: bits; beyond +-64 every layer is at its cheapest / dearest choice
+    best = picks_at(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        picks = picks_at(mid)
+        if plan_cost(layers, picks)[0] <= capacity:
+            lo, best = mid, picks
+        else:
+            hi = mid
+    return best
+
+
+SOLVERS = {"greedy": solve_greedy, "dp": solve_dp, "grid": solve_grid, "entropy": solve_entropy}
 
 
 def make_plan(layers: Sequence[Layer], budget: Budget, solver: str = "dp", fixed_bytes: int = 0) -> dict[str, Any]:
@@ -218,7 +311,12 @@ def make_plan(layers: Sequence[Layer], budget: Budget, solver: str = "dp", fixed
     if not layers:
         raise EqcError("no linear layer to plan")
     capacity = budget_capacity(layers, budget, fixed_bytes)
-    picks = SOLVERS[solver](layers, capacity)
+    return plan_from_picks(layers, SOLVERS[solver](layers, capacity), budget, solver, fixed_bytes)
+
+
+def plan_from_picks(layers: Sequence[Layer], picks: Sequence[int], budget: Budget, solver: str,
+                    fixed_bytes: int = 0) -> dict[str, Any]:
+    """The plan-file object for one pick per layer."""
     nbytes, err = plan_cost(layers, picks)
     params = sum(l.params for l in layers)
     return {
@@ -229,6 +327,94 @@ def make_plan(layers: Sequence[Layer], budget: Budget, solver: str = "dp", fixed
                       "average_bits": 8 * nbytes / params,
                       "counts": {p: sum(1 for l, i in zip(layers, picks) if l.choices[i] == p) for p in PRECISIONS}},
     }
+
+
+def search_ppl(layers: Sequence[Layer], budget: Budget, bound: float, score: Callable[[dict[str, Any]], float],
+               solver: str = "dp", steps: int = PPL_STEPS, tolerance: float = 0.01) -> tuple[dict[str, Any], list[dict]]:
+    """The smallest plan whose measured perplexity (`score(plan)`) is <= `bound`.
+
+    Probes: the all-cheapest plan first (returned at once if it passes), then `steps` bisection
+    steps on log(average bits) between it and the all-most-precise plan, whose solved plans are
+    scored; the most precise plan itself is scored only if no bisection probe passed. Then each
+    uniform plan (every layer at one choice) smaller than the best passing plan is scored too, as
+    the proxy can misjudge layers (on SmolLM2 it trades int4 MLPs for float v_proj layers). The
+    passing probe with the fewest bytes wins. Unreachable bounds raise EqcError with the best
+    perplexity measured.
+    """
+    if solver not in SOLVERS:
+        raise EqcError(f"unknown solver '{solver}' (known: {', '.join(SOLVERS)})")
+    if not layers:
+        raise EqcError("no linear layer to plan")
+    params = sum(l.params for l in layers)
+    cheapest = [int(np.argmin(l.nbytes)) for l in layers]
+    dearest = [int(np.argmax(l.nbytes)) for l in layers]
+    probes: list[dict[str, Any]] = []
+    scored: dict[tuple, float] = {}
+    passing: list[tuple[int, int, dict[str, Any]]] = []
+
+    def probe(bits: float, picks: Sequence[int] | None = None) -> bool:
+        if picks is None:
+            try:
+                plan = make_plan(layers, Budget("bits", bits, f"{bits:.4f}bits"), solver)
+            except EqcError:  # the DP rounds costs up: just above the cheapest plan it may find none
+                probes.append({"bits_budget": bits, "feasible": False, "ok": False})
+                return False
+        else:
+            plan = plan_from_picks(layers, picks, Budget("bits", bits, f"{bits:.4f}bits"), solver)
+        key = tuple(sorted(plan["layers"].items()))
+        if key not in scored:
+            scored[key] = float(score(plan))
+        ok = scored[key] <= bound
+        est = plan["estimated"]
+        probes.append({"bits_budget": round(bits, 4), "average_bits": est["average_bits"],
+                       "linear_bytes": est["linear_bytes"], "ppl": scored[key], "ok": ok})
+        if ok:
+            passing.append((est["linear_bytes"], len(passing), plan))
+        return ok
+
+    lo, hi = 8 * plan_cost(layers, cheapest)[0] / params, 8 * plan_cost(layers, dearest)[0] / params
+    if not probe(lo, cheapest):
+        for _ in range(steps):
+            if hi <= lo * (1 + tolerance):
+                break
+            mid = math.sqrt(lo * hi)
+            if probe(mid):
+                hi = mid
+            else:
+                lo = mid
+        if not passing and not probe(hi, dearest):
+            best = min(p["ppl"] for p in probes if "ppl" in p)
+            raise EqcError(f"budget '{budget.text}' unreachable: even the most precise plan (every linear layer at "
+                           f"its most precise choice) measures perplexity {best:.4f} > bound {bound:.4f}")
+        for choice in sorted(set.intersection(*(set(l.choices) for l in layers)), key=lambda c: PRECISIONS_ORDER[c]):
+            picks = [l.choices.index(choice) for l in layers]
+            nbytes = plan_cost(layers, picks)[0]
+            if nbytes < min(passing)[0] and picks not in (cheapest, dearest):
+                probe(8 * nbytes / params, picks)
+    plan = min(passing, key=lambda t: t[:2])[2]
+    plan["budget"] = {"text": budget.text, "kind": budget.kind, "value": budget.value, "solver": solver}
+    return plan, probes
+
+
+def plan_table(report: dict[str, Any]) -> list[str]:
+    """Text lines of apply_precision_plan's report: the per-layer table and any perplexity probes."""
+    head = "logits KL" if report.get("sensitivity") == "kl" else "proxy error"
+    lines = [f"{'layer':<48} {'precision':<10} {'bits':>6} {head:>12}"]
+    for row in report.get("table", []):
+        proxy = "-" if row["proxy"] is None else f"{row['proxy']:.3e}"
+        lines.append(f"{row['layer']:<48} {row['precision']:<10} {row['bits']:>6.2f} {proxy:>12}")
+    lines.append(f"average {report['average_bits']:.2f} bits per linear weight, {report['linear_bytes'] / 1e6:.2f} MB")
+    search = report["plan"].get("search")
+    if search:
+        lines.append(f"perplexity search ({search['budget']}): float {search['ref_ppl']:.4f} -> bound "
+                     f"{search['bound']:.4f} on {search['tokens']} held-out tokens of {search['text']}")
+        for p in search["probes"]:
+            if "ppl" in p:
+                lines.append(f"  probe {p['bits_budget']:>7.3f} bits budget: {p['average_bits']:.2f} bits, "
+                             f"{p['linear_bytes'] / 1e6:.2f} MB, ppl {p['ppl']:.4f} {'ok' if p['ok'] else 'over'}")
+            else:
+                lines.append(f"  probe {p['bits_budget']:>7.3f} bits budget: no plan fits")
+    return lines
 
 
 def validate_plan(plan: Any, origin: str) -> dict[str, Any]:

@@ -98,21 +98,25 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
-@click.option("--observers", default="minmax,absmax_channel", show_default=True,
+@click.option("--observers", default="minmax,absmax_channel,abssum", show_default=True,
               help="Comma-separated statistics to record: minmax (per-tensor min/max/count, always on); "
                    "absmax_channel (per-channel max |x|); abssum (per-channel float64 sum |x|); hist (2048-bin |x| "
                    "histogram, power-of-two range: percentile/entropy/mse methods); gram (float64 X^T X per linear "
-                   "input: GPTQ); kv (KV-cache present.* per-channel min/max); all.")
+                   "input: GPTQ); sample (up to 512 token rows per linear input: SmoothQuant's alpha search without a model "
+                   "session, for big models); kv (KV-cache present.* per-channel min/max); all (every one but sample).")
 @click.option("--decode-steps", default=0, show_default=True,
               help="After each prefill window run N single-token decode steps (present fed back as past) and observe them.")
 @click.option("--workers", default=1, show_default=True,
               help="Local processes (torch.distributed gloo); windows are sharded and statistics merged exactly.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads per worker (default: cores // workers).")
+@click.option("--stream-layers/--no-stream-layers", default=None,
+              help="Run one decoder layer at a time over all windows (peak memory ~ one layer's weights, same "
+                   "statistics). Default: on when the weights exceed 25% of available memory.")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
               skip_nonfinite: bool, observers: str, decode_steps: int, workers: int, threads: int | None,
-              as_json: bool) -> None:
+              stream_layers: bool | None, as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
     from eqcompiler.calibrate import calibrate as do_calibrate, tqdm_progress
     from eqcompiler.observers import parse_observers
@@ -120,25 +124,39 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
     if out.exists() and not overwrite:
         raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
     parse_observers(observers)  # fail on a bad name before starting anything
+    reason = "--stream-layers" if stream_layers else ""
+    if stream_layers is None:  # decided here (for every rank) and said in the summary
+        from eqcompiler.artifact import model_file, resolve_artifact
+        from eqcompiler.layer_stream import auto_stream
+
+        stream_layers, reason = auto_stream(model_file(resolve_artifact(model)))
     if workers > 1:
         from eqcompiler.distributed import launch_local
 
         args = [model, "--data", text, "--samples", str(samples), "--seq-len", str(seq_len), "-o", str(out),
                 "--observers", observers, "--decode-steps", str(decode_steps)]
-        args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite
+        args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite + ["--stream-layers"] * stream_layers
         result = launch_local(workers, args, threads=threads)
     else:
         progress, close = tqdm_progress("calibrate")
         try:
             stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite,
                                  skip_nonfinite=skip_nonfinite, progress=progress, threads=threads,
-                                 observers=observers, decode_steps=decode_steps)
+                                 observers=observers, decode_steps=decode_steps, stream_layers=stream_layers)
         finally:
             close()
         result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta}
+    result["stream_reason"] = reason
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
                                       f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "
-                                      f"{r.get('workers', 1)} worker(s)) in {r['seconds']} s -> {out}"])
+                                      f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"])
+
+
+def _streamed(summary: dict[str, Any]) -> str:
+    if not summary.get("stream_layers"):
+        return ""
+    reason = summary.get("stream_reason", "")
+    return "; layer-streamed" + (f": {reason}" if reason and reason != "--stream-layers" else "")
 
 
 def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
@@ -177,15 +195,26 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--kv-values", type=click.Choice(["auto", "token", "channel"]), default="auto", show_default=True,
               help="Value groups: token (dynamic per token) or channel (frozen from calibration); "
                    "auto: channel for --kv-bits 4 with per-channel keys (0.25x, lower ppl), else token.")
-@click.option("--budget", default=None, help="Recipe mixed: average bits per linear weight (6bits) or artifact size (120MB).")
+@click.option("--budget", default=None,
+              help="Recipe mixed: average bits per linear weight (6bits), artifact size (120MB), or the smallest plan "
+                   "within a perplexity rise on held-out calibration text (ppl+2%; compiles and scores up to 11 probes).")
+@click.option("--ppl-windows", default=None, type=int,
+              help="Recipe mixed, --budget ppl+X%: held-out calibration windows each probe scores (default 4).")
+@click.option("--sensitivity", default=None, type=click.Choice(["proxy", "kl"]),
+              help="Recipe mixed, --budget: rank layers by the Gram proxy (default) or by measured logits KL "
+                   "(one ORT forward per layer and precision on held-out calibration text; cached).")
+@click.option("--solver", default=None, type=click.Choice(["dp", "greedy", "grid", "entropy"]),
+              help="Recipe mixed, --budget: dp (exact knapsack, default), greedy, grid (tiny models), "
+                   "entropy (more bits to layers whose weights have higher entropy).")
 @click.option("--plan", "plan_file", default=None, help="Recipe mixed: re-apply a saved per-layer precision plan.")
 @click.option("--save-plan", "save_plan_file", default=None, type=click.Path(path_type=pathlib.Path),
               help="Recipe mixed: write the per-layer precision plan used (JSON).")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, plan_file: str | None,
-                save_plan_file: pathlib.Path | None, as_json: bool) -> None:
+                kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, ppl_windows: int | None,
+                sensitivity: str | None, solver: str | None,
+                plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.artifact import size_bytes
     from eqcompiler.pipeline import compile_model
@@ -196,6 +225,15 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 
         extra.append(kv_step(int(kv_bits), kv_keys, kv_values, calib))
     options = _plan_options(recipe, budget, plan_file, save_plan_file)
+    if ppl_windows is not None:
+        if ppl_windows < 1 or not str(budget or "").strip().lower().startswith("ppl"):
+            raise EqcError("--ppl-windows must be >= 1 and goes with --budget ppl+X%")
+        options["ppl_windows"] = ppl_windows
+    for key, value in (("sensitivity", sensitivity), ("solver", solver)):
+        if value is not None:
+            if budget is None:
+                raise EqcError(f"--{key} goes with --budget (recipe mixed)")
+            options[key] = value
     manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
                              options=options)
     q = manifest["quantization"]
@@ -208,6 +246,10 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
     def lines(r: dict[str, Any]) -> list[str]:
         out_lines = [f"compiled with recipe '{r['recipe']}' -> {out} ({r['size_bytes'] / 1e6:.1f} MB, {r['seconds']} s)"]
         out_lines += [f"warning: {w}" for w in r["warnings"]]
+        if "apply_precision_plan" in r["report"]:  # recipe mixed: the per-layer table (and ppl probes)
+            from eqcompiler.bitwidth import plan_table
+
+            out_lines += plan_table(r["report"]["apply_precision_plan"])
         return out_lines
     _emit(result, as_json, lines)
 

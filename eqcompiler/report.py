@@ -237,6 +237,54 @@ def _calibration(stats_path: str, tensors: str | None) -> tuple[list[tuple[str, 
     return figs, summary
 
 
+_PRECISION_COLORS = {"int4-g128": "tab:red", "int4-g64": "tab:orange", "int8": "tab:blue", "w8a8": "tab:purple",
+                     "float": "tab:gray"}
+
+
+def _precision_plans(models: list[str], labels: list[str]) -> tuple[list[str], int]:
+    """Recipe mixed: per model with a plan in its manifest, a plot (layer vs bits vs proxy) and the table."""
+    plt = _plt()
+    parts: list[str] = []
+    for model, label in zip(models, labels):
+        entry = ((art_mod.resolve_artifact(model).manifest.get("quantization") or {}).get("report") or {}).get(
+            "apply_precision_plan") or {}
+        table = entry.get("table")
+        if not table:
+            continue
+        x = np.arange(len(table))
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 1.4]})
+        for precision, color in _PRECISION_COLORS.items():
+            idx = [i for i, r in enumerate(table) if r["precision"] == precision]
+            if not idx:
+                continue
+            ax.bar(idx, [table[i]["bits"] for i in idx], width=1.0, color=color, label=f"{precision} ({len(idx)})")
+            proxy = [(i, table[i]["proxy"]) for i in idx if table[i]["proxy"]]
+            if proxy:
+                ax2.semilogy([i for i, _ in proxy], [v for _, v in proxy], "o", ms=3, color=color, label=precision)
+        ax.set_ylabel("bits / weight")
+        ax.set_title(f"{label}: per-layer precision ({entry['average_bits']:.2f} bits on average)", fontsize=10)
+        ax.legend(fontsize=8, ncol=5, loc="upper right")
+        ax2.set_ylabel("proxy error at chosen precision")
+        ax2.set_xlabel("linear layer (graph order)")
+        step = max(1, len(table) // 30)
+        ax2.set_xticks(x[::step])
+        ax2.set_xticklabels([table[i]["layer"].replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                             for i in x[::step]], rotation=70, fontsize=7)
+        search = entry.get("plan", {}).get("search")
+        note = (f"budget {html.escape(search['budget'])}: float ppl {search['ref_ppl']:.3f}, bound {search['bound']:.3f} on "
+                f"{search['tokens']} held-out calibration tokens, {len(search['probes'])} probes") if search else \
+            f"budget {html.escape(str((entry.get('plan', {}).get('budget') or {}).get('text', 'from a plan file')))}"
+        rows = "".join(f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['precision'])}</td><td>{r['bits']:.2f}</td>"
+                       f"<td>{'-' if r['proxy'] is None else format(r['proxy'], '.3e')}</td></tr>" for r in table)
+        parts += [f"<h3>{html.escape(label)}</h3><p class=note>{note}</p><img alt='plan' src='{_png(fig)}'>",
+                  "<details><summary>per-layer table</summary><table><tr><th>layer</th><th>precision</th><th>bits</th>"
+                  f"<th>proxy error</th></tr>{rows}</table></details>"]
+    if parts:
+        parts.insert(0, "<h2>Mixed-precision plans</h2><p class=note>bits stored per weight (scales and zero points "
+                        "included) and the Gram proxy of each layer at its chosen precision (eqcompiler/bitwidth.py)</p>")
+    return parts, sum(1 for p in parts if "<img" in p)
+
+
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1250px;margin:24px auto;padding:0 16px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -289,6 +337,9 @@ def build_report(out: pathlib.Path, models: list[str], ppl_text: str | None = No
         lowered = [label for label, w in weights if not w]
         if lowered:
             parts.append(f"<p class=note>{', '.join(map(html.escape, lowered))}: weights live inside lowered ORT kernels; not plotted</p>")
+    plan_parts, plan_figures = _precision_plans(models, [r["label"] for r in rows])
+    parts += plan_parts
+    figures += plan_figures
     outlier_tensors = 0
     if calib:
         figs, summary = _calibration(calib, tensors)

@@ -1,46 +1,88 @@
 """Mixed precision: give each linear layer its own weight precision, from a plan or a budget.
 
-A plan maps every linear layer (by name) to one of int4-g128, int4-g64, int8 or float
+A plan maps every linear layer (by name) to one of int4-g128, int4-g64, int8, w8a8 or float
 (eqcompiler.bitwidth.PRECISIONS). Without a plan, one is solved from the calibration Gram
 matrices under a budget (see eqcompiler.bitwidth for the proxy and the solvers). Quantization
 is the same round-to-nearest as quantize_weights, and token-embedding tables (and a tied lm_head)
-are int8 per row as quantize_weights stores them. The plan used is reported in full so that
-`eqc compile --save-plan` can write it and `--plan` re-apply it byte for byte.
+are int8 per row as quantize_weights stores them; w8a8 layers also get quantize_activations'
+static int8 per-tensor QDQ on their input (minmax range from the statistics). The plan used is
+reported in full so that `eqc compile --save-plan` can write it and `--plan` re-apply it byte for byte.
+
+Option sensitivity "kl" (or `eqc compile --sensitivity kl`) ranks layers by MEASURED logits KL
+instead of the Gram proxy (eqcompiler.sensitivity: one ORT forward per layer and quantized
+precision, kl_windows x kl_tokens held-out calibration tokens; no 'gram' observer needed). The
+table is cached by model fingerprint + calibration text + options (sensitivity_cache), so changing
+only the budget does not re-measure; the plan records how it was obtained ("sensitivity").
+
+A perplexity budget (ppl+X%) scores candidate plans for real: each probe clones the graph, applies
+the plan, saves it to a temporary folder and runs ONNX Runtime over `ppl_windows` windows of the
+statistics' calibration text that FOLLOW the windows calibration used (held out from the Gram
+statistics; never the test split). Cost per probe: one RTN quantization of the planned layers
+(cached across probes), one save, one session and ppl_windows forward passes; at most
+4 + ppl_steps probes plus the float reference (eqcompiler.bitwidth.search_ppl). On SmolLM2-135M
+(shared 2-core CPU, 4 windows of 512) about 25 s per probe: ~5-6 minutes for a whole compile.
 """
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from eqcompiler import bitwidth as bw
+from eqcompiler import sensitivity as sens
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import CompileContext, EqcPass
 from eqcompiler.passes.gptq import gram_of, site_matrix, weight_only_sites
+from eqcompiler.passes.quantize_activations import QuantizeActivationsPass, activation_range
 from eqcompiler.passes.quantize_weights import (QuantizeWeightsPass, _checked_weight, _describe, _group_gathers,
                                                 _release, _stored_bytes, quantize_site_weight)
-from eqcompiler.qdq import emit_dequantize
+from eqcompiler.qdq import QuantizedWeight, activation_scale, emit_dequantize
 
 
 @dataclasses.dataclass
 class ApplyPrecisionPlanOptions:
-    budget: str | None = None  # "6bits", "120MB"; compile option "budget" fills it
+    budget: str | None = None  # "6bits", "120MB", "ppl+2%"; compile option "budget" fills it
     plan: str | None = None  # plan file; compile option "plan" (path or dict) fills it
     solver: str = "dp"  # dp | greedy | grid
+    choices: str = ",".join(bw.DEFAULT_CHOICES)  # candidate precisions a budget chooses from
+    ppl_windows: int = bw.PPL_WINDOWS  # ppl+X%: held-out calibration windows per probe (compile option too)
+    ppl_steps: int = bw.PPL_STEPS  # ppl+X%: bisection steps
+    sensitivity: str = "proxy"  # proxy (Gram, needs the 'gram' observer) | kl (measured logits KL; compile option too)
+    kl_windows: int = sens.KL_WINDOWS  # sensitivity kl: held-out calibration windows per probe
+    kl_tokens: int = sens.KL_TOKENS  # sensitivity kl: tokens scored per window
+    sensitivity_cache: str | None = None  # kl table cache file/folder; None: $XDG_CACHE_HOME/eqc/sensitivity; "none": off
 
     def validate(self) -> None:
         if self.solver not in bw.SOLVERS:
             raise EqcError(f"apply_precision_plan: solver must be one of {', '.join(bw.SOLVERS)}, got {self.solver!r}")
         if self.budget is not None:
             bw.parse_budget(self.budget)
+        bw.parse_choices(self.choices)
+        if int(self.ppl_windows) < 1 or int(self.ppl_steps) < 0:
+            raise EqcError("apply_precision_plan: ppl_windows must be >= 1 and ppl_steps >= 0")
+        if self.sensitivity not in bw.SENSITIVITIES:
+            raise EqcError(f"apply_precision_plan: sensitivity must be one of {', '.join(bw.SENSITIVITIES)}, "
+                           f"got {self.sensitivity!r}")
+        if int(self.kl_windows) < 1 or int(self.kl_tokens) < 2:
+            raise EqcError("apply_precision_plan: kl_windows must be >= 1 and kl_tokens >= 2")
 
 
 class ApplyPrecisionPlanPass(EqcPass):
     name = "apply_precision_plan"
     Options = ApplyPrecisionPlanOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sensitivity: dict[str, bw.Layer] = {}  # proxy (or KL) table, when one was computed
+        self.method = "proxy"  # what self.sensitivity's errors are
+        self.kl_info: dict[str, Any] | None = None  # how the KL table was obtained (measured or cached, cost)
+        self.quantized: dict[tuple[str, str], QuantizedWeight] = {}  # (weight, precision): shared by ppl probes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -48,7 +90,7 @@ class ApplyPrecisionPlanPass(EqcPass):
         by_name = {g[0].name: g for g in groups}
         if len(by_name) != len(groups):
             raise EqcError("apply_precision_plan: two linear layers share a name; cannot key a plan by name")
-        plan = self._plan(graph, by_name)
+        plan = self._plan(model, by_name)
         missing = sorted(set(by_name) - set(plan["layers"]))
         extra = sorted(set(plan["layers"]) - set(by_name))
         if missing or extra:
@@ -57,16 +99,24 @@ class ApplyPrecisionPlanPass(EqcPass):
                            "was it made for another model?")
         layers: dict[str, str] = {}
         params = linear_bytes = 0
+        table = []
+        act_sites = [s for name, g in by_name.items() if plan["layers"][name] in bw.ACTIVATION_QUANTIZED for s in g]
         for name, group in by_name.items():
             precision = plan["layers"][name]
-            params += int(np.prod(group[0].weight.shape))
-            linear_bytes += self._apply(graph, group, precision, layers)
+            size = int(np.prod(group[0].weight.shape))
+            nbytes = self._apply(graph, group, precision, layers)
+            params, linear_bytes = params + size, linear_bytes + nbytes
+            known = self.sensitivity.get(name)
+            proxy = known.error[known.choices.index(precision)] if known and precision in known.choices else None
+            table.append({"layer": name, "precision": precision, "bits": 8 * nbytes / size, "proxy": proxy})
+        ranges = self._quantize_inputs(graph, act_sites)
         self._quantize_embeddings(graph, layers)
-        self.report({"plan": plan, "layers": layers, "linear_bytes": int(linear_bytes),
-                     "average_bits": 8 * linear_bytes / max(params, 1)})
+        self.report({"plan": plan, "layers": layers, "linear_bytes": int(linear_bytes), "table": table,
+                     "average_bits": 8 * linear_bytes / max(params, 1), "activation_ranges": ranges,
+                     "sensitivity": self.method})
         return ir.passes.PassResult(model, modified=True)
 
-    def _plan(self, graph: ir.Graph, by_name: dict[str, list[LinearSite]]) -> dict[str, Any]:
+    def _plan(self, model: ir.Model, by_name: dict[str, list[LinearSite]]) -> dict[str, Any]:
         # The compile's --budget/--plan (context options) override the recipe's own default.
         ctx_plan, ctx_budget = self.context.options.get("plan"), self.context.options.get("budget")
         if ctx_plan is not None and ctx_budget is not None:
@@ -75,30 +125,173 @@ class ApplyPrecisionPlanPass(EqcPass):
         budget = ctx_budget if ctx_budget is not None else (self.options.budget if plan is None else None)
         if plan is not None and budget is not None:
             raise EqcError("apply_precision_plan: give a budget or a plan, not both")
-        if isinstance(plan, dict):
-            return bw.validate_plan(plan, "(inline)")
         if plan is not None:
-            return bw.load_plan(plan)
+            plan = bw.validate_plan(plan, "(inline)") if isinstance(plan, dict) else bw.load_plan(plan)
+            if not self.context.options.get("probe"):  # a perplexity probe needs no table
+                self._table_if_possible(by_name, plan)
+            return plan
         if budget is None:
             raise EqcError("recipe 'mixed' needs --budget (e.g. 6bits, 120MB) or --plan FILE")
+        method = str(self.context.options.get("sensitivity") or self.options.sensitivity)
+        if method not in bw.SENSITIVITIES:
+            raise EqcError(f"sensitivity must be one of {', '.join(bw.SENSITIVITIES)}, got {method!r}")
         if self.context.stats is None:
-            raise EqcError("a --budget needs calibration statistics with the 'gram' observer: "
-                           "run `eqc calibrate --observers minmax,gram` and pass --calib STATS")
+            raise EqcError("a --budget needs calibration statistics: with the 'gram' observer (`eqc calibrate "
+                           "--observers minmax,gram`) for the proxy, or any statistics of `eqc calibrate` for "
+                           "sensitivity kl (their calibration text gives the held-out windows); pass --calib STATS")
         parsed = bw.parse_budget(budget)
-        table = [self._sensitivity(name, group) for name, group in by_name.items()]
-        fixed = _fixed_bytes(graph, by_name) if parsed.kind == "bytes" else 0
-        return bw.make_plan(table, parsed, self.options.solver, fixed)
+        choices = bw.parse_choices(self.options.choices)
+        if method == "kl":
+            table = self.kl_table(model, by_name, choices)
+        else:
+            table = [self._sensitivity(name, group, choices) for name, group in by_name.items()]
+        self.method = method
+        self.sensitivity = {layer.name: layer for layer in table}
+        if parsed.kind == "ppl":
+            plan = self._search_ppl(model, table, parsed)
+        else:
+            fixed = _fixed_bytes(model.graph, by_name) if parsed.kind == "bytes" else 0
+            plan = bw.make_plan(table, parsed, self._solver(), fixed)
+        plan["sensitivity"] = {"method": method, **(self.kl_info or {})}
+        return plan
 
-    def _sensitivity(self, name: str, group: list[LinearSite]) -> bw.Layer:
+    def _solver(self) -> str:
+        """The compile's --solver (context option) overrides the recipe's."""
+        solver = str(self.context.options.get("solver") or self.options.solver)
+        if solver not in bw.SOLVERS:
+            raise EqcError(f"unknown solver '{solver}' (known: {', '.join(bw.SOLVERS)})")
+        return solver
+
+    def kl_table(self, model: ir.Model, by_name: dict[str, list[LinearSite]], choices: tuple[str, ...]) -> list[bw.Layer]:
+        """Measured sensitivity: mean logits KL with one layer fake-quantized (eqcompiler.sensitivity), cached."""
+        act = [c for c in choices if c in bw.ACTIVATION_QUANTIZED]
+        if act:
+            raise EqcError(f"sensitivity kl measures weight quantization only; drop {act[0]} from the choices "
+                           "(or use sensitivity proxy)")
+        windows = int(self.context.options.get("kl_windows") or self.options.kl_windows)
+        ids, window, _ = self._heldout_tokens(windows)
+        tokens = min(int(self.context.options.get("kl_tokens") or self.options.kl_tokens), window)
+        wins = [ids[i * window:i * window + tokens][None, :] for i in range(windows)]
+        names = list(by_name)
+        key = sens.cache_key(self.context.stats.meta or {}, choices, windows, tokens)
+        path = sens.cache_path(self.context.options.get("sensitivity_cache", self.options.sensitivity_cache), key)
+        record = sens.load_cached(path, key, names)
+        if record is None:
+            start = time.perf_counter()
+            groups = {name: by_name[name][0] for name in names}
+            session = sens.WeightInputSession(model, [str(s.weight.name) for s in groups.values()])
+
+            def fake_quant(weight: str, precision: str) -> np.ndarray:
+                bits, block, symmetric = bw.PRECISIONS[precision]
+                site = next(s for s in groups.values() if str(s.weight.name) == weight)
+                return quantize_site_weight(session.weights[weight], site.transposed, bits, symmetric, block).dequantize()
+
+            table = sens.measure_kl(session, wins, [(n, str(groups[n].weight.name)) for n in names], choices,
+                                    fake_quant, sens.timed_progress("kl sensitivity"))
+            del session
+            record = {"key": key, "format": sens.KL_FORMAT, "choices": list(choices), "windows": windows,
+                      "tokens": tokens, "table": table, "probes": len(names) * sum(c != "float" for c in choices),
+                      "seconds": round(time.perf_counter() - start, 1)}
+            sens.save_cached(path, record)
+            cached = False
+        else:
+            cached = True
+        self.kl_info = {"key": key, "windows": windows, "tokens": tokens, "probes": record["probes"],
+                        "measure_seconds": record["seconds"], "cached": cached, "cache": str(path) if path else None}
+        out = []
+        for name in names:
+            k, n = (int(d) for d in site_matrix(by_name[name][0]).shape)
+            out.append(bw.Layer(name, k * n, list(choices), [bw.stored_bytes(c, k, n) for c in choices],
+                                [float(record["table"][name][c]) for c in choices],
+                                sens.weight_entropy(_checked_weight(by_name[name][0].weight))))
+        return out
+
+    def _table_if_possible(self, by_name: dict[str, list[LinearSite]], plan: dict[str, Any]) -> None:
+        """With a plan and Gram statistics, still compute the proxy of the chosen precisions for the table."""
+        stats = self.context.stats
+        if stats is None or not by_name or any("gram" not in stats.tensors.get(g[0].activation.name, _NO_STATS).extra
+                                               for g in by_name.values()):
+            return
+        choices = bw.parse_choices(sorted(set(plan["layers"].values())))
+        self.sensitivity = {name: self._sensitivity(name, group, choices) for name, group in by_name.items()
+                            if name in plan["layers"]}
+
+    def _sensitivity(self, name: str, group: list[LinearSite], choices: tuple[str, ...] = bw.DEFAULT_CHOICES) -> bw.Layer:
         w = site_matrix(group[0])
         gram = None
+        noise = 0.0
+        needs_act = any(c in bw.ACTIVATION_QUANTIZED for c in choices)
         for site in group:  # a weight read by several MatMuls: their inputs' Gram matrices add up
-            g, _ = gram_of(self.context.stats, site.activation.name, "recipe 'mixed' (apply_precision_plan)")
+            g, rows = gram_of(self.context.stats, site.activation.name, "recipe 'mixed' (apply_precision_plan)")
             if g.shape != (w.shape[0], w.shape[0]):
                 raise EqcError(f"apply_precision_plan: gram for '{site.activation.name}' is {g.shape}, "
                                f"layer '{name}' has K={w.shape[0]}")
             gram = g if gram is None else gram + g
-        return bw.layer_sensitivity(name, w, gram)
+            if needs_act:  # int8 rounding noise of this input: T tokens x variance s^2/12 (see bitwidth)
+                scale, _ = activation_scale(*activation_range(self.context.stats, site.activation.name, "minmax"))
+                noise += rows * scale ** 2 / 12.0
+        layer = bw.layer_sensitivity(name, w, gram, choices, noise if needs_act else None)
+        layer.entropy = sens.weight_entropy(w)
+        return layer
+
+    def _search_ppl(self, model: ir.Model, table: list[bw.Layer], budget: bw.Budget) -> dict[str, Any]:
+        """Bisect the bits budget, scoring each candidate plan's compiled graph on held-out calibration text."""
+        ids, window, text = self._heldout_tokens()
+        ref = self._score(model, None, ids, window)
+        bound = ref * (1 + budget.value / 100)
+        plan, probes = bw.search_ppl(table, budget, bound, lambda p: self._score(model, p, ids, window),
+                                     self._solver(), int(self.options.ppl_steps))
+        plan["search"] = {"budget": budget.text, "ref_ppl": ref, "bound": bound, "probes": probes, "text": text,
+                          "tokens": int(len(ids) - len(ids) // window), "window": window,
+                          "windows": len(ids) // window}
+        return plan
+
+    def _heldout_tokens(self, count: int | None = None) -> tuple[np.ndarray, int, str]:
+        """Token windows of the calibration text right after the ones calibration consumed."""
+        from eqcompiler.data import load_tokenizer, read_text, tokenize
+
+        data = (self.context.stats.meta or {}).get("data") or {}
+        source = self.context.options.get("source_folder")
+        if not data.get("path") or not data.get("seq_len") or source is None:
+            raise EqcError("a ppl+X% budget needs statistics that record their calibration text (eqc calibrate) "
+                           "and the source artifact's tokenizer")
+        text, sha = read_text(data["path"])
+        if data.get("sha256") and sha != data["sha256"]:
+            raise EqcError(f"calibration text '{data['path']}' changed since calibration (sha256 differs)")
+        window = int(data["seq_len"])
+        if count is None:
+            count = int(self.context.options.get("ppl_windows") or self.options.ppl_windows)
+        if count < 1:
+            raise EqcError(f"ppl windows must be >= 1, got {count}")
+        skip = int(data.get("samples", 0)) * window + int(data.get("decode_steps", 0))
+        ids = tokenize(load_tokenizer(pathlib.Path(source)), text, max_tokens=skip + count * window)[skip:]
+        if len(ids) < count * window:
+            raise EqcError(f"calibration text '{data['path']}' has {len(ids)} tokens after the {skip} calibration "
+                           f"used; {count} held-out windows of {window} are needed (lower --ppl-windows/kl_windows)")
+        return ids[:count * window], window, str(data["path"])
+
+    def _score(self, model: ir.Model, plan: dict[str, Any] | None, ids: np.ndarray, window: int) -> float:
+        """Perplexity of `model` with `plan` applied (None: as it is), through ONNX Runtime."""
+        from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+        from eqcompiler.artifact import MODEL_FILE, save_ir
+        from eqcompiler.evaluate import score_windows
+        from eqcompiler.runtime import causal_feed, make_session
+
+        probe = model.clone()
+        if plan is not None:
+            inner = ApplyPrecisionPlanPass(CompileContext(stats=self.context.stats, options={"plan": plan, "probe": True}))
+            inner.quantized = self.quantized
+            inner.call(probe)
+            RemoveUnusedNodesPass()(probe)
+            TopologicalSortPass()(probe)
+        with tempfile.TemporaryDirectory(prefix="eqc-ppl-probe-") as tmp:
+            save_ir(probe, pathlib.Path(tmp))
+            del probe
+            session = make_session(pathlib.Path(tmp) / MODEL_FILE)
+            result = score_windows(ids, window, lambda win: session.run(["logits"], causal_feed(session, win))[0][0])
+            del session
+        return float(result["ppl"])
 
     def _apply(self, graph: ir.Graph, group: list[LinearSite], precision: str, layers: dict[str, str]) -> int:
         """Quantize one weight as planned; returns its stored bytes."""
@@ -109,16 +302,47 @@ class ApplyPrecisionPlanPass(EqcPass):
                 layers[site.name] = "float"
             return int(weight.const_value.nbytes)
         bits, block, symmetric = spec
-        qw = quantize_site_weight(_checked_weight(weight), group[0].transposed, bits, symmetric, block)
+        key = (str(weight.name), f"{bits}/{block}/{symmetric}")  # w8a8 shares int8's weights
+        qw = self.quantized.get(key)
+        if qw is None:
+            qw = quantize_site_weight(_checked_weight(weight), group[0].transposed, bits, symmetric, block)
+            self.quantized[key] = qw
         _release(weight)
         order = node_order(graph)
         first = min(group, key=lambda s: order[id(s.node)])
         dq = emit_dequantize(graph, qw, weight.name, before=first.node)
         for site in group:
             site.node.replace_input_with(1, dq)
-            layers[site.name] = _describe(qw)
+            layers[site.name] = _describe(qw) + (" + int8 input per-tensor" if precision in bw.ACTIVATION_QUANTIZED else "")
         graph.initializers.pop(weight.name)
         return _stored_bytes(qw)
+
+    def _quantize_inputs(self, graph: ir.Graph, sites: list[LinearSite]) -> dict[str, list[float]]:
+        """w8a8 layers: quantize_activations' static int8 QDQ on the input, only for those consumers."""
+        if not sites:
+            return {}
+        if self.context.stats is None:
+            raise EqcError(f"the plan puts layer '{sites[0].name}' at w8a8, which quantizes its input: "
+                           "pass --calib STATS (any statistics of this model)")
+        helper = QuantizeActivationsPass(self.context)  # int8 symmetric, zero point 0
+        order = node_order(graph)
+        by_input: dict[int, list[LinearSite]] = {}
+        for site in sites:
+            by_input.setdefault(id(site.activation), []).append(site)
+        ranges: dict[str, list[float]] = {}
+        for group in by_input.values():
+            x = group[0].activation
+            if x.name is None:
+                raise EqcError("a w8a8 layer's input has no name; cannot look up its statistics")
+            lo, hi = activation_range(self.context.stats, x.name, "minmax")
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise EqcError(f"statistics for '{x.name}' are not finite (min={lo}, max={hi})")
+            scale, zp = activation_scale(lo, hi, 8, True)
+            dq = helper._insert_qdq(graph, x, scale, zp, before=min((s.node for s in group), key=lambda n: order[id(n)]))
+            for site in group:
+                site.node.replace_input_with(0, dq)
+            ranges[x.name] = [float(lo), float(hi), float(scale)]
+        return ranges
 
     def _quantize_embeddings(self, graph: ir.Graph, layers: dict[str, str]) -> None:
         """Embedding tables (and a tied lm_head) int8 per row, exactly as quantize_weights does."""
@@ -129,6 +353,13 @@ class ApplyPrecisionPlanPass(EqcPass):
         sites = [s for s in find_linear_sites(graph) if not s.quantized]
         for table, users in _group_gathers(gathers).items():
             helper._quantize_table(graph, users, [s for s in sites if id(s.weight) == table], layers)
+
+
+class _NoStats:
+    extra: dict[str, Any] = {}
+
+
+_NO_STATS = _NoStats()
 
 
 def _fixed_bytes(graph: ir.Graph, by_name: dict[str, list[LinearSite]]) -> int:
