@@ -186,8 +186,8 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--calib", default=None, help="Statistics file from `eqc calibrate`.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path))
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu"]), default="portable", show_default=True,
-              help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels.")
+@click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu", "ort-cuda"]), default="portable", show_default=True,
+              help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels; ort-cuda: per-token W8A8 -> ai.eqc::FusedInt8Gemm (libeqc_ops_cuda.so).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
 @click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,

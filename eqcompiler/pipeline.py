@@ -31,7 +31,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
 
     `target` (eqcompiler.targets) appends lowering or check passes after the recipe's own steps.
     """
-    from eqcompiler.targets import target_steps
+    from eqcompiler.targets import runtime_requirements, target_steps
 
     start = time.perf_counter()
     art = art_mod.resolve_artifact(model)
@@ -88,6 +88,9 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
             "parent_fingerprint": art_mod.model_fingerprint(model_path),
         }
         manifest["target"] = target
+        needs = runtime_requirements(target, [step["pass"] for step in recipe["passes"]])
+        if needs is not None:
+            manifest["runtime_requirements"] = needs
         manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
         art_mod.write_manifest(stage, manifest)
     return manifest

@@ -13,6 +13,10 @@
     * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
     * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
     * per-channel int8 weight-only -> stays QDQ: MatMulNBits bits=8 (lower_weight_only_int8) was slower
+- ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
+  cuda_ops/src/fused_int8_gemm.cu) lives in libeqc_ops_cuda.so; every other layer stays QDQ, which the
+  CUDA provider runs as is. The artifact's manifest names the provider and library it needs. The
+  lowering needs no library at compile time; the CUDA kernel has not run on a GPU yet (see README).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any
 
 from eqcompiler.errors import EqcError
 
-TARGETS = ("portable", "tensorrt", "ort-cpu")
+TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda")
 
 # Lowering passes for ort-cpu in preference order (see module docstring).
 ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits")
@@ -63,6 +67,8 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
         return []
     if target == "tensorrt":
         return [{"pass": "check_tensorrt_placement", "options": {"fail": True}}]
+    if target == "ort-cuda":
+        return _ort_cuda_steps(warnings, recipe)
     from eqcompiler.pass_base import available_passes
 
     known = available_passes()
@@ -79,3 +85,22 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
     if not steps and warnings is not None:
         warnings.append("ort-cpu: no ONNX Runtime CPU lowering applies to this recipe; the graph stays QDQ")
     return steps
+
+
+def _ort_cuda_steps(warnings: list[str] | None, recipe: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if "lower_fused_int8_gemm" in _recipe_needs(recipe):
+        return [{"pass": "lower_fused_int8_gemm", "options": {}}]
+    if warnings is not None:
+        warnings.append("ort-cuda: only per-token W8A8 (w8a8-dynamic, zeroquant) lowers to ai.eqc::FusedInt8Gemm; "
+                        "this recipe's graph stays QDQ, which the CUDA provider runs as is")
+    return []
+
+
+def runtime_requirements(target: str, applied_passes: list[str]) -> dict[str, str] | None:
+    """What a runtime needs to load an artifact compiled for `target` (recorded in the manifest)."""
+    if "lower_fused_int8_gemm" not in applied_passes:
+        return None
+    if target == "ort-cuda":
+        return {"provider": "CUDAExecutionProvider", "custom_op_library": "libeqc_ops_cuda.so", "domain": "ai.eqc"}
+    return {"provider": "CPUExecutionProvider", "custom_op_library": "libeqc_ops.so (or libeqc_ops_cuda.so)",
+            "domain": "ai.eqc"}
