@@ -52,6 +52,7 @@ import numpy as np
 
 from eqcompiler.atomic import staged_file
 from eqcompiler.errors import EqcError
+from eqcompiler.recipes import read_json_file
 
 # name -> (bits, block_size, symmetric); None = keep the float weight.
 PRECISIONS: dict[str, tuple[int, int, bool] | None] = {
@@ -435,13 +436,7 @@ def save_plan(path: str | pathlib.Path, plan: dict[str, Any]) -> None:
 
 def load_plan(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise EqcError(f"plan file '{path}' does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EqcError(f"plan file '{path}' is not valid JSON: {exc}") from None
-    return validate_plan(data, f"'{path}'")
+    return validate_plan(read_json_file(path, "plan file"), f"'{path}'")
 
 
 def all_plans(layers: Sequence[Layer]) -> itertools.product:

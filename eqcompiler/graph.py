@@ -149,3 +149,16 @@ def scalar_initializer(graph: ir.Graph, name: str, value: float | int, dtype: ty
 
 def int_constant(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
     return new_initializer(graph, name, np.array(values, dtype=np.int64))
+
+
+def release_mapping(tensor: object) -> None:
+    """Unmap a memory-mapped (external-data) weight; it re-maps if read again.
+
+    Passes call it once they are done with a source weight, so a model larger than memory is never
+    held mapped whole (touched pages of a mapping count towards the process's RSS).
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view of the mapping is still alive somewhere: it is freed with it
+            pass

@@ -43,17 +43,21 @@ def validate_recipe(data: Any, origin: str) -> dict[str, Any]:
     return data
 
 
+def read_json_file(path: pathlib.Path, what: str) -> Any:
+    """A JSON file the user named (a recipe, a plan): missing or malformed is a one-line EqcError."""
+    if not path.is_file():
+        raise EqcError(f"{what} '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EqcError(f"{what} '{path}' is not valid JSON: {exc}") from None
+
+
 def load_recipe(name_or_file: str) -> dict[str, Any]:
     builtins = builtin_recipes()
     if name_or_file in builtins:
         return validate_recipe(builtins[name_or_file], repr(name_or_file))
     path = pathlib.Path(name_or_file)
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise EqcError(f"recipe file '{path}' does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EqcError(f"recipe file '{path}' is not valid JSON: {exc}") from None
-        return validate_recipe(data, f"'{path}'")
+        return validate_recipe(read_json_file(path, "recipe file"), f"'{path}'")
     raise EqcError(f"unknown recipe '{name_or_file}' (built-in: {', '.join(sorted(builtins))}; or give a .json file)")

@@ -209,7 +209,8 @@ class ApplyPrecisionPlanPass(EqcPass):
     def _table_if_possible(self, by_name: dict[str, list[LinearSite]], plan: dict[str, Any]) -> None:
         """With a plan and Gram statistics, still compute the proxy of the chosen precisions for the table."""
         stats = self.context.stats
-        if stats is None or not by_name or any("gram" not in stats.tensors.get(g[0].activation.name, _NO_STATS).extra
+        if stats is None or not by_name or any(g[0].activation.name not in stats.tensors
+                                               or "gram" not in stats.tensors[g[0].activation.name].extra
                                                for g in by_name.values()):
             return
         choices = bw.parse_choices(sorted(set(plan["layers"].values())))
@@ -353,13 +354,6 @@ class ApplyPrecisionPlanPass(EqcPass):
         sites = [s for s in find_linear_sites(graph) if not s.quantized]
         for table, users in _group_gathers(gathers).items():
             helper._quantize_table(graph, users, [s for s in sites if id(s.weight) == table], layers)
-
-
-class _NoStats:
-    extra: dict[str, Any] = {}
-
-
-_NO_STATS = _NoStats()
 
 
 def _fixed_bytes(graph: ir.Graph, by_name: dict[str, list[LinearSite]]) -> int:

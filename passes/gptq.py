@@ -66,14 +66,20 @@ class GptqOptions(WeightOnlyOptions):
 # ----------------------------------------------------------------------------------------------
 # Shared by gptq and awq: which sites, their statistics, the output-error measure.
 
-def weight_only_sites(graph: ir.Graph, include: str | None, exclude: str | None) -> list[list[LinearSite]]:
-    """Unquantized linear sites grouped by stored weight, tied embedding tables excluded."""
+def weight_only_sites(graph: ir.Graph, include: str | None, exclude: str | None,
+                      required_by: str | None = None) -> list[list[LinearSite]]:
+    """Unquantized linear sites grouped by stored weight, tied embedding tables excluded.
+
+    With `required_by` (a pass name), finding none is an error naming that pass.
+    """
     tables = {id(g.inputs[0]) for g in embedding_gathers(graph)}
     by_weight: dict[int, list[LinearSite]] = {}
     for site in find_linear_sites(graph, include, exclude):
         if site.quantized or id(site.weight) in tables:
             continue
         by_weight.setdefault(id(site.weight), []).append(site)
+    if required_by and not by_weight:
+        raise EqcError(f"{required_by} matched no layer: the graph has no unquantized MatMul/Gemm with a constant weight")
     return list(by_weight.values())
 
 
@@ -249,9 +255,7 @@ class GptqPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        groups = weight_only_sites(graph, opts.include, opts.exclude)
-        if not groups:
-            raise EqcError("gptq matched no layer: the graph has no unquantized MatMul/Gemm with a constant weight")
+        groups = weight_only_sites(graph, opts.include, opts.exclude, required_by=self.name)
         layers: dict[str, dict[str, float | str]] = {}
         bytes_before = bytes_after = 0
         for group in groups:

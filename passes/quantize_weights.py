@@ -12,7 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, weight_array
+from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, release_mapping,
+                              weight_array)
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
 
@@ -140,12 +141,7 @@ def _checked_weight(value: ir.Value) -> np.ndarray:
 
 def _release(value: ir.Value) -> None:
     """Drop a memory-mapped source weight once quantized, so big models never hold all weights mapped."""
-    tensor = value.const_value
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:  # a view of the mapping is still alive somewhere: it is freed with it
-            pass
+    release_mapping(value.const_value)
 
 
 def _group_gathers(gathers: list[ir.Node]) -> dict[int, list[ir.Node]]:

@@ -60,7 +60,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer, weight_array
+from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import quantize_channelwise
 from eqcompiler.stats import TensorStats
@@ -564,19 +564,10 @@ def _rescaled(value: ir.Value, scale: np.ndarray, axis: int) -> np.ndarray | ir.
 
     def compute() -> ir.TensorProtocol:
         out = (src.numpy().astype(np.float64) * factor).astype(src.dtype.numpy())
-        _release_tensor(src)
+        release_mapping(src)
         return ir.tensor(out)
 
     return ir.LazyTensor(compute, dtype=src.dtype, shape=src.shape)
-
-
-def _release_tensor(tensor: Any) -> None:
-    """Unmap a memory-mapped weight (as quantize_weights._release does); it re-maps if read again."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:  # a view is still alive: the mapping goes with it
-            pass
 
 
 def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
@@ -662,7 +653,7 @@ class SmoothQuantPass(EqcPass):
             read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
             apply_smoothing(graph, site, s)
             for tensor in read:
-                _release_tensor(tensor)  # pages the score touched; lazy smoothed copies re-map when read
+                release_mapping(tensor)  # pages the score touched; lazy smoothed copies re-map when read
             stats.tensors[site.activation.name] = adjusted_stats(t, s)
             chosen[site.name] = {"kind": site.kind, "alpha": alpha, "tensor": site.activation.name,
                                  "consumers": [x.name for x in site.sites],
