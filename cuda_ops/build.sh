@@ -6,7 +6,7 @@
 # Idempotent: headers are fetched once into cuda_ops/third_party/, CMake rebuilds only what changed,
 # and outputs are replaced (atomically) only when their content changed.
 # Env: NVCC=/path/to/nvcc (default: PATH, then /usr/local/cuda/bin), EQC_OPS_CUDA=0 to skip CUDA,
-#      EQC_CUDA_ARCHS="80;90", JOBS=N.
+#      EQC_CUDA_ARCHS="80;90a" (90a = Hopper cubin with the wgmma kernels), JOBS=N.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +21,7 @@ ORT_NPM_SHA1="3659f34012db8208ffb7f67d704204cb08792fed"  # `npm view $PKG@$VER d
 # The tarball is a Unity plugin; the only copy of the C/C++ headers is inside the iOS framework.
 ORT_HDR_IN_TGZ="package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers"
 ORT_INC="$CACHE/onnxruntime-$ORT_NPM_VER/include"
-ARCHS="${EQC_CUDA_ARCHS:-80;90}"
+ARCHS="${EQC_CUDA_ARCHS:-80;90a}"
 
 FETCH_TMP=""
 die() { echo "eqc ops: error: $*" >&2; exit 1; }
@@ -109,7 +109,7 @@ main() {
   if [[ "$with_cuda" == ON ]]; then
     install_if_changed "$BLD/libeqc_ops_cuda.so" "$OUT/libeqc_ops_cuda.so"
     cuda_json="true"
-    archs_json="[$(echo "$ARCHS" | sed 's/;/, /g')]"
+    archs_json="[\"$(echo "$ARCHS" | sed 's/;/", "/g')\"]"
   else
     rm -f "$OUT/libeqc_ops_cuda.so"  # never leave a stale CUDA build next to a CPU-only one
   fi

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from eqcompiler import custom_ops
 from eqcompiler.custom_ops import EqcOpsError
 from eqcompiler.passes.lower_fused_int8_gemm import LowerFusedInt8GemmPass
+from op_reference import random_problem, reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "cuda_ops"
@@ -33,22 +34,6 @@ def lib() -> pathlib.Path:
         return custom_ops.find_library()
     except EqcOpsError as exc:
         pytest.fail(f"op library not built ({exc}); `make test` runs `make ops` first")
-
-
-def reference(a: np.ndarray, b_nk: np.ndarray, b_scale: np.ndarray, bias: np.ndarray | None = None,
-              absmax_floor: float = 0.0, scale_floor: float = 0.0) -> np.ndarray:
-    """numpy statement of the op: per-row symmetric int8 quantization, int32 GEMM, dequantize."""
-    k = a.shape[-1]
-    a2 = a.reshape(-1, k).astype(np.float32)
-    absmax = np.abs(a2).max(axis=1, keepdims=True) if k else np.zeros((a2.shape[0], 1), np.float32)
-    s = np.maximum(np.maximum(absmax, np.float32(absmax_floor)) / np.float32(127), np.float32(scale_floor))
-    s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(a2 / s), -128, 127).astype(np.int32)
-    acc = q @ b_nk.astype(np.int32).T
-    y = (acc.astype(np.float32) * s) * b_scale.astype(np.float32)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*a.shape[:-1], b_nk.shape[0]).astype(np.float32)
 
 
 def fused_model(k: int, n: int, rank: int = 2, bias: bool = False, a_type: int = TensorProto.FLOAT,
@@ -72,17 +57,6 @@ def cpu_session(model: onnx.ModelProto, lib: pathlib.Path | None, threads: int =
     if lib is not None:
         custom_ops.register(opts, lib)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def random_problem(rng: np.random.Generator, a_shape: tuple[int, ...], n: int):
-    k = a_shape[-1]
-    a = rng.standard_normal(a_shape).astype(np.float32) * rng.uniform(0.1, 10)
-    if a.size and a_shape[0] > 2:
-        a.reshape(-1, k)[1] = 0.0  # an all-zero token must not divide by zero
-    b = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
-    scale = (rng.random(n).astype(np.float32) + 0.5) * np.float32(0.01)
-    bias = rng.standard_normal(n).astype(np.float32)
-    return a, b, scale, bias
 
 
 def qdq_model(k: int, n: int, rng: np.random.Generator, *, rank: int = 2, floor: str = "none", eps: float = 1e-5,
@@ -416,28 +390,6 @@ def _cuda_or_skip():
     if not (BUILD / "libeqc_ops_cuda.so").is_file():
         pytest.fail("a GPU is present but build/cuda_ops/libeqc_ops_cuda.so was not built")
     return torch
-
-
-GPU_SHAPES = [(1, 7, 5), (3, 33, 9), (16, 576, 1536), (17, 576, 1536), (300, 1536, 576), (1000, 4096, 4096 + 8)]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n", GPU_SHAPES)
-def test_cuda_kernel_matches_reference(m, k, n):
-    torch = _cuda_or_skip()
-    so = ctypes.CDLL(str(BUILD / "libeqc_ops_cuda.so"))
-    rng = np.random.default_rng(m * 7 + k)
-    a, b, scale, bias = random_problem(rng, (m, k), n)
-    dev = lambda arr: torch.from_numpy(arr).cuda()  # noqa: E731
-    ta, tb, ts, tbias = dev(a), dev(b), dev(scale), dev(bias)
-    y = torch.empty((m, n), dtype=torch.float32, device="cuda")
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    rc = so.eqc_fused_int8_gemm_cuda(ctypes.c_void_p(ta.data_ptr()), ctypes.c_void_p(tb.data_ptr()),
-                                     ctypes.c_void_p(ts.data_ptr()), ctypes.c_void_p(tbias.data_ptr()),
-                                     ctypes.c_void_p(y.data_ptr()), m, n, k, stream)
-    torch.cuda.synchronize()
-    assert rc == 0, ctypes.cast(so.eqc_cuda_error_string(rc), ctypes.c_char_p).value
-    np.testing.assert_array_equal(y.cpu().numpy(), reference(a, b, scale, bias))
 
 
 @pytest.mark.gpu

@@ -74,94 +74,162 @@ class CudaLib:
         self.so.eqc_fused_int8_gemm_cuda_workspace_size.argtypes = [i32, i32, i32]
         self.so.eqc_fused_int8_gemm_cuda_workspace_size.restype = sz
         self.so.eqc_quantize_rows_cuda.argtypes = [vp, vp, vp, i32, i32, i32, f32, f32, vp]
-        self.so.eqc_int8_gemm_dequant_cuda.argtypes = [vp, vp, vp, vp, vp, vp, i32, i32, i32, vp]
+        self.so.eqc_int8_gemm_dequant_cuda_variant.argtypes = [vp, vp, vp, vp, vp, vp, i32, i32, i32, i32, vp]
+        self.so.eqc_cuda_variant_name.restype = ctypes.c_char_p
         self.so.eqc_cuda_error_string.restype = ctypes.c_char_p
+        self.variants = {v: self.so.eqc_cuda_variant_name(v).decode() for v in range(self.so.eqc_cuda_variant_count())}
 
     def check(self, rc: int) -> None:
         if rc != 0:
             raise RuntimeError(f"eqc CUDA call failed: {self.so.eqc_cuda_error_string(rc).decode()}")
 
 
-def cuda_time_ms(torch: Any, fn: Callable[[], None], min_ms: float = 200.0) -> float:
-    """Median per-call time from CUDA events, after warm-up; enough iterations for ~min_ms."""
-    for _ in range(5):
-        fn()
+def graph_time_us(torch: Any, calls: list[Callable[[], None]], min_ms: float = 20.0) -> float:
+    """Median GPU time per call from CUDA-graph replays of all `calls` (launch gaps included,
+    Python and ctypes overhead excluded), after an eager warm-up."""
+    for call in calls:
+        call()
     torch.cuda.synchronize()
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        for call in calls:
+            call()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
     start.record()
-    fn()
+    graph.replay()
     end.record()
     end.synchronize()
-    iters = int(max(10, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
+    reps = int(max(3, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
     samples = []
     for _ in range(5):
         start.record()
-        for _ in range(iters):
-            fn()
+        for _ in range(reps):
+            graph.replay()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
     return statistics.median(samples)
 
 
-def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int) -> dict[str, Any]:
+def eager_time_us(torch: Any, calls: list[Callable[[], None]], min_ms: float = 20.0) -> float:
+    """Median wall time per call issued from Python (what an eager caller sees; includes launch cost)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for call in calls:
+        call()
+    end.record()
+    end.synchronize()
+    reps = int(max(3, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            for call in calls:
+                call()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(samples)
+
+
+def weight_copies(n: int, k: int, l2_bytes: int) -> int:
+    """Distinct int8 weight copies to rotate through so repeated calls stream weights from DRAM
+    (3x the L2 in int8, 6x in fp16), as a model's consecutive layers do; at most 256."""
+    return int(min(256, max(1, -(-3 * l2_bytes // (n * k)))))
+
+
+def exact_rows(torch: Any, a, b, b_scale, bias, y) -> tuple[bool, float]:
+    """Bit-exact check of sampled rows of y against the numpy statement of the op."""
+    rows = sorted({0, a.shape[0] - 1, *range(0, a.shape[0], max(1, a.shape[0] // 6))})
+    a_np = a[rows].cpu().numpy()
+    s = np.maximum(np.abs(a_np).max(axis=1, keepdims=True) / np.float32(127), np.float32(0))
+    s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(a_np / s), -128, 127).astype(np.int32)
+    acc = q @ b.cpu().numpy().astype(np.int32).T
+    ref = (acc.astype(np.float32) * s) * b_scale.cpu().numpy() + bias.cpu().numpy()
+    got = y[rows].cpu().numpy()
+    return bool(np.array_equal(got, ref)), float(np.abs(got - ref).max())
+
+
+def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int, l2_bytes: int,
+                    variants: bool) -> dict[str, Any]:
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(m * 31 + k * 7 + n)
+    copies = weight_copies(n, k, l2_bytes)
     a = torch.randn(m, k, device=dev, generator=gen)
-    b = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen)
+    bs = [torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen) for _ in range(copies)]
     b_scale = torch.rand(n, device=dev, generator=gen) * 0.01 + 0.001
     bias = torch.randn(n, device=dev, generator=gen)
     y = torch.empty(m, n, device=dev)
     ld = (k + 15) // 16 * 16
+    assert ld == k, "benchmark shapes keep K a multiple of 16 (no padded copy of B)"
     ws = torch.empty(lib.so.eqc_fused_int8_gemm_cuda_workspace_size(m, n, k), device=dev, dtype=torch.uint8)
     aq = torch.zeros(m, ld, device=dev, dtype=torch.int8)
     a_scale = torch.empty(m, device=dev)
-    stream = torch.cuda.current_stream().cuda_stream
     p = lambda t: t.data_ptr()  # noqa: E731
+    cur = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731  (the capture stream inside a graph)
 
-    def fused() -> None:
-        lib.check(lib.so.eqc_fused_int8_gemm_cuda_ex(p(a), p(b), p(b_scale), p(bias), p(y), m, n, k, 0.0, 0.0,
-                                                     p(ws), ws.numel(), stream))
+    def fused(b) -> Callable[[], None]:
+        return lambda: lib.check(lib.so.eqc_fused_int8_gemm_cuda_ex(
+            p(a), p(b), p(b_scale), p(bias), p(y), m, n, k, 0.0, 0.0, p(ws), ws.numel(), cur()))
 
-    def gemm_only() -> None:
-        lib.check(lib.so.eqc_int8_gemm_dequant_cuda(p(aq), p(a_scale), p(b), p(b_scale), p(bias), p(y), m, n, ld,
-                                                    stream))
+    def gemm(b, v: int) -> Callable[[], None]:
+        return lambda: lib.check(lib.so.eqc_int8_gemm_dequant_cuda_variant(
+            p(aq), p(a_scale), p(b), p(b_scale), p(bias), p(y), m, n, ld, v, cur()))
 
-    lib.check(lib.so.eqc_quantize_rows_cuda(p(a), p(aq), p(a_scale), m, k, ld, 0.0, 0.0, stream))
-    row: dict[str, Any] = {"M": m, "K": k, "N": n, "ops": 2.0 * m * n * k}
-    row["eqc_fused_ms"] = cuda_time_ms(torch, fused)
-    row["eqc_gemm_ms"] = cuda_time_ms(torch, gemm_only)
-    row["max_abs_err"] = check_gpu_result(torch, a, b, b_scale, bias, y, fused)
+    row: dict[str, Any] = {"M": m, "K": k, "N": n, "ops": 2.0 * m * n * k, "weight_copies": copies,
+                           "auto_variant": lib.variants[lib.so.eqc_cuda_chosen_variant(m, n)]}
+    fused(bs[0])()
+    torch.cuda.synchronize()
+    row["exact"], row["max_abs_err"] = exact_rows(torch, a, bs[0], b_scale, bias, y)
+    row["fused_us"] = graph_time_us(torch, [fused(b) for b in bs])
+    row["fused_eager_us"] = eager_time_us(torch, [fused(b) for b in bs])
+    lib.check(lib.so.eqc_quantize_rows_cuda(p(a), p(aq), p(a_scale), m, k, ld, 0.0, 0.0, cur()))
+    row["gemm_us"] = graph_time_us(torch, [gemm(b, 0) for b in bs])
+    per_variant: dict[str, Any] = {}
+    for v, name in lib.variants.items():
+        if v == 0 or not variants or (m >= 256 and name.startswith("mma_16x")):
+            continue
+        rc = lib.so.eqc_int8_gemm_dequant_cuda_variant(p(aq), p(a_scale), p(bs[0]), p(b_scale), p(bias), p(y),
+                                                      m, n, ld, v, cur())
+        if rc != 0:
+            per_variant[name] = {"error": lib.so.eqc_cuda_error_string(rc).decode()}
+            continue
+        torch.cuda.synchronize()
+        exact, _ = exact_rows(torch, a, bs[0], b_scale, bias, y)
+        us = graph_time_us(torch, [gemm(b, v) for b in bs], min_ms=15.0)
+        per_variant[name] = {"us": us, "tops": row["ops"] / (us * 1e-6) / 1e12, "exact": exact}
+    row["variants"] = per_variant
+    timed = {k2: v2 for k2, v2 in per_variant.items() if "us" in v2 and v2["exact"]}
+    if timed:
+        row["best_variant"] = min(timed, key=lambda k2: timed[k2]["us"])
+        row["best_gemm_us"] = timed[row["best_variant"]]["us"]
 
-    b_t = b.t()  # [K, N] column-major view, the layout cuBLASLt int8 wants
     aq_k = aq[:, :k].contiguous()
     try:
-        row["int_mm_ms"] = cuda_time_ms(torch, lambda: torch._int_mm(aq_k, b_t))
-    except RuntimeError as exc:  # e.g. M <= 16 is rejected by torch._int_mm
-        row["int_mm_ms"] = None
+        row["int_mm_us"] = graph_time_us(torch, [lambda b=b: torch._int_mm(aq_k, b.t()) for b in bs])
+    except RuntimeError as exc:  # torch._int_mm needs M > 16
+        row["int_mm_us"] = None
         row["int_mm_note"] = str(exc).splitlines()[0][:120]
-    a16, w16 = a.half(), (b.float() * b_scale[:, None]).half()
-    row["fp16_ms"] = cuda_time_ms(torch, lambda: torch.matmul(a16, w16.t()))
-    for key in ("eqc_fused", "eqc_gemm", "int_mm", "fp16"):
-        ms = row.get(f"{key}_ms")
-        row[f"{key}_tops"] = row["ops"] / (ms * 1e-3) / 1e12 if ms else None
-    row["fused_vs_int_mm"] = row["int_mm_ms"] / row["eqc_fused_ms"] if row["int_mm_ms"] else None
-    row["gemm_vs_int_mm"] = row["int_mm_ms"] / row["eqc_gemm_ms"] if row["int_mm_ms"] else None
-    row["fused_vs_fp16"] = row["fp16_ms"] / row["eqc_fused_ms"]
+    a16 = a.half()
+    w16s = [(b.float() * b_scale[:, None]).half() for b in bs]
+    del bs
+    row["fp16_us"] = graph_time_us(torch, [lambda w=w: torch.matmul(a16, w.t()) for w in w16s])
+    row["fp16_eager_us"] = eager_time_us(torch, [lambda w=w: torch.matmul(a16, w.t()) for w in w16s])
+    for key in ("fused", "gemm", "int_mm", "fp16"):
+        us = row.get(f"{key}_us")
+        row[f"{key}_tops"] = row["ops"] / (us * 1e-6) / 1e12 if us else None
+    row["fused_vs_int_mm"] = row["int_mm_us"] / row["fused_us"] if row["int_mm_us"] else None
+    row["gemm_vs_int_mm"] = row["int_mm_us"] / row["gemm_us"] if row["int_mm_us"] else None
+    row["fused_vs_fp16"] = row["fp16_us"] / row["fused_us"]
+    row["fused_vs_fp16_eager"] = row["fp16_eager_us"] / row["fused_eager_us"]
+    del w16s
+    torch.cuda.empty_cache()
     return row
-
-
-def check_gpu_result(torch: Any, a, b, b_scale, bias, y, fused) -> float:
-    """Max |y - reference| on a sample of rows (reference: float64 on CPU, exact int products)."""
-    fused()
-    torch.cuda.synchronize()
-    rows = torch.arange(0, a.shape[0], max(1, a.shape[0] // 8), device=a.device)
-    s = (a[rows].abs().amax(dim=1, keepdim=True) / 127.0).cpu()
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.clamp(torch.round(a[rows].cpu() / s), -128, 127).double()
-    acc = q @ b.double().cpu().t()
-    ref = (acc.float() * s) * b_scale.cpu() + bias.cpu()
-    return float((y[rows].cpu() - ref).abs().max())
 
 
 def run_gpu(args: argparse.Namespace) -> int:
@@ -178,30 +246,59 @@ def run_gpu(args: argparse.Namespace) -> int:
         print(f"error: {path} not built (run `make ops` on a machine with nvcc)", file=sys.stderr)
         return 1
     lib = CudaLib(path)
+    props = torch.cuda.get_device_properties(0)
+    l2 = int(getattr(props, "L2_cache_size", 50 << 20))
     kn = SMOLLM2_KN + ([] if args.quick else LLAMA7B_KN)
     ms = (PREFILL_M[:2] if args.quick else PREFILL_M) + DECODE_M
     rows = []
+    t0 = time.time()
     for k, n in kn:
         for m in ms:
-            row = bench_gpu_shape(torch, lib, m, k, n)
+            row = bench_gpu_shape(torch, lib, m, k, n, l2, variants=not args.no_variants)
             rows.append(row)
-            print(f"M={m:5d} K={k:5d} N={n:5d}  eqc {row['eqc_fused_tops']:.1f} TOPS (gemm {row['eqc_gemm_tops']:.1f})"
-                  f"  int_mm {row['int_mm_tops'] or 0:.1f}  fp16 {row['fp16_tops']:.1f}  err {row['max_abs_err']:.2e}")
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "library": str(path)}
-    result = {"environment": env, "rows": rows}
-    write_atomic(RESULTS / "cuda_gemm.json", json.dumps(result, indent=2) + "\n")
-    cols = [("M", "M"), ("K", "K"), ("N", "N"), ("eqc_fused_tops", "eqc fused TOPS"),
-            ("eqc_gemm_tops", "eqc GEMM-only TOPS"), ("int_mm_tops", "torch._int_mm TOPS"),
-            ("fp16_tops", "fp16 matmul TFLOPS"), ("fused_vs_int_mm", "fused / int_mm speed"),
-            ("fused_vs_fp16", "fused / fp16 speed"), ("max_abs_err", "max abs err")]
-    md = (f"# FusedInt8Gemm CUDA kernel\n\nDevice: {env['device']} (torch {env['torch']}, CUDA {env['cuda']}).\n"
-          "Speed ratios > 1 mean the eqc kernel is faster. `eqc fused` includes per-token quantization; "
-          "torch._int_mm is the int8 GEMM alone (no quantization, no dequantization).\n\n"
-          + markdown_table(rows, cols) + "\n")
-    write_atomic(RESULTS / "cuda_gemm.md", md)
-    print(f"wrote {RESULTS / 'cuda_gemm.json'} and .md")
+            print(f"M={m:5d} K={k:5d} N={n:5d} {row['auto_variant']:>14s} fused {row['fused_us']:8.1f}us "
+                  f"{row['fused_tops']:6.1f} TOPS | gemm {row['gemm_tops']:6.1f} (best {row.get('best_variant')}) "
+                  f"| int_mm {row['int_mm_tops'] or 0:6.1f} | fp16 {row['fp16_tops']:6.1f} "
+                  f"| x{row['fused_vs_fp16']:.2f} fp16 x{row['fused_vs_int_mm'] or 0:.2f} int_mm "
+                  f"exact={row['exact']} [{time.time() - t0:.0f}s]", flush=True)
+    env = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+           "sm_count": props.multi_processor_count, "l2_bytes": l2, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "library": str(path),
+           "wgmma": bool(lib.so.eqc_cuda_wgmma_available())}
+    out = pathlib.Path(args.out_dir)
+    write_atomic(out / "cuda_gemm.json", json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+    write_atomic(out / "cuda_gemm.md", gpu_markdown(env, rows))
+    print(f"wrote {out / 'cuda_gemm.json'} and .md")
     return 0
+
+
+def gpu_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    cols = [("M", "M"), ("K", "K"), ("N", "N"), ("auto_variant", "kernel"), ("fused_us", "eqc fused us"),
+            ("fused_tops", "eqc fused TOPS"), ("gemm_tops", "eqc GEMM TOPS"), ("int_mm_tops", "int_mm TOPS"),
+            ("fp16_tops", "fp16 TFLOPS"), ("gemm_vs_int_mm", "GEMM / int_mm"), ("fused_vs_int_mm", "fused / int_mm"),
+            ("fused_vs_fp16", "fused / fp16"), ("fused_vs_fp16_eager", "fused / fp16 (eager)"), ("exact", "bit-exact")]
+    names = sorted({name for r in rows for name in r.get("variants", {})})
+    vrows = []
+    for r in rows:
+        vr: dict[str, Any] = {"M": r["M"], "K": r["K"], "N": r["N"]}
+        for name in names:
+            v = r.get("variants", {}).get(name)
+            vr[name] = None if v is None else (f"{v['tops']:.1f}" + ("" if v["exact"] else " WRONG")) if "us" in v \
+                else "n/a"
+        vrows.append(vr)
+    return (f"# FusedInt8Gemm CUDA kernel\n\nDevice: {env['device']} (compute {env['capability']}, "
+            f"{env['sm_count']} SMs, L2 {env['l2_bytes'] >> 20} MiB), torch {env['torch']}, CUDA {env['cuda']}, "
+            f"wgmma kernels {'on' if env['wgmma'] else 'off'}.\n\n"
+            "Times are GPU time per call from CUDA-graph replays (no Python/ctypes overhead), rotating through "
+            "enough weight copies that the weights stream from DRAM as in a model (`weight_copies` in the JSON). "
+            "Ratios > 1 mean eqc is faster. `eqc fused` = per-token quantization kernel + int8 GEMM with the "
+            "dequantize(+bias) epilogue (two launches, overlapped by programmatic dependent launch); `eqc GEMM` "
+            "is the GEMM stage alone on pre-quantized rows, the like-for-like comparison with torch._int_mm "
+            "(cuBLASLt int8 -> int32, no quantization or dequantization; it rejects M <= 16). fp16 = "
+            "torch.matmul on fp16 activations and weights. `fused / fp16 (eager)` compares calls issued one by "
+            "one from Python instead. bit-exact: sampled rows equal the numpy statement of the op.\n\n"
+            + markdown_table(rows, cols) + "\n\n## GEMM TOPS by kernel variant\n\n"
+            + markdown_table(vrows, [("M", "M"), ("K", "K"), ("N", "N")] + [(n_, n_) for n_ in names]) + "\n")
 
 
 # ================================================================================== CPU
@@ -321,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU kernel in onnxruntime instead")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--no-variants", action="store_true", help="GPU: time only the kernel auto picks")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the GPU results are written")
     args = parser.parse_args(argv)
     return run_cpu(args) if args.cpu else run_gpu(args)
 

@@ -37,6 +37,19 @@ EQC_EXPORT int eqc_int8_gemm_dequant_cuda(const int8_t* Aq, const float* a_scale
                                           const float* B_scale, const float* bias, float* Y, int M, int N,
                                           int ld, void* stream);
 
+/* The GEMM stage with a chosen kernel, for benchmarks: 0 = auto (what the op uses), 1..count-1 =
+ * the variants named by eqc_cuda_variant_name. Returns cudaErrorNotSupported (801) for a wgmma
+ * variant where no sm_90a code runs. */
+EQC_EXPORT int eqc_int8_gemm_dequant_cuda_variant(const int8_t* Aq, const float* a_scale, const int8_t* B,
+                                                  const float* B_scale, const float* bias, float* Y, int M, int N,
+                                                  int ld, int variant, void* stream);
+EQC_EXPORT int eqc_cuda_variant_count(void);
+EQC_EXPORT const char* eqc_cuda_variant_name(int variant);
+/* The variant auto picks for an M x N output on the current device. */
+EQC_EXPORT int eqc_cuda_chosen_variant(int M, int N);
+/* 1 when the Hopper (wgmma, sm_90a) kernels run on the current device. */
+EQC_EXPORT int eqc_cuda_wgmma_available(void);
+
 EQC_EXPORT const char* eqc_cuda_error_string(int code);
 
 #ifdef __cplusplus

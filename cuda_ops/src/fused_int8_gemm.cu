@@ -25,8 +25,12 @@
 #include <mutex>
 
 #include "eqc_ops_cuda.h"
+#include "int8_gemm_wgmma.h"
+#include "launch.h"
+#include "ptx.cuh"
 
 namespace {
+using namespace eqc_ptx;
 
 // ------------------------------------------------------------------------------ quantization
 constexpr int kQuantThreads = 256;
@@ -41,6 +45,7 @@ __device__ __forceinline__ float warp_max(float v) {
 __global__ void __launch_bounds__(kQuantThreads)
     quantize_rows_kernel(const float* __restrict__ A, int8_t* __restrict__ Aq, float* __restrict__ a_scale,
                          int K, int ldq, float absmax_floor, float scale_floor) {
+  griddep_launch_dependents();  // the GEMM may start streaming B while rows are quantized
   const int row = blockIdx.x;
   const float* a = A + static_cast<size_t>(row) * K;
   float m = 0.0f;
@@ -76,41 +81,6 @@ __global__ void pad_rows_kernel(const int8_t* __restrict__ B, int8_t* __restrict
   }
 }
 
-// ---------------------------------------------------------------------------- PTX wrappers
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 zero-fills the destination (out-of-range tile rows).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_u32(p)));
-}
-
-// D = A(16x32 s8, row) * B(32x8 s8, col) + D, int32 accumulate (wraps; |acc| <= K*2^14 fits).
-__device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // ------------------------------------------------------------------------------------ GEMM
 // Tile: BM x BN outputs per CTA, BK bytes of K per pipeline stage, WARPS_M x WARPS_N warps.
 // Shared-memory rows are padded to BK + 16 bytes: with BK a multiple of 64 the 8 row addresses
@@ -143,11 +113,10 @@ __global__ void __launch_bounds__(T::THREADS)
   const int ktiles = (ld + T::BK - 1) / T::BK;
 
   // Global -> shared for one K tile; 16-byte chunks, rows past M/N and K past ld zero-filled.
-  auto load_tile = [&](int stage, int kt) {
-    constexpr int CPR = T::BK / 16;
+  constexpr int CPR = T::BK / 16;
+  auto load_a = [&](int stage, int kt) {
     const int k0 = kt * T::BK;
     int8_t* a_dst = sA + stage * T::BM * T::LDS;
-    int8_t* b_dst = sB + stage * T::BN * T::LDS;
 #pragma unroll
     for (int c = tid; c < T::BM * CPR; c += T::THREADS) {
       const int r = c / CPR, kc = (c % CPR) * 16;
@@ -155,6 +124,10 @@ __global__ void __launch_bounds__(T::THREADS)
       const int8_t* src = ok ? Aq + static_cast<size_t>(m0 + r) * ld + k0 + kc : Aq;
       cp_async16(a_dst + r * T::LDS + kc, src, ok ? 16 : 0);
     }
+  };
+  auto load_b = [&](int stage, int kt) {
+    const int k0 = kt * T::BK;
+    int8_t* b_dst = sB + stage * T::BN * T::LDS;
 #pragma unroll
     for (int c = tid; c < T::BN * CPR; c += T::THREADS) {
       const int r = c / CPR, kc = (c % CPR) * 16;
@@ -173,9 +146,15 @@ __global__ void __launch_bounds__(T::THREADS)
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
 
   // Prologue: STAGES-1 tiles in flight (empty groups keep the wait_group arithmetic uniform).
+  // The weights are issued first: under programmatic dependent launch they do not depend on the
+  // quantization kernel still running, only Aq / a_scale do (griddep_wait is a no-op otherwise).
+#pragma unroll
+  for (int s = 0; s < T::STAGES - 1; ++s)
+    if (s < ktiles) load_b(s, s);
+  griddep_wait();
 #pragma unroll
   for (int s = 0; s < T::STAGES - 1; ++s) {
-    if (s < ktiles) load_tile(s, s);
+    if (s < ktiles) load_a(s, s);
     cp_async_commit();
   }
 
@@ -194,7 +173,10 @@ __global__ void __launch_bounds__(T::THREADS)
     cp_async_wait<T::STAGES - 2>();  // tile kt has landed (for this thread's copies) ...
     __syncthreads();                 // ... for everyone's, and stage (kt-1) is no longer read
     const int next = kt + T::STAGES - 1;
-    if (next < ktiles) load_tile(next % T::STAGES, next);
+    if (next < ktiles) {
+      load_a(next % T::STAGES, next);
+      load_b(next % T::STAGES, next);
+    }
     cp_async_commit();
 
     const int8_t* a_s = sA + (kt % T::STAGES) * T::BM * T::LDS;
@@ -254,6 +236,9 @@ __global__ void __launch_bounds__(T::THREADS)
 
 // Decode (M <= 16): one m16 row block, narrow N tiles so many CTAs stream B; deep K stages.
 using SmallTile = Tile<16, 32, 128, 1, 4, 4>;
+using SmallWideTile = Tile<16, 64, 128, 1, 4, 4>;
+// Decode with twice the bytes in flight per CTA (large K, few CTAs).
+using SmallDeepTile = Tile<16, 32, 256, 1, 4, 4>;
 // Mid-size M or too few 128x128 tiles to fill the GPU.
 using MediumTile = Tile<64, 64, 64, 2, 2, 4>;
 // Prefill: 128x128 CTA tile, 8 warps of 64x32, 3 stages (61,440 B shared memory).
@@ -273,7 +258,7 @@ constexpr int kMaxDevices = 64;
 
 template <class T>
 cudaError_t launch_gemm(const int8_t* Aq, const float* sa, const int8_t* B, const float* sb, const float* bias,
-                        float* Y, int M, int N, int ld, cudaStream_t stream) {
+                        float* Y, int M, int N, int ld, cudaStream_t stream, bool pdl) {
   // > 48 KiB of dynamic shared memory must be opted into once per kernel and device.
   static std::atomic<bool> attr_set[kMaxDevices];
   int dev = 0;
@@ -286,17 +271,68 @@ cudaError_t launch_gemm(const int8_t* Aq, const float* sa, const int8_t* B, cons
   }
   const dim3 grid((M + T::BM - 1) / T::BM, (N + T::BN - 1) / T::BN);
   if (grid.y > 65535u) return cudaErrorInvalidConfiguration;
-  int8_gemm_kernel<T><<<grid, T::THREADS, T::SMEM, stream>>>(Aq, sa, B, sb, bias, Y, M, N, ld);
-  return cudaGetLastError();
+  return eqc_launch::launch(int8_gemm_kernel<T>, grid, dim3(T::THREADS), T::SMEM, stream, pdl, Aq, sa, B, sb, bias, Y,
+                            M, N, ld);
+}
+
+// Kernel variants; the numbering is the C API's (eqc_int8_gemm_dequant_cuda_variant).
+enum Variant : int {
+  kAuto = 0,
+  kMma16x32,
+  kMma16x64,
+  kMma16x32k256,
+  kMma64x64,
+  kMma128x128,
+  kWgmma64x128,
+  kWgmma128x128,
+  kWgmma128x256,
+  kVariantCount
+};
+const char* const kVariantNames[kVariantCount] = {
+    "auto",        "mma_16x32",    "mma_16x64",     "mma_16x32_k256", "mma_64x64",
+    "mma_128x128", "wgmma_64x128", "wgmma_128x128", "wgmma_128x256"};
+
+long long tiles(int M, int N, int bm, int bn) {
+  return static_cast<long long>((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+}
+
+// Picks a kernel from the problem shape (see tools/results/cuda_gemm.md for the measurements).
+Variant choose_variant(int M, int N) {
+  if (M <= 16) return kMma16x32;
+  if (eqc_wgmma::available() && M > 64) {
+    if (tiles(M, N, 128, 128) >= sm_count()) return kWgmma128x128;
+    return kWgmma64x128;
+  }
+  if (tiles(M, N, LargeTile::BM, LargeTile::BN) >= sm_count()) return kMma128x128;
+  return kMma64x64;
+}
+
+// pdl: the previous kernel in the stream is our quantization kernel, which writes only Aq/sa.
+cudaError_t gemm_run(Variant v, const int8_t* Aq, const float* sa, const int8_t* B, const float* sb, const float* bias,
+                     float* Y, int M, int N, int ld, cudaStream_t stream, bool pdl) {
+  if (v == kAuto) v = choose_variant(M, N);
+  switch (v) {
+    case kMma16x32: return launch_gemm<SmallTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma16x64: return launch_gemm<SmallWideTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma16x32k256: return launch_gemm<SmallDeepTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma64x64: return launch_gemm<MediumTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma128x128: return launch_gemm<LargeTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kWgmma64x128:
+    case kWgmma128x128:
+    case kWgmma128x256: {
+      if (!eqc_wgmma::available()) return cudaErrorNotSupported;  // needs sm_90a code on a 9.0 device
+      const eqc_wgmma::Shape shape = v == kWgmma64x128    ? eqc_wgmma::Shape::k64x128
+                                     : v == kWgmma128x128 ? eqc_wgmma::Shape::k128x128
+                                                          : eqc_wgmma::Shape::k128x256;
+      return eqc_wgmma::launch(shape, Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    }
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t gemm_dispatch(const int8_t* Aq, const float* sa, const int8_t* B, const float* sb, const float* bias,
-                          float* Y, int M, int N, int ld, cudaStream_t stream) {
-  if (M <= 16) return launch_gemm<SmallTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream);
-  const long long large_ctas =
-      static_cast<long long>((M + LargeTile::BM - 1) / LargeTile::BM) * ((N + LargeTile::BN - 1) / LargeTile::BN);
-  if (large_ctas >= sm_count()) return launch_gemm<LargeTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream);
-  return launch_gemm<MediumTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream);
+                          float* Y, int M, int N, int ld, cudaStream_t stream, bool pdl) {
+  return gemm_run(kAuto, Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
 }
 
 constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -344,8 +380,29 @@ int eqc_int8_gemm_dequant_cuda(const int8_t* Aq, const float* a_scale, const int
   if (M < 0 || N < 0 || ld < 0 || ld % 16 != 0) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(Aq) % 16 || reinterpret_cast<uintptr_t>(B) % 16) return cudaErrorMisalignedAddress;
   if (M == 0 || N == 0) return cudaSuccess;
-  return gemm_dispatch(Aq, a_scale, B, B_scale, bias, Y, M, N, ld, static_cast<cudaStream_t>(stream));
+  return gemm_dispatch(Aq, a_scale, B, B_scale, bias, Y, M, N, ld, static_cast<cudaStream_t>(stream), false);
 }
+
+int eqc_int8_gemm_dequant_cuda_variant(const int8_t* Aq, const float* a_scale, const int8_t* B,
+                                       const float* B_scale, const float* bias, float* Y, int M, int N, int ld,
+                                       int variant, void* stream) {
+  if (variant < 0 || variant >= kVariantCount) return cudaErrorInvalidValue;
+  if (M < 0 || N < 0 || ld < 0 || ld % 16 != 0) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(Aq) % 16 || reinterpret_cast<uintptr_t>(B) % 16) return cudaErrorMisalignedAddress;
+  if (M == 0 || N == 0) return cudaSuccess;
+  return gemm_run(static_cast<Variant>(variant), Aq, a_scale, B, B_scale, bias, Y, M, N, ld,
+                  static_cast<cudaStream_t>(stream), false);
+}
+
+int eqc_cuda_variant_count(void) { return kVariantCount; }
+
+const char* eqc_cuda_variant_name(int variant) {
+  return variant >= 0 && variant < kVariantCount ? kVariantNames[variant] : nullptr;
+}
+
+int eqc_cuda_chosen_variant(int M, int N) { return M <= 0 || N <= 0 ? kAuto : choose_variant(M, N); }
+
+int eqc_cuda_wgmma_available(void) { return eqc_wgmma::available() ? 1 : 0; }
 
 int eqc_fused_int8_gemm_cuda_ex(const float* A, const int8_t* B, const float* B_scale, const float* bias, float* Y,
                                 int M, int N, int K, float absmax_floor, float scale_floor, void* workspace,
@@ -377,7 +434,9 @@ int eqc_fused_int8_gemm_cuda_ex(const float* A, const int8_t* B, const float* B_
     b_use = bp;
   }
   if (err == cudaSuccess) err = static_cast<cudaError_t>(eqc_quantize_rows_cuda(A, aq, sa, M, K, ld, absmax_floor, scale_floor, s));
-  if (err == cudaSuccess) err = gemm_dispatch(aq, sa, b_use, B_scale, bias, Y, M, N, ld, s);
+    // PDL: the GEMM's predecessor is the quantization kernel, launched normally, so everything
+  // before it (the padded copy of B too) has completed when the GEMM may start.
+  if (err == cudaSuccess) err = gemm_dispatch(aq, sa, b_use, B_scale, bias, Y, M, N, ld, s, true);
   if (workspace == nullptr) {
     const cudaError_t free_err = cudaFreeAsync(ws, s);
     if (err == cudaSuccess) err = free_err;
