@@ -32,6 +32,7 @@ SMOLLM2_KN = [(576, 1536), (1536, 576), (576, 576)]  # (K, N): up/gate, down, q/
 LLAMA7B_KN = [(4096, 11008), (11008, 4096), (4096, 4096)]
 PREFILL_M = [512, 1024, 2048, 4096]
 DECODE_M = [1, 4, 8, 16]
+SMALL_BATCH_M = [64]  # between decode and prefill: small-tile and 64-row kernels compete
 
 
 def write_atomic(path: pathlib.Path, text: str) -> None:
@@ -192,7 +193,7 @@ def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int, l2_bytes: 
     row["gemm_us"] = graph_time_us(torch, [gemm(b, 0) for b in bs])
     per_variant: dict[str, Any] = {}
     for v, name in lib.variants.items():
-        if v == 0 or not variants or (m >= 256 and name.startswith("mma_16x")):
+        if v == 0 or not variants or (m >= 64 and name.startswith("mma_16x")):
             continue
         rc = lib.so.eqc_int8_gemm_dequant_cuda_variant(p(aq), p(a_scale), p(bs[0]), p(b_scale), p(bias), p(y),
                                                       m, n, ld, v, cur())
@@ -249,9 +250,10 @@ def run_gpu(args: argparse.Namespace) -> int:
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
     kn = SMOLLM2_KN + ([] if args.quick else LLAMA7B_KN)
-    ms = (PREFILL_M[:2] if args.quick else PREFILL_M) + DECODE_M
+    ms = (PREFILL_M[:2] if args.quick else PREFILL_M) + DECODE_M + SMALL_BATCH_M
     rows = []
     t0 = time.time()
+    out = pathlib.Path(args.out_dir)
     for k, n in kn:
         for m in ms:
             row = bench_gpu_shape(torch, lib, m, k, n, l2, variants=not args.no_variants)
@@ -261,11 +263,12 @@ def run_gpu(args: argparse.Namespace) -> int:
                   f"| int_mm {row['int_mm_tops'] or 0:6.1f} | fp16 {row['fp16_tops']:6.1f} "
                   f"| x{row['fused_vs_fp16']:.2f} fp16 x{row['fused_vs_int_mm'] or 0:.2f} int_mm "
                   f"exact={row['exact']} [{time.time() - t0:.0f}s]", flush=True)
+            write_atomic(out / "cuda_gemm.partial.json", json.dumps(rows) + "\n")  # survives a timeout
     env = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
            "sm_count": props.multi_processor_count, "l2_bytes": l2, "torch": torch.__version__,
            "cuda": torch.version.cuda, "library": str(path),
            "wgmma": bool(lib.so.eqc_cuda_wgmma_available())}
-    out = pathlib.Path(args.out_dir)
+    (out / "cuda_gemm.partial.json").unlink(missing_ok=True)
     write_atomic(out / "cuda_gemm.json", json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     write_atomic(out / "cuda_gemm.md", gpu_markdown(env, rows))
     print(f"wrote {out / 'cuda_gemm.json'} and .md")

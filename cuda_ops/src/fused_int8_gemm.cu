@@ -41,7 +41,13 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+__device__ __forceinline__ int8_t quantize_one(float x, float s) {
+  return static_cast<int8_t>(__float2int_rn(fminf(fmaxf(__fdiv_rn(x, s), -128.0f), 127.0f)));
+}
+
 // One block per row: absmax reduction, then a second (cache-hot) pass that writes int8.
+// VEC: 16-byte loads and 4-byte stores (K % 4 == 0, aligned rows); same arithmetic per element.
+template <bool VEC>
 __global__ void __launch_bounds__(kQuantThreads)
     quantize_rows_kernel(const float* __restrict__ A, int8_t* __restrict__ Aq, float* __restrict__ a_scale,
                          int K, int ldq, float absmax_floor, float scale_floor) {
@@ -49,7 +55,16 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int row = blockIdx.x;
   const float* a = A + static_cast<size_t>(row) * K;
   float m = 0.0f;
-  for (int k = threadIdx.x; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(a[k]));
+  if constexpr (VEC) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < K / 4; i += kQuantThreads) {
+      const float4 v = a4[i];
+      m = fmaxf(fmaxf(m, fmaxf(fabsf(v.x), fabsf(v.y))), fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
+  } else {
+    for (int k = threadIdx.x; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(a[k]));
+  }
   __shared__ float red[kQuantThreads / 32];
   m = warp_max(m);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
@@ -65,10 +80,20 @@ __global__ void __launch_bounds__(kQuantThreads)
   if (!(s > 0.0f)) s = 1.0f;  // all-zero row
   if (threadIdx.x == 0) a_scale[row] = s;
   int8_t* q = Aq + static_cast<size_t>(row) * ldq;
-  for (int k = threadIdx.x; k < ldq; k += kQuantThreads) {
-    int v = 0;
-    if (k < K) v = __float2int_rn(fminf(fmaxf(__fdiv_rn(a[k], s), -128.0f), 127.0f));
-    q[k] = static_cast<int8_t>(v);
+  if constexpr (VEC) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+    char4* q4 = reinterpret_cast<char4*>(q);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < ldq / 4; i += kQuantThreads) {
+      char4 o = make_char4(0, 0, 0, 0);
+      if (i < K / 4) {
+        const float4 v = a4[i];
+        o = make_char4(quantize_one(v.x, s), quantize_one(v.y, s), quantize_one(v.z, s), quantize_one(v.w, s));
+      }
+      q4[i] = o;
+    }
+  } else {
+    for (int k = threadIdx.x; k < ldq; k += kQuantThreads) q[k] = k < K ? quantize_one(a[k], s) : int8_t(0);
   }
 }
 
@@ -239,6 +264,10 @@ using SmallTile = Tile<16, 32, 128, 1, 4, 4>;
 using SmallWideTile = Tile<16, 64, 128, 1, 4, 4>;
 // Decode with twice the bytes in flight per CTA (large K, few CTAs).
 using SmallDeepTile = Tile<16, 32, 256, 1, 4, 4>;
+// Deeper decode pipelines: more weight bytes in flight per SM (the decode GEMM streams B once).
+using NarrowDeepTile = Tile<16, 16, 256, 1, 2, 6>;   // 2x the CTAs of a 32-wide tile, 6 stages
+using SmallDeeperTile = Tile<16, 32, 256, 1, 4, 8>;  // 8 stages (104 KB of shared memory)
+using SmallWideKTile = Tile<16, 32, 512, 1, 4, 4>;   // 512-byte K stages
 // Mid-size M or too few 128x128 tiles to fill the GPU.
 using MediumTile = Tile<64, 64, 64, 2, 2, 4>;
 // Prefill: 128x128 CTA tile, 8 warps of 64x32, 3 stages (61,440 B shared memory).
@@ -281,16 +310,22 @@ enum Variant : int {
   kMma16x32,
   kMma16x64,
   kMma16x32k256,
+  kMma16x16k256s6,
+  kMma16x32k256s8,
+  kMma16x32k512,
   kMma64x64,
   kMma128x128,
   kWgmma64x128,
   kWgmma128x128,
   kWgmma128x256,
+  kWgmma128x256s4,
+  kWgmma256x128,
   kVariantCount
 };
 const char* const kVariantNames[kVariantCount] = {
-    "auto",        "mma_16x32",    "mma_16x64",     "mma_16x32_k256", "mma_64x64",
-    "mma_128x128", "wgmma_64x128", "wgmma_128x128", "wgmma_128x256"};
+    "auto",           "mma_16x32",   "mma_16x64",    "mma_16x32_k256", "mma_16x16_k256_s6",
+    "mma_16x32_k256_s8", "mma_16x32_k512", "mma_64x64",   "mma_128x128",  "wgmma_64x128",
+    "wgmma_128x128",  "wgmma_128x256", "wgmma_128x256_s4", "wgmma_256x128"};
 
 long long tiles(int M, int N, int bm, int bn) {
   return static_cast<long long>((M + bm - 1) / bm) * ((N + bn - 1) / bn);
@@ -315,15 +350,23 @@ cudaError_t gemm_run(Variant v, const int8_t* Aq, const float* sa, const int8_t*
     case kMma16x32: return launch_gemm<SmallTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kMma16x64: return launch_gemm<SmallWideTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kMma16x32k256: return launch_gemm<SmallDeepTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma16x16k256s6: return launch_gemm<NarrowDeepTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma16x32k256s8: return launch_gemm<SmallDeeperTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
+    case kMma16x32k512: return launch_gemm<SmallWideKTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kMma64x64: return launch_gemm<MediumTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kMma128x128: return launch_gemm<LargeTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kWgmma64x128:
     case kWgmma128x128:
-    case kWgmma128x256: {
+    case kWgmma128x256:
+    case kWgmma128x256s4:
+    case kWgmma256x128: {
       if (!eqc_wgmma::available()) return cudaErrorNotSupported;  // needs sm_90a code on a 9.0 device
-      const eqc_wgmma::Shape shape = v == kWgmma64x128    ? eqc_wgmma::Shape::k64x128
-                                     : v == kWgmma128x128 ? eqc_wgmma::Shape::k128x128
-                                                          : eqc_wgmma::Shape::k128x256;
+      using S = eqc_wgmma::Shape;
+      const S shape = v == kWgmma64x128      ? S::k64x128
+                      : v == kWgmma128x128   ? S::k128x128
+                      : v == kWgmma128x256   ? S::k128x256
+                      : v == kWgmma128x256s4 ? S::k128x256s4
+                                             : S::k256x128;
       return eqc_wgmma::launch(shape, Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     }
     default: return cudaErrorInvalidValue;
@@ -370,8 +413,11 @@ int eqc_quantize_rows_cuda(const float* A, int8_t* Aq, float* a_scale, int M, in
                            float scale_floor, void* stream) {
   if (M < 0 || K < 0 || ldq < K) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
-  quantize_rows_kernel<<<M, kQuantThreads, 0, static_cast<cudaStream_t>(stream)>>>(A, Aq, a_scale, K, ldq,
-                                                                                    absmax_floor, scale_floor);
+  const bool vec = K % 4 == 0 && ldq % 4 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(Aq) % 4 == 0;
+  auto kernel = vec ? quantize_rows_kernel<true> : quantize_rows_kernel<false>;
+  kernel<<<M, kQuantThreads, 0, static_cast<cudaStream_t>(stream)>>>(A, Aq, a_scale, K, ldq, absmax_floor,
+                                                                      scale_floor);
   return cudaGetLastError();
 }
 

@@ -75,11 +75,12 @@ __device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc
 
 #endif  // EQC_HAS_WGMMA
 
-// WGS warpgroups stacked along M (64 rows each), each computing NT adjacent n128 blocks.
-template <int WGS_, int NT_, int STAGES_>
+// WGS warpgroups stacked along M, each computing MT x NT blocks of 64 x 128 (MT m64 blocks of
+// its own rows, NT adjacent n128 blocks).
+template <int WGS_, int MT_, int NT_, int STAGES_>
 struct WgTile {
-  static constexpr int WGS = WGS_, NT = NT_, STAGES = STAGES_;
-  static constexpr int BM = 64 * WGS, BN = 128 * NT, THREADS = 128 * WGS;
+  static constexpr int WGS = WGS_, MT = MT_, NT = NT_, STAGES = STAGES_;
+  static constexpr int BM = 64 * WGS * MT, BN = 128 * NT, THREADS = 128 * WGS;
   static constexpr int STAGE_BYTES = (BM + BN) * kBK;
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the base to 1024
   static_assert(STAGES >= 3, "one stage computing, one possibly still read by wgmma, >= 1 loading");
@@ -125,11 +126,13 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     }
   };
 
-  int32_t acc[T::NT][64];
+  int32_t acc[T::MT][T::NT][64];
 #pragma unroll
-  for (int j = 0; j < T::NT; ++j)
+  for (int i = 0; i < T::MT; ++i)
 #pragma unroll
-    for (int r = 0; r < 64; ++r) acc[j][r] = 0;
+    for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 64; ++r) acc[i][j][r] = 0;
 
   // STAGES-2 tiles ahead: at iteration kt, stage (kt-1) may still be read by in-flight wgmma.
   // Weights first: under programmatic dependent launch only Aq / a_scale come from the kernel
@@ -156,14 +159,17 @@ __global__ void __launch_bounds__(T::THREADS, 1)
     cp_async_commit();
 
     const int s = kt % T::STAGES;
-    const int8_t* a_s = stage_a(s) + wg * 64 * kBK;
+    const int8_t* a_s = stage_a(s) + wg * T::MT * 64 * kBK;
     const int8_t* b_s = stage_b(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 32) {
-      const uint64_t da = smem_desc(a_s + kk);
 #pragma unroll
-      for (int j = 0; j < T::NT; ++j) wgmma_m64n128k32(acc[j], da, smem_desc(b_s + j * 128 * kBK + kk));
+      for (int i = 0; i < T::MT; ++i) {
+        const uint64_t da = smem_desc(a_s + i * 64 * kBK + kk);
+#pragma unroll
+        for (int j = 0; j < T::NT; ++j) wgmma_m64n128k32(acc[i][j], da, smem_desc(b_s + j * 128 * kBK + kk));
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();  // wgmma(kt-1) done; wgmma(kt) may run on while the next tile is waited for
@@ -176,22 +182,25 @@ __global__ void __launch_bounds__(T::THREADS, 1)
   const int lane = tid & 31, w = (tid >> 5) & 3;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = m0 + wg * 64 + w * 16 + g + half * 8;
-    if (row >= M) continue;
-    const float sa = a_scale[row];
-    float* yrow = Y + static_cast<size_t>(row) * N;
+  for (int mi = 0; mi < T::MT; ++mi) {
 #pragma unroll
-    for (int j = 0; j < T::NT; ++j) {
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + (wg * T::MT + mi) * 64 + w * 16 + g + half * 8;
+      if (row >= M) continue;
+      const float sa = a_scale[row];
+      float* yrow = Y + static_cast<size_t>(row) * N;
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
+      for (int j = 0; j < T::NT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + j * 128 + i * 8 + 2 * t + e;
-          if (col >= N) continue;
-          float y = __fmul_rn(__fmul_rn(__int2float_rn(acc[j][4 * i + half * 2 + e]), sa), b_scale[col]);
-          if (bias) y = __fadd_rn(y, bias[col]);
-          yrow[col] = y;
+        for (int i = 0; i < 16; ++i) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n0 + j * 128 + i * 8 + 2 * t + e;
+            if (col >= N) continue;
+            float y = __fmul_rn(__fmul_rn(__int2float_rn(acc[mi][j][4 * i + half * 2 + e]), sa), b_scale[col]);
+            if (bias) y = __fadd_rn(y, bias[col]);
+            yrow[col] = y;
+          }
         }
       }
     }
@@ -253,12 +262,16 @@ bool available() {
 cudaError_t launch(Shape shape, const int8_t* Aq, const float* a_scale, const int8_t* B, const float* b_scale,
                    const float* bias, float* Y, int M, int N, int ld, cudaStream_t stream, bool pdl) {
   switch (shape) {
-    case Shape::k128x128:
-      return launch_tile<WgTile<2, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
-    case Shape::k128x256:
-      return launch_tile<WgTile<2, 2, 3>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
     case Shape::k64x128:
-      return launch_tile<WgTile<1, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+      return launch_tile<WgTile<1, 1, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+    case Shape::k128x128:
+      return launch_tile<WgTile<2, 1, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+    case Shape::k128x256:
+      return launch_tile<WgTile<2, 1, 2, 3>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+    case Shape::k128x256s4:
+      return launch_tile<WgTile<2, 1, 2, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+    case Shape::k256x128:
+      return launch_tile<WgTile<2, 2, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,8 +7,8 @@
 
 namespace eqc_wgmma {
 
-// Tile shapes, as (warpgroups x 64) rows by (n128 blocks x 128) columns.
-enum class Shape { k128x128, k128x256, k64x128 };
+// CTA tile shapes (rows x columns of Y); s4 = four pipeline stages instead of three.
+enum class Shape { k64x128, k128x128, k128x256, k128x256s4, k256x128 };
 
 // True when this library holds sm_90a code and the current device runs it (compute 9.0).
 bool available();
