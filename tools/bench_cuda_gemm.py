@@ -193,7 +193,7 @@ def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int, l2_bytes: 
     row["gemm_us"] = graph_time_us(torch, [gemm(b, 0) for b in bs])
     per_variant: dict[str, Any] = {}
     for v, name in lib.variants.items():
-        if v == 0 or not variants or (m >= 64 and name.startswith("mma_16x")):
+        if v == 0 or not variants or (m > 64 and name.startswith("mma_16x")):
             continue
         rc = lib.so.eqc_int8_gemm_dequant_cuda_variant(p(aq), p(a_scale), p(bs[0]), p(b_scale), p(bias), p(y),
                                                       m, n, ld, v, cur())
