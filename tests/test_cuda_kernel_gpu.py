@@ -132,7 +132,7 @@ def test_wgmma_kernels_run_on_hopper(torch, so):
     if cap != (9, 0):
         pytest.skip(f"wgmma needs compute capability 9.0, this device is {cap}")
     assert so.eqc_cuda_wgmma_available() == 1
-    chosen = so.eqc_cuda_variant_name(so.eqc_cuda_chosen_variant(4096, 4096)).decode()
+    chosen = so.eqc_cuda_variant_name(so.eqc_cuda_chosen_variant(4096, 4096, 4096)).decode()
     assert chosen.startswith("wgmma"), chosen
 
 

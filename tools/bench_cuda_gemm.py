@@ -183,7 +183,7 @@ def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int, l2_bytes: 
             p(aq), p(a_scale), p(b), p(b_scale), p(bias), p(y), m, n, ld, v, cur()))
 
     row: dict[str, Any] = {"M": m, "K": k, "N": n, "ops": 2.0 * m * n * k, "weight_copies": copies,
-                           "auto_variant": lib.variants[lib.so.eqc_cuda_chosen_variant(m, n)]}
+                           "auto_variant": lib.variants[lib.so.eqc_cuda_chosen_variant(m, n, k)]}
     fused(bs[0])()
     torch.cuda.synchronize()
     row["exact"], row["max_abs_err"] = exact_rows(torch, a, bs[0], b_scale, bias, y)
@@ -193,8 +193,8 @@ def bench_gpu_shape(torch: Any, lib: CudaLib, m: int, k: int, n: int, l2_bytes: 
     row["gemm_us"] = graph_time_us(torch, [gemm(b, 0) for b in bs])
     per_variant: dict[str, Any] = {}
     for v, name in lib.variants.items():
-        if v == 0 or not variants or (m > 64 and name.startswith("mma_16x")):
-            continue
+        if v == 0 or not variants or (m > 64 and name.startswith("mma_16x")) or (m <= 16 and not name.startswith("mma_16x")):
+            continue  # tiles far from the problem's shape (64/128-row tiles at decode and the reverse)
         rc = lib.so.eqc_int8_gemm_dequant_cuda_variant(p(aq), p(a_scale), p(bs[0]), p(b_scale), p(bias), p(y),
                                                       m, n, ld, v, cur())
         if rc != 0:

@@ -45,8 +45,8 @@ EQC_EXPORT int eqc_int8_gemm_dequant_cuda_variant(const int8_t* Aq, const float*
                                                   int ld, int variant, void* stream);
 EQC_EXPORT int eqc_cuda_variant_count(void);
 EQC_EXPORT const char* eqc_cuda_variant_name(int variant);
-/* The variant auto picks for an M x N output on the current device. */
-EQC_EXPORT int eqc_cuda_chosen_variant(int M, int N);
+/* The variant auto picks for an [M,K] x [K,N] product on the current device. */
+EQC_EXPORT int eqc_cuda_chosen_variant(int M, int N, int K);
 /* 1 when the Hopper (wgmma, sm_90a) kernels run on the current device. */
 EQC_EXPORT int eqc_cuda_wgmma_available(void);
 

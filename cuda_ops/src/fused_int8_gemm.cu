@@ -320,32 +320,45 @@ enum Variant : int {
   kWgmma128x256,
   kWgmma128x256s4,
   kWgmma256x128,
+  kWgmma128x128x2,
   kVariantCount
 };
 const char* const kVariantNames[kVariantCount] = {
     "auto",           "mma_16x32",   "mma_16x64",    "mma_16x32_k256", "mma_16x16_k256_s6",
     "mma_16x32_k256_s8", "mma_16x32_k512", "mma_64x64",   "mma_128x128",  "wgmma_64x128",
-    "wgmma_128x128",  "wgmma_128x256", "wgmma_128x256_s4", "wgmma_256x128"};
+    "wgmma_128x128",  "wgmma_128x256", "wgmma_128x256_s4", "wgmma_256x128", "wgmma_128x128_x2"};
 
 long long tiles(int M, int N, int bm, int bn) {
   return static_cast<long long>((M + bm - 1) / bm) * ((N + bn - 1) / bn);
 }
 
-// Picks a kernel from the problem shape (see tools/results/cuda_gemm.md for the measurements).
-Variant choose_variant(int M, int N) {
-  if (M <= 16) return kMma16x32;
-  if (eqc_wgmma::available() && M > 64) {
-    if (tiles(M, N, 128, 128) >= sm_count()) return kWgmma128x128;
+// Picks a kernel from the problem shape. The thresholds come from the variant sweep on an H100
+// (tools/results/cuda_gemm.md, "GEMM TOPS by kernel variant").
+Variant choose_variant(int M, int N, int K) {
+  const int sms = sm_count();
+  const bool hopper = eqc_wgmma::available();
+  if (M <= 16) {
+    // Decode streams the weights once: deep K stages keep bytes in flight when few 32-column
+    // CTAs share the SMs; with many CTAs (or short K) the 4-stage 256-byte tile is better.
+    if (K <= 1024 || tiles(M, N, 16, 32) >= 2LL * sms) return kMma16x32k256;
+    return kMma16x32k512;
+  }
+  if (M <= 64) {
+    if (hopper && 2 * tiles(M, N, 64, 128) >= sms) return kWgmma64x128;
+    return K <= 1024 ? kMma16x32k256 : kMma16x32k512;
+  }
+  if (hopper) {
+    if (M >= 1024 && K >= 2048 && 10 * tiles(M, N, 256, 128) >= 9LL * sms) return kWgmma256x128;
+    if (2 * tiles(M, N, 128, 128) >= sms) return K <= 2048 ? kWgmma128x128x2 : kWgmma128x128;
     return kWgmma64x128;
   }
-  if (tiles(M, N, LargeTile::BM, LargeTile::BN) >= sm_count()) return kMma128x128;
+  if (tiles(M, N, LargeTile::BM, LargeTile::BN) >= sms) return kMma128x128;
   return kMma64x64;
 }
 
-// pdl: the previous kernel in the stream is our quantization kernel, which writes only Aq/sa.
 cudaError_t gemm_run(Variant v, const int8_t* Aq, const float* sa, const int8_t* B, const float* sb, const float* bias,
                      float* Y, int M, int N, int ld, cudaStream_t stream, bool pdl) {
-  if (v == kAuto) v = choose_variant(M, N);
+  if (v == kAuto) v = choose_variant(M, N, ld);
   switch (v) {
     case kMma16x32: return launch_gemm<SmallTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     case kMma16x64: return launch_gemm<SmallWideTile>(Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
@@ -359,14 +372,16 @@ cudaError_t gemm_run(Variant v, const int8_t* Aq, const float* sa, const int8_t*
     case kWgmma128x128:
     case kWgmma128x256:
     case kWgmma128x256s4:
-    case kWgmma256x128: {
+    case kWgmma256x128:
+    case kWgmma128x128x2: {
       if (!eqc_wgmma::available()) return cudaErrorNotSupported;  // needs sm_90a code on a 9.0 device
       using S = eqc_wgmma::Shape;
       const S shape = v == kWgmma64x128      ? S::k64x128
                       : v == kWgmma128x128   ? S::k128x128
                       : v == kWgmma128x256   ? S::k128x256
                       : v == kWgmma128x256s4 ? S::k128x256s4
-                                             : S::k256x128;
+                      : v == kWgmma256x128   ? S::k256x128
+                                             : S::k128x128x2;
       return eqc_wgmma::launch(shape, Aq, sa, B, sb, bias, Y, M, N, ld, stream, pdl);
     }
     default: return cudaErrorInvalidValue;
@@ -446,7 +461,9 @@ const char* eqc_cuda_variant_name(int variant) {
   return variant >= 0 && variant < kVariantCount ? kVariantNames[variant] : nullptr;
 }
 
-int eqc_cuda_chosen_variant(int M, int N) { return M <= 0 || N <= 0 ? kAuto : choose_variant(M, N); }
+int eqc_cuda_chosen_variant(int M, int N, int K) {
+  return M <= 0 || N <= 0 || K < 0 ? kAuto : choose_variant(M, N, padded_ld(K));
+}
 
 int eqc_cuda_wgmma_available(void) { return eqc_wgmma::available() ? 1 : 0; }
 

@@ -77,9 +77,10 @@ __device__ __forceinline__ void wgmma_m64n128k32(int32_t (&d)[64], uint64_t desc
 
 // WGS warpgroups stacked along M, each computing MT x NT blocks of 64 x 128 (MT m64 blocks of
 // its own rows, NT adjacent n128 blocks).
-template <int WGS_, int MT_, int NT_, int STAGES_>
+template <int WGS_, int MT_, int NT_, int STAGES_, int MIN_BLOCKS_ = 1>
 struct WgTile {
   static constexpr int WGS = WGS_, MT = MT_, NT = NT_, STAGES = STAGES_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;  // CTAs per SM the register budget must allow
   static constexpr int BM = 64 * WGS * MT, BN = 128 * NT, THREADS = 128 * WGS;
   static constexpr int STAGE_BYTES = (BM + BN) * kBK;
   static constexpr int SMEM = STAGES * STAGE_BYTES + 1024;  // + slack to align the base to 1024
@@ -87,7 +88,7 @@ struct WgTile {
 };
 
 template <class T>
-__global__ void __launch_bounds__(T::THREADS, 1)
+__global__ void __launch_bounds__(T::THREADS, T::MIN_BLOCKS)
     wgmma_gemm_kernel(const int8_t* __restrict__ Aq, const float* __restrict__ a_scale, const int8_t* __restrict__ B,
                       const float* __restrict__ b_scale, const float* __restrict__ bias, float* __restrict__ Y, int M,
                       int N, int ld) {
@@ -272,6 +273,8 @@ cudaError_t launch(Shape shape, const int8_t* Aq, const float* a_scale, const in
       return launch_tile<WgTile<2, 1, 2, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
     case Shape::k256x128:
       return launch_tile<WgTile<2, 2, 1, 4>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
+    case Shape::k128x128x2:
+      return launch_tile<WgTile<2, 1, 1, 3, 2>>(Aq, a_scale, B, b_scale, bias, Y, M, N, ld, stream, pdl);
   }
   return cudaErrorInvalidValue;
 }

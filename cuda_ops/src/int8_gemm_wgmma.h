@@ -7,8 +7,9 @@
 
 namespace eqc_wgmma {
 
-// CTA tile shapes (rows x columns of Y); s4 = four pipeline stages instead of three.
-enum class Shape { k64x128, k128x128, k128x256, k128x256s4, k256x128 };
+// CTA tile shapes (rows x columns of Y); s4 = four pipeline stages instead of three; x2 = sized
+// (3 stages, <= 128 registers) so that two CTAs share an SM and overlap each other's prologue/epilogue.
+enum class Shape { k64x128, k128x128, k128x256, k128x256s4, k256x128, k128x128x2 };
 
 // True when this library holds sm_90a code and the current device runs it (compute 9.0).
 bool available();
