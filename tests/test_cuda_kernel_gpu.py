@@ -69,9 +69,11 @@ def fused(torch, so, a, b, scale, bias, floors=(0.0, 0.0)) -> np.ndarray:
 
 
 # M = 1 (decode), M = 16/17 (small-tile edge), K not a multiple of 16 (padded copy of B), K not a
-# multiple of 128 (partial wgmma K tile), N not a multiple of the tile, tiles exceeding the SM count.
+# multiple of 128 (partial wgmma K tile), N not a multiple of the tile, tiles exceeding the SM count;
+# K = 11008 / 16400 / 4100: 1024-thread register-cached quantization, the re-reading fallback, ldq padding.
 FUSED_SHAPES = [(1, 7, 5), (3, 33, 9), (1, 576, 1536), (16, 576, 1536), (17, 576, 1536), (65, 200, 130),
-                (300, 1536, 576), (1000, 4096, 4096 + 8), (2048, 576, 1536)]
+                (300, 1536, 576), (1000, 4096, 4096 + 8), (2048, 576, 1536),
+                (5, 11008, 64), (3, 16400, 40), (4, 4100, 24)]
 
 
 @pytest.mark.parametrize("m,k,n", FUSED_SHAPES)

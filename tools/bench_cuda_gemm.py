@@ -249,7 +249,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     lib = CudaLib(path)
     props = torch.cuda.get_device_properties(0)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
-    kn = SMOLLM2_KN + ([] if args.quick else LLAMA7B_KN)
+    kn = (SMOLLM2_KN if "smollm2" in args.models else []) + ([] if args.quick or "7b" not in args.models else LLAMA7B_KN)
     ms = (PREFILL_M[:2] if args.quick else PREFILL_M) + DECODE_M + SMALL_BATCH_M
     rows = []
     t0 = time.time()
@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU kernel in onnxruntime instead")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-variants", action="store_true", help="GPU: time only the kernel auto picks")
+    parser.add_argument("--models", default="smollm2,7b", help="GPU: K/N shape sets, comma-separated (smollm2, 7b)")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the GPU results are written")
     args = parser.parse_args(argv)
     return run_cpu(args) if args.cpu else run_gpu(args)

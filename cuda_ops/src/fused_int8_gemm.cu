@@ -97,6 +97,79 @@ __global__ void __launch_bounds__(kQuantThreads)
   }
 }
 
+// Block-wide max of per-thread values (THREADS a multiple of 32, at most 1024).
+template <int THREADS>
+__device__ __forceinline__ float block_max(float m) {
+  __shared__ float red[32];
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    m = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
+    m = warp_max(m);
+    if (threadIdx.x == 0) red[0] = m;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// Rows of K = 4 * (at most R * THREADS) floats: each thread keeps its R float4 in registers
+// between the absmax and the quantization pass, so A is read from memory once. Same arithmetic
+// per element as quantize_rows_kernel.
+template <int THREADS, int R>
+__global__ void __launch_bounds__(THREADS)
+    quantize_rows_reg_kernel(const float* __restrict__ A, int8_t* __restrict__ Aq, float* __restrict__ a_scale,
+                             int K, int ldq, float absmax_floor, float scale_floor) {
+  griddep_launch_dependents();  // the GEMM may start streaming B while rows are quantized
+  const int row = blockIdx.x, k4 = K / 4, ld4 = ldq / 4;
+  const float4* a4 = reinterpret_cast<const float4*>(A + static_cast<size_t>(row) * K);
+  float4 v[R];
+  float m = 0.0f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * THREADS;
+    v[r] = i < k4 ? a4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    m = fmaxf(fmaxf(m, fmaxf(fabsf(v[r].x), fabsf(v[r].y))), fmaxf(fabsf(v[r].z), fabsf(v[r].w)));
+  }
+  m = block_max<THREADS>(m);
+  float s = __fdiv_rn(fmaxf(m, absmax_floor), 127.0f);
+  s = fmaxf(s, scale_floor);
+  if (!(s > 0.0f)) s = 1.0f;  // all-zero row
+  if (threadIdx.x == 0) a_scale[row] = s;
+  char4* q4 = reinterpret_cast<char4*>(Aq + static_cast<size_t>(row) * ldq);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * THREADS;
+    if (i >= ld4) break;
+    q4[i] = i < k4 ? make_char4(quantize_one(v[r].x, s), quantize_one(v[r].y, s), quantize_one(v[r].z, s),
+                                quantize_one(v[r].w, s))
+                   : make_char4(0, 0, 0, 0);
+  }
+  for (int i = R * THREADS + threadIdx.x; i < ld4; i += THREADS) q4[i] = make_char4(0, 0, 0, 0);  // ldq padding
+}
+
+using QuantKernel = void (*)(const float*, int8_t*, float*, int, int, float, float);
+
+// The register-cached kernel for rows up to 16384 floats (256 threads up to 4096, else 1024).
+bool pick_reg_quantizer(int K, QuantKernel* kernel, int* threads) {
+  const int k4 = K / 4;
+  static const QuantKernel small[4] = {quantize_rows_reg_kernel<256, 1>, quantize_rows_reg_kernel<256, 2>,
+                                       quantize_rows_reg_kernel<256, 3>, quantize_rows_reg_kernel<256, 4>};
+  static const QuantKernel large[4] = {quantize_rows_reg_kernel<1024, 1>, quantize_rows_reg_kernel<1024, 2>,
+                                       quantize_rows_reg_kernel<1024, 3>, quantize_rows_reg_kernel<1024, 4>};
+  if (k4 <= 4 * 256) {
+    *kernel = small[k4 <= 256 ? 0 : (k4 - 1) / 256];
+    *threads = 256;
+    return true;
+  }
+  if (k4 <= 4 * 1024) {
+    *kernel = large[(k4 - 1) / 1024];
+    *threads = 1024;
+    return true;
+  }
+  return false;
+}
+
 // Copies B [N, K] into a zero-padded [N, ld] buffer (only for K % 16 != 0 or unaligned B).
 __global__ void pad_rows_kernel(const int8_t* __restrict__ B, int8_t* __restrict__ Bp, int N, int K, int ld) {
   const size_t total = static_cast<size_t>(N) * ld;
@@ -430,9 +503,10 @@ int eqc_quantize_rows_cuda(const float* A, int8_t* Aq, float* a_scale, int M, in
   if (M == 0) return cudaSuccess;
   const bool vec = K % 4 == 0 && ldq % 4 == 0 && reinterpret_cast<uintptr_t>(A) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(Aq) % 4 == 0;
-  auto kernel = vec ? quantize_rows_kernel<true> : quantize_rows_kernel<false>;
-  kernel<<<M, kQuantThreads, 0, static_cast<cudaStream_t>(stream)>>>(A, Aq, a_scale, K, ldq, absmax_floor,
-                                                                      scale_floor);
+  QuantKernel kernel = vec ? quantize_rows_kernel<true> : quantize_rows_kernel<false>;
+  int threads = kQuantThreads;
+  if (vec && !pick_reg_quantizer(K, &kernel, &threads)) kernel = quantize_rows_kernel<true>;
+  kernel<<<M, threads, 0, static_cast<cudaStream_t>(stream)>>>(A, Aq, a_scale, K, ldq, absmax_floor, scale_floor);
   return cudaGetLastError();
 }
 
