@@ -300,8 +300,9 @@ def gpu_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             "(cuBLASLt int8 -> int32, no quantization or dequantization; it rejects M <= 16). fp16 = "
             "torch.matmul on fp16 activations and weights. `fused / fp16 (eager)` compares calls issued one by "
             "one from Python instead. bit-exact: sampled rows equal the numpy statement of the op.\n\n"
-            + markdown_table(rows, cols) + "\n\n## GEMM TOPS by kernel variant\n\n"
-            + markdown_table(vrows, [("M", "M"), ("K", "K"), ("N", "N")] + [(n_, n_) for n_ in names]) + "\n")
+            + markdown_table(rows, cols) + "\n"
+            + ("" if not names else "\n## GEMM TOPS by kernel variant\n\n"
+               + markdown_table(vrows, [("M", "M"), ("K", "K"), ("N", "N")] + [(n_, n_) for n_ in names]) + "\n"))
 
 
 # ================================================================================== CPU
