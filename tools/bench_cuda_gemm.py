@@ -85,9 +85,28 @@ class CudaLib:
             raise RuntimeError(f"eqc CUDA call failed: {self.so.eqc_cuda_error_string(rc).decode()}")
 
 
+def median_us_per_call(torch: Any, run: Callable[[], None], calls_per_run: int, min_ms: float) -> float:
+    """Median over 5 samples of CUDA-event time per call, each sample ~min_ms of back-to-back runs."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    reps = int(max(3, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(reps):
+            run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * calls_per_run))
+    return statistics.median(samples)
+
+
 def graph_time_us(torch: Any, calls: list[Callable[[], None]], min_ms: float = 20.0) -> float:
-    """Median GPU time per call from CUDA-graph replays of all `calls` (launch gaps included,
-    Python and ctypes overhead excluded), after an eager warm-up."""
+    """GPU time per call from CUDA-graph replays of all `calls` (launch gaps included, Python and
+    ctypes overhead excluded), after an eager warm-up."""
     for call in calls:
         call()
     torch.cuda.synchronize()
@@ -95,46 +114,19 @@ def graph_time_us(torch: Any, calls: list[Callable[[], None]], min_ms: float = 2
     with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
         for call in calls:
             call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    reps = int(max(3, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
-    samples = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return statistics.median(samples)
+    return median_us_per_call(torch, graph.replay, len(calls), min_ms)
 
 
 def eager_time_us(torch: Any, calls: list[Callable[[], None]], min_ms: float = 20.0) -> float:
-    """Median wall time per call issued from Python (what an eager caller sees; includes launch cost)."""
-    for call in calls:
-        call()
+    """Time per call issued from Python (what an eager caller sees; includes launch cost)."""
+    def run_all() -> None:
+        for call in calls:
+            call()
+
+    run_all()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for call in calls:
-        call()
-    end.record()
-    end.synchronize()
-    reps = int(max(3, min(2000, min_ms / max(start.elapsed_time(end), 1e-3))))
-    samples = []
-    for _ in range(5):
-        start.record()
-        for _ in range(reps):
-            for call in calls:
-                call()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return statistics.median(samples)
+    return median_us_per_call(torch, run_all, len(calls), min_ms)
 
 
 def weight_copies(n: int, k: int, l2_bytes: int) -> int:
