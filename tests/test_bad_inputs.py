@@ -352,31 +352,17 @@ def test_unknown_recipe(llama, tmp_path):
                    out=out)
 
 
-def test_bad_recipe_json(llama, tmp_path):
-    (tmp_path / "r.json").write_text('{"name": "x", "passes": [')
+@pytest.mark.parametrize("recipe, message", [
+    ('{"name": "x", "passes": [', "not valid JSON"),
+    ('{"name": "x", "passes": [{"pass": "quantize_everything"}]}', "unknown pass 'quantize_everything'"),
+    ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bitz": 4}}]}', "no option 'bitz'"),
+    ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bits": 3}}]}', "bits"),
+], ids=["truncated-json", "unknown-pass", "unknown-option", "bad-option-value"])
+def test_bad_recipe_file(llama, tmp_path, recipe, message):
+    (tmp_path / "r.json").write_text(recipe)
     out = tmp_path / "out"
-    assert_refused(run_eqc("compile", llama, "--recipe", tmp_path / "r.json", "-o", out, check=False),
-                   "not valid JSON", out=out)
-
-
-def test_recipe_unknown_pass(llama, tmp_path):
-    (tmp_path / "r.json").write_text('{"name": "x", "passes": [{"pass": "quantize_everything"}]}')
-    out = tmp_path / "out"
-    assert_refused(run_eqc("compile", llama, "--recipe", tmp_path / "r.json", "-o", out, check=False),
-                   "unknown pass 'quantize_everything'", out=out)
-
-
-def test_recipe_unknown_option(llama, tmp_path):
-    (tmp_path / "r.json").write_text('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bitz": 4}}]}')
-    out = tmp_path / "out"
-    assert_refused(run_eqc("compile", llama, "--recipe", tmp_path / "r.json", "-o", out, check=False),
-                   "no option 'bitz'", out=out)
-
-
-def test_recipe_bad_option_value(llama, tmp_path):
-    (tmp_path / "r.json").write_text('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bits": 3}}]}')
-    out = tmp_path / "out"
-    assert_refused(run_eqc("compile", llama, "--recipe", tmp_path / "r.json", "-o", out, check=False), "bits", out=out)
+    assert_refused(run_eqc("compile", llama, "--recipe", tmp_path / "r.json", "-o", out, check=False), message,
+                   out=out)
 
 
 # ---------------------------------------------------------------- outputs
