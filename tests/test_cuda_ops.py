@@ -348,8 +348,10 @@ def test_build_info_and_cuda_archs():
         assert info["cuda"] is False and not (BUILD / "libeqc_ops_cuda.so").exists()
         pytest.skip("nvcc not installed: CPU-only build (checked that no stale CUDA library is left)")
     assert info["cuda"] is True, "nvcc is present but build.sh did not build the CUDA library"
+    # 90a: the Hopper cubin holds the wgmma kernels (the arch-specific target has no PTX to fall back to).
+    assert info["cuda_archs"] == os.environ.get("EQC_CUDA_ARCHS", "80;90a").split(";")
     images = set(fatbin_images(BUILD / "libeqc_ops_cuda.so"))
-    assert {("elf", 80), ("elf", 90)} <= images, images
+    assert {("elf", 80), ("elf", 90), ("ptx", 90)} <= images, images
 
 
 def test_cuda_library_exports_c_entry_points():
