@@ -188,6 +188,9 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu", "ort-cuda"]), default="portable", show_default=True,
               help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels; ort-cuda: per-token W8A8 -> ai.eqc::FusedInt8Gemm (libeqc_ops_cuda.so).")
+@click.option("--reduce-range", is_flag=True,
+              help="Store int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels do not saturate on x86 without "
+                   "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision elsewhere.")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
 @click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,
@@ -212,7 +215,7 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, ppl_windows: int | None,
+                reduce_range: bool, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, ppl_windows: int | None,
                 sensitivity: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
@@ -235,7 +238,7 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
                 raise EqcError(f"--{key} goes with --budget (recipe mixed)")
             options[key] = value
     manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
-                             options=options)
+                             options=options, pass_overrides={"reduce_range": True} if reduce_range else None)
     q = manifest["quantization"]
     if save_plan_file is not None:
         from eqcompiler.bitwidth import save_plan
@@ -265,16 +268,26 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure decode-step latency.")
 @click.option("--chunk", default=0, show_default=True,
               help="Perplexity through the KV cache: feed each window CHUNK tokens at a time (0: whole window at once).")
+@click.option("--ort-config", "ort_config", multiple=True, metavar="KEY=VALUE",
+              help="ONNX Runtime session config entry for every session (repeatable), e.g. "
+                   "session.qdq_matmulnbits_accuracy_level=0 to keep weight-only int8 layers in float compute.")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, embed_ref: str | None,
-             n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, as_json: bool) -> None:
+             n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, ort_config: tuple[str, ...],
+             as_json: bool) -> None:
     """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
-    from eqcompiler import evaluate
+    from eqcompiler import evaluate, runtime
     from eqcompiler.artifact import resolve_artifact, size_bytes
+    from eqcompiler.cpu_features import saturation_warning
 
+    if ort_config:
+        os.environ[runtime.ORT_CONFIG_ENV] = ";".join(ort_config)
+        runtime.ort_config_entries()  # refuse a malformed entry before any work
     art = resolve_artifact(model)
-    result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model))}
+    result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model)),
+                              "warnings": [w for w in [saturation_warning(art.manifest or {})] if w],
+                              "ort_config": runtime.ort_config_entries()}
     if ppl_text and chunk:
         from eqcompiler.decode import chunked_perplexity
 
@@ -289,7 +302,7 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
     if latency:
         result["latency"] = evaluate.decode_latency(model)
     def lines(r: dict[str, Any]) -> list[str]:
-        out = [f"size: {r['size_bytes'] / 1e6:.1f} MB"]
+        out = [f"warning: {w}" for w in r["warnings"]] + [f"size: {r['size_bytes'] / 1e6:.1f} MB"]
         if "ppl" in r:
             out.append(f"perplexity: {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['window']}"
                        + (f", through the cache in chunks of {r['chunk']})" if r.get("chunk") else ")"))

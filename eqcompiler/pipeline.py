@@ -1,6 +1,7 @@
 """`eqc compile`: run a recipe's passes over an artifact and write a new, self-contained artifact."""
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 from typing import Any
@@ -12,7 +13,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from eqcompiler import artifact as art_mod
 from eqcompiler.atomic import staged_dir
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext, make_pass
+from eqcompiler.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.recipes import load_recipe
 from eqcompiler.stats import CalibrationStats
 
@@ -24,19 +25,40 @@ def build_passes(recipe: dict[str, Any], context: CompileContext) -> list[ir.pas
     return [make_pass(step["pass"], context, dict(step.get("options", {}))) for step in recipe["passes"]]
 
 
+def override_pass_options(recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with each override set on every step whose pass has that option (e.g. reduce_range
+    on quantize_weights); an override that no step takes is refused rather than silently dropped."""
+    if not overrides:
+        return recipe
+    passes = available_passes()
+    steps, taken = [], set()
+    for step in recipe["passes"]:
+        fields = {f.name for f in dataclasses.fields(passes[step["pass"]].Options)} if step["pass"] in passes else set()
+        hits = {k: v for k, v in overrides.items() if k in fields}
+        taken |= set(hits)
+        steps.append({**step, "options": {**step.get("options", {}), **hits}} if hits else step)
+    unused = sorted(set(overrides) - taken)
+    if unused:
+        raise EqcError(f"recipe '{recipe['name']}' has no pass with option {', '.join(map(repr, unused))} "
+                       f"(its passes: {', '.join(s['pass'] for s in recipe['passes'])})")
+    return {**recipe, "passes": steps}
+
+
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
                   overwrite: bool = False, options: dict[str, Any] | None = None,
-                  extra_steps: list[dict[str, Any]] | None = None, target: str = "portable") -> dict[str, Any]:
+                  extra_steps: list[dict[str, Any]] | None = None, target: str = "portable",
+                  pass_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest.
 
-    `target` (eqcompiler.targets) appends lowering or check passes after the recipe's own steps.
+    `target` (eqcompiler.targets) appends lowering or check passes after the recipe's own steps;
+    `pass_overrides` sets options on every recipe step whose pass has them.
     """
     from eqcompiler.targets import runtime_requirements, target_steps
 
     start = time.perf_counter()
     art = art_mod.resolve_artifact(model)
     model_path = art_mod.model_file(art)
-    recipe = load_recipe(recipe_name)
+    recipe = override_pass_options(load_recipe(recipe_name), dict(pass_overrides or {}))
     target_warnings: list[str] = []
     extra_steps = list(extra_steps or []) + target_steps(target, target_warnings, recipe)
     if extra_steps:

@@ -59,16 +59,28 @@ def quantize_with_scale(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray
     return np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
 
 
+# ONNX Runtime's int8 GEMMs on x86 CPUs without VNNI multiply uint8 activations by int8 weights with
+# vpmaddubsw, whose int16 pair sums saturate unless |weight| <= 64 (2 * 255 * 64 < 32768): the
+# "reduce_range" weight range, 7 bits in an int8 container.
+REDUCED_INT8_RANGE = (-64, 63)
+
+
 def quantize_channelwise(w: np.ndarray, axis: int, bits: int = 8, symmetric: bool = True,
-                         block_size: int = 0, clip_ratio: float | np.ndarray = 1.0) -> QuantizedWeight:
+                         block_size: int = 0, clip_ratio: float | np.ndarray = 1.0,
+                         reduce_range: bool = False) -> QuantizedWeight:
     """Per-channel (block_size=0) or blocked quantization of a 2-D weight.
 
     `axis` is the output-channel axis for per-channel scales; for blocked quantization it is the
     reduction (input-feature) axis along which blocks of `block_size` share one scale, as in ONNX
-    opset-21 blocked DequantizeLinear.
+    opset-21 blocked DequantizeLinear. `reduce_range` (symmetric int8 only) keeps codes in
+    REDUCED_INT8_RANGE.
     """
     signed = symmetric
     qmin, qmax, store, _ = INT_RANGES[("int" if signed else "uint", bits)]
+    if reduce_range:
+        if not (signed and bits == 8):
+            raise ValueError("reduce_range applies to symmetric int8 weights only")
+        qmin, qmax = REDUCED_INT8_RANGE
     w = np.asarray(w, dtype=np.float32)
     if block_size:
         red_axis = axis

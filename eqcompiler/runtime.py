@@ -14,6 +14,21 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 
+ORT_CONFIG_ENV = "EQC_ORT_CONFIG"
+
+
+def ort_config_entries() -> dict[str, str]:
+    """Session config entries for every session eqc opens, from EQC_ORT_CONFIG="key=value;key=value"
+    (`eqc eval --ort-config` sets it), e.g. session.qdq_matmulnbits_accuracy_level=0."""
+    entries = {}
+    for item in filter(None, (x.strip() for x in os.environ.get(ORT_CONFIG_ENV, "").split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EqcError(f"{ORT_CONFIG_ENV}: '{item}' is not KEY=VALUE")
+        entries[key.strip()] = value.strip()
+    return entries
+
+
 def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
                  external_data_dir: pathlib.Path | None = None) -> ort.InferenceSession:
     """A CPU session; registers eqc's custom op library when the graph uses the ai.eqc domain.
@@ -24,6 +39,8 @@ def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
     if external_data_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data_dir))
     opts.log_severity_level = 3
+    for key, value in ort_config_entries().items():
+        opts.add_session_config_entry(key, value)
     if threads is None:
         threads = int(os.environ.get("EQC_THREADS", "0"))
     opts.intra_op_num_threads = threads

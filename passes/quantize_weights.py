@@ -15,7 +15,8 @@ from eqcompiler.errors import EqcError
 from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, release_mapping,
                               weight_array)
 from eqcompiler.pass_base import EqcPass
-from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
+from eqcompiler.qdq import (REDUCED_INT8_RANGE, QuantizedWeight, emit_dequantize, emit_quantized_initializers,
+                           quantize_channelwise)
 
 
 @dataclasses.dataclass
@@ -27,6 +28,9 @@ class QuantizeWeightsOptions:
     exclude: str | None = None
     embeddings: bool = True  # also quantize token-embedding tables (per row, int8)
     embedding_bits: int = 8
+    # 7-bit int8 codes, for ONNX Runtime's CPU int8 kernels on x86 without VNNI (their int16 pair
+    # sums saturate with full-range weights); costs one bit of weight precision everywhere else.
+    reduce_range: bool = False
 
     def validate(self) -> None:
         if self.bits not in (4, 8):
@@ -35,13 +39,17 @@ class QuantizeWeightsOptions:
             raise EqcError(f"quantize_weights: block_size must be 0 or a power of two >= 16, got {self.block_size}")
         if self.embedding_bits not in (4, 8):
             raise EqcError(f"quantize_weights: embedding_bits must be 4 or 8, got {self.embedding_bits}")
+        if self.reduce_range and not (self.bits == 8 and self.symmetric):
+            raise EqcError("quantize_weights: reduce_range applies to symmetric int8 weights (bits 8, symmetric true)")
 
 
-def quantize_site_weight(w: np.ndarray, transposed: bool, bits: int, symmetric: bool, block_size: int) -> QuantizedWeight:
+def quantize_site_weight(w: np.ndarray, transposed: bool, bits: int, symmetric: bool, block_size: int,
+                         reduce_range: bool = False) -> QuantizedWeight:
     """Per output channel, or blocks along the input features, for a [K,N] (or [N,K] if transposed) weight."""
     if block_size:
-        return quantize_channelwise(w, axis=1 if transposed else 0, bits=bits, symmetric=symmetric, block_size=block_size)
-    return quantize_channelwise(w, axis=0 if transposed else 1, bits=bits, symmetric=symmetric)
+        return quantize_channelwise(w, axis=1 if transposed else 0, bits=bits, symmetric=symmetric, block_size=block_size,
+                                    reduce_range=reduce_range)
+    return quantize_channelwise(w, axis=0 if transposed else 1, bits=bits, symmetric=symmetric, reduce_range=reduce_range)
 
 
 class QuantizeWeightsPass(EqcPass):
@@ -64,13 +72,14 @@ class QuantizeWeightsPass(EqcPass):
             weight = group[0].weight
             if id(weight) in tables:
                 continue  # handled with its Gather below, so the table is stored once
-            qw = quantize_site_weight(_checked_weight(weight), group[0].transposed, opts.bits, opts.symmetric, opts.block_size)
+            qw = quantize_site_weight(_checked_weight(weight), group[0].transposed, opts.bits, opts.symmetric, opts.block_size,
+                                      opts.reduce_range)
             _release(weight)
             first = min(group, key=lambda s: order[id(s.node)])
             dq = emit_dequantize(graph, qw, weight.name, before=first.node)
             for site in group:
                 site.node.replace_input_with(1, dq)
-                layers[site.name] = _describe(qw)
+                layers[site.name] = _describe(qw, opts.reduce_range)
             bytes_before += weight.const_value.nbytes
             bytes_after += _stored_bytes(qw)
             graph.initializers.pop(weight.name)
@@ -81,7 +90,8 @@ class QuantizeWeightsPass(EqcPass):
         if not layers:
             raise EqcError("quantize_weights matched no layer: the graph has no MatMul/Gemm with a constant weight"
                            + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.include or opts.exclude else ""))
-        self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after)})
+        self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after),
+                     "reduce_range": opts.reduce_range})
         return ir.passes.PassResult(model, modified=True)
 
     def _quantize_table(self, graph: ir.Graph, gathers: list[ir.Node], tied_sites: list[LinearSite],
@@ -89,7 +99,9 @@ class QuantizeWeightsPass(EqcPass):
         """Per-row int8 table; Gather reads int8 rows and their scales, then dequantizes them."""
         table = gathers[0].inputs[0]
         w = _checked_weight(table)
-        qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True)
+        # A table tied to the lm_head feeds a MatMul too: give it the linear layers' weight range.
+        reduce = bool(tied_sites) and self.options.reduce_range and self.options.embedding_bits == 8
+        qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True, reduce_range=reduce)
         order = node_order(graph)
         first = min(gathers + [s.node for s in tied_sites], key=lambda n: order[id(n)])
         # The tied lm_head (Transpose(table) -> MatMul) dequantizes the whole table per run;
@@ -100,7 +112,7 @@ class QuantizeWeightsPass(EqcPass):
             for site in tied_sites:
                 transpose = site.node.inputs[1].producer()
                 transpose.replace_input_with(0, dq)
-                layers[site.name] = _describe(qw) + " (tied to embedding)"
+                layers[site.name] = _describe(qw, reduce) + " (tied to embedding)"
         else:
             q_val, s_val, z_val = emit_quantized_initializers(graph, qw, table.name)
         for gather in gathers:
@@ -119,7 +131,7 @@ class QuantizeWeightsPass(EqcPass):
             dq_rows.outputs[0].name = gather.outputs[0].name
             gather.outputs[0].name = None
             graph.remove(gather, safe=True)
-            layers[_gather_name(gather)] = _describe(qw) + " (embedding rows)"
+            layers[_gather_name(gather)] = _describe(qw, reduce) + " (embedding rows)"
         nbytes = table.const_value.nbytes
         del w
         _release(table)
@@ -157,9 +169,10 @@ def _gather_name(node: ir.Node) -> str:
     return layer_name(node)
 
 
-def _describe(qw: QuantizedWeight) -> str:
+def _describe(qw: QuantizedWeight, reduced: bool = False) -> str:
     kind = "sym" if qw.signed else "asym"
-    return f"int{qw.bits} {kind} " + (f"g{qw.block_size}" if qw.block_size else "per-channel")
+    return f"int{qw.bits} {kind} " + (f"g{qw.block_size}" if qw.block_size else "per-channel") + (
+        f" in [{REDUCED_INT8_RANGE[0]}, {REDUCED_INT8_RANGE[1]}]" if reduced else "")
 
 
 def _stored_bytes(qw: QuantizedWeight) -> int:

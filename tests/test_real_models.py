@@ -29,7 +29,11 @@ def test_smollm2_export_is_faithful(smollm2_artifact, smollm2_fp32_ppl) -> None:
 def test_smollm2_w8_and_w8a8(smollm2_artifact, smollm2_stats, smollm2_fp32_ppl, tmp_path: pathlib.Path) -> None:
     run_eqc("compile", smollm2_artifact, "--recipe", "w8", "-o", tmp_path / "w8")
     run_eqc("compile", smollm2_artifact, "--recipe", "w8a8", "--calib", smollm2_stats, "-o", tmp_path / "w8a8")
-    w8 = json.loads(run_eqc("eval", tmp_path / "w8", "--ppl", WIKI_TEST, "--max-tokens", TOKENS, "--no-latency", "--json").stdout)
+    # Weight-only numerics: by default ORT 1.32 turns DequantizeLinear->MatMul into 8-bit MatMulNBits with
+    # int8 activation blocks (accuracy level 4), whose kernels saturate on x86 without VNNI (+0.55% here on
+    # an AVX2 host vs -0.16% at level 0); level 0 keeps the float compute the artifact describes.
+    w8 = json.loads(run_eqc("eval", tmp_path / "w8", "--ppl", WIKI_TEST, "--max-tokens", TOKENS, "--no-latency", "--json",
+                            "--ort-config", "session.qdq_matmulnbits_accuracy_level=0").stdout)
     base = smollm2_fp32_ppl["ppl"]
     assert w8["ppl"] / base - 1 < 0.005, (w8["ppl"], base)
     assert w8["size_bytes"] < 0.27 * smollm2_artifact.joinpath("model.onnx.data").stat().st_size

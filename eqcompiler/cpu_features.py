@@ -1,0 +1,49 @@
+"""Host CPU facts that change what ONNX Runtime computes for an int8 artifact."""
+from __future__ import annotations
+
+import functools
+import pathlib
+import platform
+
+# Instructions that give ORT's int8 GEMMs exact int32 dot products on x86.
+_EXACT_INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+@functools.lru_cache(maxsize=1)
+def _linux_cpu_flags() -> frozenset[str] | None:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
+def int8_gemm_saturates() -> bool:
+    """True on x86-64 CPUs without VNNI/AMX: there ORT multiplies uint8 activations by int8 weights
+    with vpmaddubsw, whose int16 pair sums saturate unless |weight| <= 64 (see `--reduce-range`).
+    False elsewhere, and where the flags cannot be read (no warning beats a wrong one)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = _linux_cpu_flags()
+    return flags is not None and not (flags & _EXACT_INT8_DOT_FLAGS)
+
+
+def full_range_int8_layers(manifest: dict) -> list[str]:
+    """Layers an eqc manifest reports as int8 weights stored with the full [-128, 127] range."""
+    report = (manifest.get("quantization") or {}).get("report") or {}
+    return sorted(name for section in report.values() if isinstance(section, dict)
+                  for name, desc in (section.get("layers") or {}).items()
+                  if isinstance(desc, str) and desc.startswith("int8") and "[-64, 63]" not in desc)
+
+
+def saturation_warning(manifest: dict) -> str | None:
+    """One line for `eqc eval`/`bench` when this host's ORT int8 kernels will saturate on the artifact."""
+    layers = full_range_int8_layers(manifest)
+    if not layers or not int8_gemm_saturates():
+        return None
+    return (f"this CPU has no VNNI: ONNX Runtime's int8 kernels saturate on full-range int8 weights "
+            f"({len(layers)} layers here), so scores can be worse than the artifact's QDQ numerics; "
+            "compile with --reduce-range for such CPUs")

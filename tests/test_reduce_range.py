@@ -1,0 +1,105 @@
+"""--reduce-range: int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels stay exact on x86
+CPUs without VNNI, and the host check that warns when they would not."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import WIKI_TEST, run_eqc
+from eqcompiler import artifact as am
+from eqcompiler.cpu_features import full_range_int8_layers, int8_gemm_saturates, saturation_warning
+from eqcompiler.errors import EqcError
+from eqcompiler.pipeline import compile_model, override_pass_options
+from eqcompiler.qdq import quantize_channelwise
+from eqcompiler.recipes import load_recipe
+from eqcompiler.runtime import causal_feed
+
+
+def test_reduced_codes_stay_in_seven_bits():
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32) * 3
+    full = quantize_channelwise(w, axis=1, bits=8)
+    reduced = quantize_channelwise(w, axis=1, bits=8, reduce_range=True)
+    assert full.q.min() >= -128 and np.abs(full.q).max() == 127
+    assert reduced.q.min() >= -64 and reduced.q.max() <= 63 and np.abs(reduced.q).max() == 63
+    np.testing.assert_allclose(reduced.scale, np.abs(w).max(axis=0) / 63, rtol=1e-6)
+    # one bit less precision: the reconstruction error roughly doubles
+    err_full = np.abs(full.dequantize() - w).mean()
+    err_reduced = np.abs(reduced.dequantize() - w).mean()
+    assert 1.6 < err_reduced / err_full < 2.4
+    with pytest.raises(ValueError, match="symmetric int8"):
+        quantize_channelwise(w, axis=1, bits=4, reduce_range=True)
+
+
+def test_override_reaches_only_passes_that_have_the_option():
+    recipe = override_pass_options(load_recipe("w8a8"), {"reduce_range": True})
+    steps = {s["pass"]: s.get("options", {}) for s in recipe["passes"]}
+    assert steps["quantize_weights"]["reduce_range"] is True
+    assert all("reduce_range" not in opts for name, opts in steps.items() if name != "quantize_weights")
+    with pytest.raises(EqcError, match="has no pass with option 'reduce_range'"):
+        override_pass_options(load_recipe("none"), {"reduce_range": True})
+
+
+def _logits(folder: pathlib.Path, level: ort.GraphOptimizationLevel) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(am.model_file(am.resolve_artifact(folder))), opts,
+                                providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+    ids = np.random.default_rng(1).integers(4, 500, (2, 33))
+    return sess.run(["logits"], causal_feed(sess, ids))[0]
+
+
+def _ort_vs_qdq(folder: pathlib.Path) -> float:
+    """How far ORT's optimized int8 kernels land from the QDQ graph's own numerics (fusions off)."""
+    ref = _logits(folder, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    got = _logits(folder, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def test_reduce_range_keeps_ort_int8_kernels_exact(tiny_artifact, tiny_llama_stats, tmp_path):
+    src = tiny_artifact("llama")
+    full = tmp_path / "w8a8"
+    reduced = tmp_path / "w8a8-rr"
+    compile_model(src, "w8a8", full, calib=str(tiny_llama_stats))
+    run_eqc("compile", src, "--recipe", "w8a8", "--calib", tiny_llama_stats, "--reduce-range", "-o", reduced)
+    model = onnx.load(str(reduced / "model.onnx"))
+    onnx.checker.check_model(model)
+    manifest = json.loads((reduced / "manifest.json").read_text())
+    assert manifest["quantization"]["report"]["quantize_weights"]["reduce_range"] is True
+    assert full_range_int8_layers(manifest) == []
+    int8_weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
+                    and len(t.dims) == 2]
+    assert int8_weights and all(w.min() >= -64 and w.max() <= 63 for w in int8_weights)
+    # 7-bit weights: ORT's fused int8 GEMMs reproduce the QDQ graph on every CPU.
+    assert _ort_vs_qdq(reduced) < 1e-4
+    # Full-range weights: exact only where the CPU has VNNI; the host check must predict which.
+    full_manifest = json.loads((full / "manifest.json").read_text())
+    assert full_range_int8_layers(full_manifest)
+    if int8_gemm_saturates():
+        assert _ort_vs_qdq(full) > 1e-2
+        assert "compile with --reduce-range" in saturation_warning(full_manifest)
+    else:
+        assert _ort_vs_qdq(full) < 1e-4
+        assert saturation_warning(full_manifest) is None
+
+
+@pytest.mark.parametrize("recipe, message", [("w4-rtn", "reduce_range applies to symmetric int8 weights"),
+                                             ("none", "has no pass with option 'reduce_range'")])
+def test_reduce_range_refused_where_it_cannot_apply(tiny_artifact, tmp_path, recipe, message):
+    out = tmp_path / "x"
+    proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", recipe, "--reduce-range", "-o", out, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and not out.exists()
+
+
+def test_eval_ort_config_reaches_the_session(tiny_artifact, tmp_path):
+    src = tiny_artifact("llama")
+    ok = run_eqc("eval", src, "--ppl", WIKI_TEST, "--max-tokens", "64", "--window", "32", "--no-latency", "--json",
+                 "--ort-config", "session.qdq_matmulnbits_accuracy_level=0")
+    assert json.loads(ok.stdout)["ort_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    bad = run_eqc("eval", src, "--no-latency", "--ort-config", "no-equals-sign", check=False)
+    assert bad.returncode == 2 and "is not KEY=VALUE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
