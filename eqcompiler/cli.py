@@ -188,9 +188,10 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu", "ort-cuda"]), default="portable", show_default=True,
               help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels; ort-cuda: per-token W8A8 -> ai.eqc::FusedInt8Gemm (libeqc_ops_cuda.so).")
-@click.option("--reduce-range", is_flag=True,
+@click.option("--reduce-range/--no-reduce-range", default=None,
               help="Store int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels do not saturate on x86 without "
-                   "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision elsewhere.")
+                   "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision. Default: the recipe's choice "
+                   "(W8A8 recipes: auto = on when compiling on such a CPU for --target portable/ort-cpu).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
 @click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,
@@ -215,7 +216,8 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                reduce_range: bool, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None, ppl_windows: int | None,
+                reduce_range: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
+                ppl_windows: int | None,
                 sensitivity: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
@@ -238,7 +240,7 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
                 raise EqcError(f"--{key} goes with --budget (recipe mixed)")
             options[key] = value
     manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
-                             options=options, pass_overrides={"reduce_range": True} if reduce_range else None)
+                             options=options, pass_overrides=None if reduce_range is None else {"reduce_range": reduce_range})
     q = manifest["quantization"]
     if save_plan_file is not None:
         from eqcompiler.bitwidth import save_plan

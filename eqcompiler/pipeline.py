@@ -81,6 +81,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     context = CompileContext(stats=stats, manifest=dict(art.manifest), options=dict(options or {}))
     context.warnings.extend(target_warnings)
     context.options.setdefault("source_folder", str(art.folder))
+    context.options.setdefault("target", target)  # e.g. quantize_weights' reduce_range "auto"
     passes = build_passes(recipe, context)
     manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from eqcompiler.cpu_features import int8_gemm_saturates
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, release_mapping,
                               weight_array)
@@ -30,7 +31,8 @@ class QuantizeWeightsOptions:
     embedding_bits: int = 8
     # 7-bit int8 codes, for ONNX Runtime's CPU int8 kernels on x86 without VNNI (their int16 pair
     # sums saturate with full-range weights); costs one bit of weight precision everywhere else.
-    reduce_range: bool = False
+    # "auto": only when compiling on such a CPU for an ORT CPU target (portable, ort-cpu).
+    reduce_range: bool | str = False
 
     def validate(self) -> None:
         if self.bits not in (4, 8):
@@ -39,7 +41,9 @@ class QuantizeWeightsOptions:
             raise EqcError(f"quantize_weights: block_size must be 0 or a power of two >= 16, got {self.block_size}")
         if self.embedding_bits not in (4, 8):
             raise EqcError(f"quantize_weights: embedding_bits must be 4 or 8, got {self.embedding_bits}")
-        if self.reduce_range and not (self.bits == 8 and self.symmetric):
+        if self.reduce_range not in (True, False, "auto"):
+            raise EqcError(f"quantize_weights: reduce_range must be true, false or \"auto\", got {self.reduce_range!r}")
+        if self.reduce_range is True and not (self.bits == 8 and self.symmetric):
             raise EqcError("quantize_weights: reduce_range applies to symmetric int8 weights (bits 8, symmetric true)")
 
 
@@ -58,7 +62,8 @@ class QuantizeWeightsPass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        opts = self.options
+        self._reduce_range = self._resolve_reduce_range()
+        opts = dataclasses.replace(self.options, reduce_range=self._reduce_range)
         sites = [s for s in find_linear_sites(graph, opts.include, opts.exclude) if not s.quantized]
         gathers = embedding_gathers(graph) if opts.embeddings else []
         tables = {id(g.inputs[0]) for g in gathers}
@@ -94,13 +99,27 @@ class QuantizeWeightsPass(EqcPass):
                      "reduce_range": opts.reduce_range})
         return ir.passes.PassResult(model, modified=True)
 
+    def _resolve_reduce_range(self) -> bool:
+        """reduce_range "auto": on when ORT's int8 CPU kernels would saturate on this host's output."""
+        opts = self.options
+        if opts.reduce_range != "auto":
+            return bool(opts.reduce_range)
+        target = self.context.options.get("target", "portable")
+        on = opts.bits == 8 and opts.symmetric and target in ("portable", "ort-cpu") and int8_gemm_saturates()
+        if on:
+            self.context.warn(
+                "int8 weights kept in [-64, 63] (reduce_range auto): this CPU has no VNNI, and ONNX Runtime's int8 "
+                "kernels saturate on full-range weights here; --no-reduce-range keeps 8-bit weights (GPU, TensorRT, "
+                "VNNI CPUs)")
+        return on
+
     def _quantize_table(self, graph: ir.Graph, gathers: list[ir.Node], tied_sites: list[LinearSite],
                         layers: dict[str, str]) -> tuple[int, int]:
         """Per-row int8 table; Gather reads int8 rows and their scales, then dequantizes them."""
         table = gathers[0].inputs[0]
         w = _checked_weight(table)
         # A table tied to the lm_head feeds a MatMul too: give it the linear layers' weight range.
-        reduce = bool(tied_sites) and self.options.reduce_range and self.options.embedding_bits == 8
+        reduce = bool(tied_sites) and self._reduce_range and self.options.embedding_bits == 8
         qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True, reduce_range=reduce)
         order = node_order(graph)
         first = min(gathers + [s.node for s in tied_sites], key=lambda n: order[id(n)])

@@ -65,7 +65,7 @@ def test_reduce_range_keeps_ort_int8_kernels_exact(tiny_artifact, tiny_llama_sta
     src = tiny_artifact("llama")
     full = tmp_path / "w8a8"
     reduced = tmp_path / "w8a8-rr"
-    compile_model(src, "w8a8", full, calib=str(tiny_llama_stats))
+    compile_model(src, "w8a8", full, calib=str(tiny_llama_stats), pass_overrides={"reduce_range": False})
     run_eqc("compile", src, "--recipe", "w8a8", "--calib", tiny_llama_stats, "--reduce-range", "-o", reduced)
     model = onnx.load(str(reduced / "model.onnx"))
     onnx.checker.check_model(model)
@@ -103,3 +103,17 @@ def test_eval_ort_config_reaches_the_session(tiny_artifact, tmp_path):
     assert json.loads(ok.stdout)["ort_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
     bad = run_eqc("eval", src, "--no-latency", "--ort-config", "no-equals-sign", check=False)
     assert bad.returncode == 2 and "is not KEY=VALUE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("target", ["portable", "tensorrt"])
+def test_w8a8_recipes_pick_the_range_for_the_host(tiny_artifact, tiny_llama_stats, tmp_path, target):
+    """reduce_range "auto" (the W8A8 recipes): 7-bit weights only when compiling on a CPU whose ORT
+    int8 kernels saturate, for an ORT CPU target; never for TensorRT; the compile says so."""
+    out = tmp_path / target
+    proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8-int8", "--calib", tiny_llama_stats,
+                   "--target", target, "-o", out, "--json")
+    result = json.loads(proc.stdout)
+    expect = int8_gemm_saturates() and target == "portable"
+    assert result["report"]["quantize_weights"]["reduce_range"] is expect
+    assert any("reduce_range auto" in w for w in result["warnings"]) is expect
+    assert (full_range_int8_layers(json.loads((out / "manifest.json").read_text())) == []) is expect
