@@ -100,12 +100,17 @@ class QuantizeWeightsPass(EqcPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _resolve_reduce_range(self) -> bool:
-        """reduce_range "auto": on when ORT's int8 CPU kernels would saturate on this host's output."""
+        """reduce_range "auto": on when this host's ORT int8 CPU kernels would run the output and
+        saturate, i.e. static activation scales (ORT fuses those QDQ pairs into its int8 GEMMs, and
+        ort-cpu lowers them to the same kernels) for an ORT CPU target. Per-token chains stay in float
+        compute in ORT (or go to eqc's exact FusedInt8Gemm), so they keep 8-bit weights."""
         opts = self.options
         if opts.reduce_range != "auto":
             return bool(opts.reduce_range)
         target = self.context.options.get("target", "portable")
-        on = opts.bits == 8 and opts.symmetric and target in ("portable", "ort-cpu") and int8_gemm_saturates()
+        static = "quantize_activations" in self.context.options.get("recipe_passes", ())
+        int8_kernels = static and target in ("portable", "ort-cpu")
+        on = opts.bits == 8 and opts.symmetric and int8_kernels and int8_gemm_saturates()
         if on:
             self.context.warn(
                 "int8 weights kept in [-64, 63] (reduce_range auto): this CPU has no VNNI, and ONNX Runtime's int8 "
