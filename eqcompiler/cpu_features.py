@@ -32,11 +32,13 @@ def int8_gemm_saturates() -> bool:
 
 
 def full_range_int8_layers(manifest: dict) -> list[str]:
-    """Layers an eqc manifest reports as int8 weights stored with the full [-128, 127] range."""
+    """Linear layers an eqc manifest reports as int8 weights stored with the full [-128, 127] range
+    (embedding rows are gathered, not multiplied, so they do not count)."""
     report = (manifest.get("quantization") or {}).get("report") or {}
     return sorted(name for section in report.values() if isinstance(section, dict)
                   for name, desc in (section.get("layers") or {}).items()
-                  if isinstance(desc, str) and desc.startswith("int8") and "[-64, 63]" not in desc)
+                  if isinstance(desc, str) and desc.startswith("int8") and "[-64, 63]" not in desc
+                  and "(embedding rows)" not in desc)
 
 
 def saturation_warning(manifest: dict) -> str | None:

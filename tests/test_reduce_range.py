@@ -105,12 +105,13 @@ def test_eval_ort_config_reaches_the_session(tiny_artifact, tmp_path):
     assert bad.returncode == 2 and "is not KEY=VALUE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("target", ["portable", "tensorrt"])
-def test_w8a8_recipes_pick_the_range_for_the_host(tiny_artifact, tiny_llama_stats, tmp_path, target):
-    """reduce_range "auto" (the W8A8 recipes): 7-bit weights only when compiling on a CPU whose ORT
-    int8 kernels saturate, for an ORT CPU target; never for TensorRT; the compile says so."""
+@pytest.mark.parametrize("target", ["portable", "ort-cuda"])
+def test_w8a8_recipe_picks_the_range_for_the_host(tiny_artifact, tiny_llama_stats, tmp_path, target):
+    """reduce_range "auto" (recipe w8a8: static uint8 activations, where ORT's AVX2 int8 kernels
+    collapse SmolLM2): 7-bit weights only when compiling on a CPU whose ORT int8 kernels saturate,
+    for an ORT CPU target; never for GPU targets; the compile says so."""
     out = tmp_path / target
-    proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8-int8", "--calib", tiny_llama_stats,
+    proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8", "--calib", tiny_llama_stats,
                    "--target", target, "-o", out, "--json")
     result = json.loads(proc.stdout)
     expect = int8_gemm_saturates() and target == "portable"
