@@ -41,6 +41,28 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Block-wide max of per-thread values (THREADS a multiple of 32, at most 1024).
+template <int THREADS>
+__device__ __forceinline__ float block_max(float m) {
+  __shared__ float red[32];
+  m = warp_max(m);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    m = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
+    m = warp_max(m);
+    if (threadIdx.x == 0) red[0] = m;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// The per-row scale of the op: max(max(absmax, absmax_floor) / 127, scale_floor), 1 for an all-zero row.
+__device__ __forceinline__ float row_scale(float absmax, float absmax_floor, float scale_floor) {
+  float s = fmaxf(__fdiv_rn(fmaxf(absmax, absmax_floor), 127.0f), scale_floor);
+  return s > 0.0f ? s : 1.0f;
+}
+
 __device__ __forceinline__ int8_t quantize_one(float x, float s) {
   return static_cast<int8_t>(__float2int_rn(fminf(fmaxf(__fdiv_rn(x, s), -128.0f), 127.0f)));
 }
@@ -65,19 +87,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   } else {
     for (int k = threadIdx.x; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(a[k]));
   }
-  __shared__ float red[kQuantThreads / 32];
-  m = warp_max(m);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    m = threadIdx.x < kQuantThreads / 32 ? red[threadIdx.x] : 0.0f;
-    m = warp_max(m);
-    if (threadIdx.x == 0) red[0] = m;
-  }
-  __syncthreads();
-  float s = __fdiv_rn(fmaxf(red[0], absmax_floor), 127.0f);
-  s = fmaxf(s, scale_floor);
-  if (!(s > 0.0f)) s = 1.0f;  // all-zero row
+  const float s = row_scale(block_max<kQuantThreads>(m), absmax_floor, scale_floor);
   if (threadIdx.x == 0) a_scale[row] = s;
   int8_t* q = Aq + static_cast<size_t>(row) * ldq;
   if constexpr (VEC) {
@@ -95,22 +105,6 @@ __global__ void __launch_bounds__(kQuantThreads)
   } else {
     for (int k = threadIdx.x; k < ldq; k += kQuantThreads) q[k] = k < K ? quantize_one(a[k], s) : int8_t(0);
   }
-}
-
-// Block-wide max of per-thread values (THREADS a multiple of 32, at most 1024).
-template <int THREADS>
-__device__ __forceinline__ float block_max(float m) {
-  __shared__ float red[32];
-  m = warp_max(m);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    m = threadIdx.x < THREADS / 32 ? red[threadIdx.x] : 0.0f;
-    m = warp_max(m);
-    if (threadIdx.x == 0) red[0] = m;
-  }
-  __syncthreads();
-  return red[0];
 }
 
 // Rows of K = 4 * (at most R * THREADS) floats: each thread keeps its R float4 in registers
@@ -131,10 +125,7 @@ __global__ void __launch_bounds__(THREADS)
     v[r] = i < k4 ? a4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     m = fmaxf(fmaxf(m, fmaxf(fabsf(v[r].x), fabsf(v[r].y))), fmaxf(fabsf(v[r].z), fabsf(v[r].w)));
   }
-  m = block_max<THREADS>(m);
-  float s = __fdiv_rn(fmaxf(m, absmax_floor), 127.0f);
-  s = fmaxf(s, scale_floor);
-  if (!(s > 0.0f)) s = 1.0f;  // all-zero row
+  const float s = row_scale(block_max<THREADS>(m), absmax_floor, scale_floor);
   if (threadIdx.x == 0) a_scale[row] = s;
   char4* q4 = reinterpret_cast<char4*>(Aq + static_cast<size_t>(row) * ldq);
 #pragma unroll
