@@ -35,8 +35,9 @@ def full_range_int8_layers(manifest: dict) -> list[str]:
     """Linear layers an eqc manifest reports as int8 weights stored with the full [-128, 127] range
     (embedding rows are gathered, not multiplied, so they do not count)."""
     report = (manifest.get("quantization") or {}).get("report") or {}
-    return sorted(name for section in report.values() if isinstance(section, dict)
-                  for name, desc in (section.get("layers") or {}).items()
+    sections = [s.get("layers") for s in report.values() if isinstance(s, dict)]
+    return sorted(name for layers in sections if isinstance(layers, dict)  # the KV pass reports a count
+                  for name, desc in layers.items()
                   if isinstance(desc, str) and desc.startswith("int8") and "[-64, 63]" not in desc
                   and "(embedding rows)" not in desc)
 

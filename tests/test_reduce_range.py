@@ -118,3 +118,12 @@ def test_w8a8_recipe_picks_the_range_for_the_host(tiny_artifact, tiny_llama_stat
     assert result["report"]["quantize_weights"]["reduce_range"] is expect
     assert any("reduce_range auto" in w for w in result["warnings"]) is expect
     assert (full_range_int8_layers(json.loads((out / "manifest.json").read_text())) == []) is expect
+
+
+def test_layer_scan_ignores_non_table_reports():
+    manifest = {"quantization": {"report": {
+        "quantize_weights": {"layers": {"a": "int8 sym per-channel", "b": "int8 sym per-channel in [-64, 63]",
+                                        "emb": "int8 sym per-channel (embedding rows)"}},
+        "quantize_kv_cache": {"layers": 30, "bits": 8}, "quantize_activations": {"static": 3}}}}
+    assert full_range_int8_layers(manifest) == ["a"]
+    assert full_range_int8_layers({"quantization": None}) == []
