@@ -121,6 +121,24 @@ def quantize_channelwise(w: np.ndarray, axis: int, bits: int = 8, symmetric: boo
                            bits=bits, signed=signed)
 
 
+def step_ratio(t: object, scale: float) -> float:
+    """step / typical |x| of one tensor's statistics (TensorStats): how coarse a static grid of step
+    `scale` is for the ordinary elements (typical = median over channels of the mean |x|)."""
+    from eqcompiler.errors import EqcError
+
+    extra, name = t.extra, getattr(t, "name", "a linear input")  # type: ignore[attr-defined]
+    if "abssum_channel" in extra:
+        abssum = np.asarray(extra["abssum_channel"], dtype=np.float64)
+        mean_abs = abssum / max(t.count / max(abssum.shape[0], 1), 1.0)  # type: ignore[attr-defined]
+    elif "sample_rows" in extra:  # the same per-channel mean |x|, estimated on the stored token sample
+        mean_abs = np.abs(np.asarray(extra["sample_rows"], dtype=np.float64)).mean(axis=0)
+    else:
+        raise EqcError(f"the static step ratio needs the 'abssum' calibration observer (missing for {name}); "
+                       "rerun `eqc calibrate --observers minmax,absmax_channel,abssum`")
+    typical = float(np.median(mean_abs))
+    return float(scale / typical) if typical > 0 else float("inf")
+
+
 def activation_scale(lo: float, hi: float, bits: int = 8, symmetric: bool = True) -> tuple[float, int]:
     """Per-tensor (scale, zero point) for an activation range."""
     if symmetric:

@@ -12,6 +12,9 @@ step / typical|x| (step = scale of the static quantizer, typical|x| = median ove
 mean |x|, from the "abssum" observer, or the "sample" observer's rows; after smooth_quant these are the smoothed statistics) and gives
 the inputs above the threshold per-token dynamic int8 instead (the quantize_activations_dynamic
 chain), so every linear stays int8 W8A8. The report lists each tensor's score and which fell back.
+Inputs smooth_quant already smoothed for per-token quantization (its activation_granularity "auto",
+recorded in context.options["per_token_inputs"]) get per-token int8 whatever dynamic_above says, so the
+quantizer is the one their smoothing was scored for; the report lists them as per_token_from_smooth_quant.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import new_initializer, node_order, sites_by_activation
 from eqcompiler.pass_base import EqcPass
-from eqcompiler.qdq import activation_scale
+from eqcompiler.qdq import activation_scale, step_ratio
 from eqcompiler.passes.quantize_activations_dynamic import emit_per_token
+from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
 
 # Range selection (see eqcompiler/range_methods.py): minmax uses the observed range; percentile,
 # entropy (TensorRT KL) and mse clip outliers using the calibration histogram (`--observers hist`).
@@ -56,17 +60,10 @@ class QuantizeActivationsOptions:
 
 def static_step_ratio(stats: object, name: str, scale: float) -> float:
     """step / typical |x|: how coarse the static grid is for the tensor's ordinary elements."""
-    t = stats.get(name)  # type: ignore[attr-defined]
-    if "abssum_channel" in t.extra:
-        abssum = np.asarray(t.extra["abssum_channel"], dtype=np.float64)
-        mean_abs = abssum / max(t.count / max(abssum.shape[0], 1), 1.0)
-    elif "sample_rows" in t.extra:  # the same per-channel mean |x|, estimated on the stored token sample
-        mean_abs = np.abs(np.asarray(t.extra["sample_rows"], dtype=np.float64)).mean(axis=0)
-    else:
-        raise EqcError(f"quantize_activations dynamic_above needs the 'abssum' calibration observer "
-                       f"(missing for '{name}'); rerun `eqc calibrate --observers minmax,absmax_channel,abssum`")
-    typical = float(np.median(mean_abs))
-    return float(scale / typical) if typical > 0 else float("inf")
+    try:
+        return step_ratio(stats.get(name), scale)  # type: ignore[attr-defined]
+    except EqcError as exc:
+        raise EqcError(f"quantize_activations dynamic_above: {exc} ('{name}')") from None
 
 
 def activation_range(stats: object, name: str, method: str, percentile: float = 99.99) -> tuple[float, float]:
@@ -104,6 +101,7 @@ class QuantizeActivationsPass(EqcPass):
         ranges: dict[str, list[float]] = {}
         scores: dict[str, float] = {}
         dynamic: list[str] = []
+        per_token = set(self.context.options.get(PER_TOKEN_KEY, []))
         for group in groups:
             x = group[0].activation
             if x.name is None:
@@ -113,9 +111,11 @@ class QuantizeActivationsPass(EqcPass):
                 raise EqcError(f"statistics for '{x.name}' are not finite (min={lo}, max={hi})")
             scale, zp = activation_scale(lo, hi, opts.bits, opts.symmetric)
             first = min((s.node for s in group), key=lambda n: order[id(n)])
-            if opts.dynamic_above > 0:
+            # Inputs smooth_quant smoothed for per-token quantization (its granularity "auto") get it here.
+            chosen_token = x.name in per_token
+            if opts.dynamic_above > 0 or chosen_token:
                 scores[x.name] = static_step_ratio(self.context.stats, x.name, scale)
-                if scores[x.name] > opts.dynamic_above:
+                if chosen_token or scores[x.name] > opts.dynamic_above:
                     dq = emit_per_token(graph, x, group[0].in_features, first)
                     for site in group:
                         site.node.replace_input_with(0, dq)
@@ -128,8 +128,17 @@ class QuantizeActivationsPass(EqcPass):
         if not ranges and not dynamic:
             raise EqcError("quantize_activations matched no linear layer input")
         report = {"tensors": len(ranges) + len(dynamic), "static": len(ranges), "ranges": ranges, "method": opts.method}
-        if opts.dynamic_above > 0:
-            report.update({"dynamic_above": opts.dynamic_above, "dynamic_fallback": len(dynamic),
+        # Linear inputs include/exclude left in float are a precision decision: say so, by name.
+        quantized = set(ranges) | set(dynamic)
+        left = [g[0].activation.name for g in sites_by_activation(graph) if g[0].activation.name not in quantized
+                and not g[0].activation.name.endswith("_dequantized")]
+        if left:
+            report["float_inputs"] = left
+            self.context.warn(f"quantize_activations: {len(left)} linear input(s) left float by include/exclude: "
+                              + ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+        if opts.dynamic_above > 0 or per_token:
+            report.update({"per_token_from_smooth_quant": sorted(per_token & set(dynamic)),
+                           "dynamic_above": opts.dynamic_above, "dynamic_fallback": len(dynamic),
                            "dynamic_tensors": dynamic, "step_ratio": scores})
         self.report(report)
         return ir.passes.PassResult(model, modified=True)

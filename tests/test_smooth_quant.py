@@ -213,3 +213,51 @@ def test_score_options_validated():
     with pytest.raises(EqcError, match="search='gram'"):
         SmoothQuantOptions(search="gram", activation_granularity="token").validate()
     SmoothQuantOptions(search="ort", activation_granularity="token", score_norm="row").validate()
+
+
+def _sampled_stats(x: np.ndarray) -> CalibrationStats:
+    """Statistics of 'normed' = x * gamma with stored sample rows (search='sample') and abssum."""
+    gamma = np.random.default_rng(1).uniform(0.5, 2, x.shape[1])  # the same gamma _synthetic draws
+    y = (x * gamma).astype(np.float32)
+    t = TensorStats(float(y.min()), float(y.max()), np.abs(y).max(axis=0).astype(np.float32), y.shape[0],
+                    extra={"abssum_channel": np.abs(y).sum(axis=0), "sample_rows": y})
+    return CalibrationStats(meta={}, tensors={"normed": t})
+
+
+@pytest.mark.parametrize("token_outlier", [False, True])
+def test_auto_granularity_scores_for_the_quantizer_the_input_gets(token_outlier):
+    """granularity 'auto': an input whose static step stays coarse after smoothing (one massive token owns
+    its range) is re-scored per token and handed to quantize_activations as per-token; an ordinary input
+    stays static. The smoothed float graph stays exact and the quantized one runs in ORT."""
+    from eqcompiler.passes.quantize_activations import QuantizeActivationsPass
+    from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    x[:, 3] *= 20.0  # channel outlier: smoothing pays off either way
+    if token_outlier:
+        x[0] *= 500.0  # attention-sink style row: sets the static range alone
+    model = _synthetic(residual=False)
+    ref = _run(model, x[:4])
+    context = CompileContext(stats=_sampled_stats(x))
+    SmoothQuantPass(context, search="sample", activation_granularity="auto", dynamic_above=0.15)(model)
+    for a, b in zip(ref, _run(model, x[:4])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    (site,) = context.report["smooth_quant"]["sites"].values()
+    assert site["scored_for"] == ("token" if token_outlier else "tensor")
+    assert context.options.get(PER_TOKEN_KEY, []) == (["normed"] if token_outlier else [])
+    QuantizeActivationsPass(context, bits=8, symmetric=True)(model)  # dynamic_above off: only smooth_quant's choice
+    report = context.report["quantize_activations"]
+    assert report["dynamic_fallback" if token_outlier else "static"] == 1
+    ops = {n.op_type for n in model.graph}
+    assert ("ReduceMax" in ops) == token_outlier  # the per-token chain computes each row's absmax
+    got = _run(model, x[:4])
+    assert np.abs(got[0] - ref[0]).max() / np.abs(ref[0]).max() < 0.05
+
+
+def test_auto_granularity_needs_a_threshold():
+    from eqcompiler.errors import EqcError
+    from eqcompiler.passes.smooth_quant import SmoothQuantOptions
+
+    with pytest.raises(EqcError, match="dynamic_above"):
+        SmoothQuantOptions(search="sample", activation_granularity="auto", dynamic_above=0).validate()

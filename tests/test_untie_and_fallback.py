@@ -123,3 +123,17 @@ def test_untie_skips_a_head_above_the_size_cap(tiny_artifact, tmp_path):
     manifest = compile_model(tiny_artifact("llama"), recipe, tmp_path / "c", calib=None)
     report = manifest["quantization"]["report"]["untie_lm_head"]
     assert report["untied"] == {} and "0.03 MB > max_int8_mb 0.01" in report["skipped"]["lm_head"]
+
+
+def test_inputs_left_float_are_reported(tiny_artifact, abssum_stats, tmp_path):
+    """An input excluded from activation quantization is a precision decision: named in the report and warned."""
+    recipe = _recipe(tmp_path, "xhead", [
+        {"pass": "quantize_weights", "options": {"bits": 8, "symmetric": True, "block_size": 0}},
+        {"pass": "quantize_activations", "options": {"symmetric": True, "exclude": "lm_head"}}])
+    manifest = compile_model(tiny_artifact("llama"), recipe, tmp_path / "xhead", calib=str(abssum_stats))
+    quant = manifest["quantization"]
+    report = quant["report"]["quantize_activations"]
+    assert report["static"] == 8 and len(report["float_inputs"]) == 1
+    assert any("left float" in w and report["float_inputs"][0] in w for w in quant["warnings"])
+    full, _ = _fallback(tiny_artifact, abssum_stats, tmp_path, 0.0)
+    assert "float_inputs" not in full
