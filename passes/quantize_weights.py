@@ -62,8 +62,7 @@ class QuantizeWeightsPass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._reduce_range = self._resolve_reduce_range()
-        opts = dataclasses.replace(self.options, reduce_range=self._reduce_range)
+        opts = dataclasses.replace(self.options, reduce_range=self._reduce_range_on())
         sites = [s for s in find_linear_sites(graph, opts.include, opts.exclude) if not s.quantized]
         gathers = embedding_gathers(graph) if opts.embeddings else []
         tables = {id(g.inputs[0]) for g in gathers}
@@ -99,6 +98,13 @@ class QuantizeWeightsPass(EqcPass):
                      "reduce_range": opts.reduce_range})
         return ir.passes.PassResult(model, modified=True)
 
+    _reduce_range_resolved: bool | None = None  # resolved once per pass (the "auto" warning is said once)
+
+    def _reduce_range_on(self) -> bool:
+        if self._reduce_range_resolved is None:
+            self._reduce_range_resolved = self._resolve_reduce_range()
+        return self._reduce_range_resolved
+
     def _resolve_reduce_range(self) -> bool:
         """reduce_range "auto": on when this host's ORT int8 CPU kernels would run the output and
         saturate, i.e. static activation scales (ORT fuses those QDQ pairs into its int8 GEMMs, and
@@ -124,7 +130,7 @@ class QuantizeWeightsPass(EqcPass):
         table = gathers[0].inputs[0]
         w = _checked_weight(table)
         # A table tied to the lm_head feeds a MatMul too: give it the linear layers' weight range.
-        reduce = bool(tied_sites) and self._reduce_range and self.options.embedding_bits == 8
+        reduce = bool(tied_sites) and self._reduce_range_on() and self.options.embedding_bits == 8
         qw = quantize_channelwise(w, axis=0, bits=self.options.embedding_bits, symmetric=True, reduce_range=reduce)
         order = node_order(graph)
         first = min(gathers + [s.node for s in tied_sites], key=lambda n: order[id(n)])
