@@ -5,6 +5,10 @@ import functools
 import pathlib
 import platform
 
+from eqcompiler.qdq import REDUCED_INT8_RANGE
+
+# How quantize_weights' layer descriptions mark 7-bit (reduce_range) int8 weights.
+REDUCED_MARK = f"[{REDUCED_INT8_RANGE[0]}, {REDUCED_INT8_RANGE[1]}]"
 # Instructions that give ORT's int8 GEMMs exact int32 dot products on x86.
 _EXACT_INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
@@ -38,7 +42,7 @@ def full_range_int8_layers(manifest: dict) -> list[str]:
     sections = [s.get("layers") for s in report.values() if isinstance(s, dict)]
     return sorted(name for layers in sections if isinstance(layers, dict)  # the KV pass reports a count
                   for name, desc in layers.items()
-                  if isinstance(desc, str) and desc.startswith("int8") and "[-64, 63]" not in desc
+                  if isinstance(desc, str) and desc.startswith("int8") and REDUCED_MARK not in desc
                   and "(embedding rows)" not in desc)
 
 

@@ -11,13 +11,12 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.cpu_features import int8_gemm_saturates
+from eqcompiler.cpu_features import REDUCED_MARK, int8_gemm_saturates
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, release_mapping,
                               weight_array)
 from eqcompiler.pass_base import EqcPass
-from eqcompiler.qdq import (REDUCED_INT8_RANGE, QuantizedWeight, emit_dequantize, emit_quantized_initializers,
-                           quantize_channelwise)
+from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
 
 
 @dataclasses.dataclass
@@ -202,7 +201,7 @@ def _gather_name(node: ir.Node) -> str:
 def _describe(qw: QuantizedWeight, reduced: bool = False) -> str:
     kind = "sym" if qw.signed else "asym"
     return f"int{qw.bits} {kind} " + (f"g{qw.block_size}" if qw.block_size else "per-channel") + (
-        f" in [{REDUCED_INT8_RANGE[0]}, {REDUCED_INT8_RANGE[1]}]" if reduced else "")
+        f" in {REDUCED_MARK}" if reduced else "")
 
 
 def _stored_bytes(qw: QuantizedWeight) -> int:
