@@ -47,7 +47,11 @@ def full_range_int8_layers(manifest: dict) -> list[str]:
 
 
 def saturation_warning(manifest: dict) -> str | None:
-    """One line for `eqc eval`/`bench` when this host's ORT int8 kernels will saturate on the artifact."""
+    """One line for `eqc eval` when this host's ORT int8 kernels will saturate on the artifact: static
+    int8 activations (which ORT fuses into its int8 GEMMs) meeting full-range int8 weights."""
+    report = (manifest.get("quantization") or {}).get("report") or {}
+    if "quantize_activations" not in report:
+        return None  # weight-only or per-token: ORT computes those in float (or eqc's exact int8 op)
     layers = full_range_int8_layers(manifest)
     if not layers or not int8_gemm_saturates():
         return None

@@ -127,3 +127,7 @@ def test_layer_scan_ignores_non_table_reports():
         "quantize_kv_cache": {"layers": 30, "bits": 8}, "quantize_activations": {"static": 3}}}}
     assert full_range_int8_layers(manifest) == ["a"]
     assert full_range_int8_layers({"quantization": None}) == []
+    # Only static activations meet ORT's int8 GEMMs: a weight-only artifact never gets the warning.
+    weight_only = {"quantization": {"report": {"quantize_weights": manifest["quantization"]["report"]["quantize_weights"]}}}
+    assert saturation_warning(weight_only) is None
+    assert (saturation_warning(manifest) is not None) is int8_gemm_saturates()
