@@ -30,7 +30,8 @@ class QuantizeWeightsOptions:
     embedding_bits: int = 8
     # 7-bit int8 codes, for ONNX Runtime's CPU int8 kernels on x86 without VNNI (their int16 pair
     # sums saturate with full-range weights); costs one bit of weight precision everywhere else.
-    # "auto": only when compiling on such a CPU for an ORT CPU target (portable, ort-cpu).
+    # "auto": only when compiling on such a CPU for an ORT CPU target (portable, ort-cpu) and the
+    # recipe quantizes activations with static scales (what ORT fuses into its int8 GEMMs).
     reduce_range: bool | str = False
 
     def validate(self) -> None:
@@ -118,7 +119,7 @@ class QuantizeWeightsPass(EqcPass):
         on = opts.bits == 8 and opts.symmetric and int8_kernels and int8_gemm_saturates()
         if on:
             self.context.warn(
-                "int8 weights kept in [-64, 63] (reduce_range auto): this CPU has no VNNI, and ONNX Runtime's int8 "
+                f"int8 weights kept in {REDUCED_MARK} (reduce_range auto): this CPU has no VNNI, and ONNX Runtime's int8 "
                 "kernels saturate on full-range weights here; --no-reduce-range keeps 8-bit weights (GPU, TensorRT, "
                 "VNNI CPUs)")
         return on
