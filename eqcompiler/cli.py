@@ -191,7 +191,12 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="Store int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels do not saturate on x86 without "
                    "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision. Default: the recipe's choice "
-                   "(W8A8 recipes: auto = on when compiling on such a CPU for --target portable/ort-cpu).")
+                   "(w8a8: auto = on when compiling on such a CPU for --target ort-cpu). --reduce-range also turns "
+                   "--uint8-encoding off.")
+@click.option("--uint8-encoding/--no-uint8-encoding", default=None,
+              help="Store static W8A8 layers' int8 codes as uint8 with zero point 128 (same values) so ONNX Runtime "
+                   "uses its exact uint8 x uint8 CPU kernels on x86 without VNNI; not for TensorRT. Default: the "
+                   "recipe's choice (w8a8, w8a8-smooth: auto = on when compiling on such a CPU for --target portable).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
 @click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,
@@ -216,13 +221,14 @@ def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                reduce_range: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
+                reduce_range: bool | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
                 ppl_windows: int | None,
                 sensitivity: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.artifact import size_bytes
     from eqcompiler.pipeline import compile_model
+    from eqcompiler.recipes import load_recipe
 
     extra = []
     if kv_bits:
@@ -239,8 +245,15 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
             if budget is None:
                 raise EqcError(f"--{key} goes with --budget (recipe mixed)")
             options[key] = value
+    overrides: dict[str, object] = {}
+    if reduce_range is not None:
+        overrides["reduce_range"] = reduce_range
+    if uint8_encoding is not None:
+        overrides["when"] = "always" if uint8_encoding else "never"
+    elif reduce_range and "encode_int8_as_uint8" in {s["pass"] for s in load_recipe(recipe)["passes"]}:
+        overrides["when"] = "never"  # 7-bit int8 weights were asked for: keep them int8
     manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
-                             options=options, pass_overrides=None if reduce_range is None else {"reduce_range": reduce_range})
+                             options=options, pass_overrides=overrides or None)
     q = manifest["quantization"]
     if save_plan_file is not None:
         from eqcompiler.bitwidth import save_plan

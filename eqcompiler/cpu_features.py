@@ -53,6 +53,9 @@ def saturation_warning(manifest: dict) -> str | None:
     if "quantize_activations" not in report:
         return None  # weight-only or per-token: ORT computes those in float (or eqc's exact int8 op)
     layers = full_range_int8_layers(manifest)
+    encoded = report.get("encode_int8_as_uint8") or {}
+    if encoded.get("applied"):
+        layers = [name for name in layers if name in (encoded.get("left_int8") or {})]
     if not layers or not int8_gemm_saturates():
         return None
     return (f"this CPU has no VNNI: ONNX Runtime's int8 kernels saturate on full-range int8 weights "

@@ -85,6 +85,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     # ORT will fuse its int8 activations (static scales) into int8 GEMMs.
     context.options.setdefault("target", target)
     context.options.setdefault("recipe_passes", [step["pass"] for step in recipe["passes"]])
+    context.options.setdefault("recipe_options", {step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     passes = build_passes(recipe, context)
     manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
     try:

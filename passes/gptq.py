@@ -54,6 +54,10 @@ class GptqOptions(WeightOnlyOptions):
     act_order: bool = False  # quantize rows by decreasing H diagonal (static groups)
     lazy_block: int = 128  # rows per lazy batch update
     clip_search: bool = True  # pick each group's range shrink by H-diagonal-weighted error
+    # "error": a layer input without the 'gram' observer is refused. "skip": such layers are left
+    # unquantized for the next pass (a recipe's quantize_weights rounds them to nearest), listed in
+    # the report and warned: big models whose K x K Grams would not fit still compile.
+    missing_gram: str = "error"
 
     def validate(self) -> None:
         super().validate()
@@ -61,6 +65,8 @@ class GptqOptions(WeightOnlyOptions):
             raise EqcError(f"gptq: damp must be in (0, 1), got {self.damp}")
         if self.lazy_block < 1:
             raise EqcError(f"gptq: lazy_block must be positive, got {self.lazy_block}")
+        if self.missing_gram not in ("error", "skip"):
+            raise EqcError(f"gptq: missing_gram must be 'error' or 'skip', got '{self.missing_gram}'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,8 +264,12 @@ class GptqPass(EqcPass):
         groups = weight_only_sites(graph, opts.include, opts.exclude, required_by=self.name)
         layers: dict[str, dict[str, float | str]] = {}
         bytes_before = bytes_after = 0
+        skipped: list[str] = []
         for group in groups:
             site = group[0]
+            if opts.missing_gram == "skip" and "gram" not in self.context.stats.get(site.activation.name).extra:
+                skipped.extend(s.name for s in group)
+                continue
             gram, rows = gram_of(self.context.stats, site.activation.name, self.name)
             w = site_matrix(site)
             if gram.shape != (w.shape[0], w.shape[0]):
@@ -274,6 +284,10 @@ class GptqPass(EqcPass):
             bytes_before += site.weight.const_value.nbytes
             bytes_after += stored_bytes(qw)
             replace_weight(graph, group, qw)
+        if skipped:
+            self.context.warn(f"gptq: no 'gram' statistics for {len(skipped)} layer(s) (e.g. {skipped[0]}): left to "
+                              "the next weight pass (round to nearest); calibrate with `--observers "
+                              "minmax,absmax_channel,abssum,gram` for GPTQ")
         self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after),
-                     "act_order": opts.act_order, "damp": opts.damp})
-        return ir.passes.PassResult(model, modified=True)
+                     "act_order": opts.act_order, "damp": opts.damp, "skipped_without_gram": skipped})
+        return ir.passes.PassResult(model, modified=bool(layers))

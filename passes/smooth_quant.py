@@ -23,6 +23,11 @@ activation (or the norm output before a Reshape) has a consumer other than the s
 Shape (e.g. BERT's post-LN output also feeds the residual Add), a weight is shared with another node
 (a tied lm_head reads the embedding table), a weight is already quantized, or the path from v_proj
 to o_proj contains anything but layout ops, the KV-cache Concat and the probs x V MatMul.
+Two opt-in rewrites reach more sites, each with one inserted elementwise Mul (exact in float):
+- compensate_other_consumers: a norm output that also feeds something else still absorbs 1/s; the
+  other consumers (BERT's residual Add) read Mul(x', s), i.e. the original x.
+- explicit_scale: an activation with no foldable producer (a GELU output) gets Mul(x, 1/s) in front of
+  its linears only (ModelOpt's pre_quant_scale; TensorRT fuses it into the QuantizeLinear).
 
 Alpha is chosen per site from `alpha_grid` by the error of the site's int8 output,
 ||XW - Qa(X/s) Qw(sW)||^2 / ||XW||^2 (Qa: static per-tensor from the calibrated range, Qw: per-channel
@@ -96,11 +101,25 @@ class SmoothQuantOptions:
     # (SmolLM2 layer 11 down_proj: alpha 0.85 on a 2000x channel, measured +0.4% ppl from weights alone).
     activation_granularity: str = "tensor"
     dynamic_above: float = 0.15
+    # "auto" also re-scores every static site per token and takes per-token when the static error is
+    # more than static_tolerance x the per-token error (None: the step criterion alone decides).
+    # Scores are the site's own output error, so this trades run-time scale computation for accuracy
+    # only where static costs a measured multiple (SmolLM2: most o_proj inputs).
+    static_tolerance: float | None = None
     # "total": ||dY||^2/||Y||^2 over all sampled rows, dominated by the few massive-activation tokens
     # (|y| ~ 1e4); "row": mean over rows of ||dy||^2/||y||^2, every token counts the same.
     score_norm: str = "total"
     data: str | None = None  # text for the ORT search; default: the statistics' calibration text
     smooth_norm: bool = True
+    # A norm output that also feeds something else (BERT's post-LN hidden state is the next residual):
+    # fold 1/s into the norm anyway and give those other consumers x' * s through one inserted Mul
+    # (exact; one elementwise op in float per site). False: such sites are skipped, as folding alone
+    # cannot reach them.
+    compensate_other_consumers: bool = False
+    # An activation with no per-channel affine producer (GELU output -> BERT/GPT-2 output dense): give
+    # its linears x * (1/s) through one inserted Mul (ModelOpt's "pre_quant_scale"; TensorRT fuses it
+    # into the following QuantizeLinear, ORT runs one elementwise op). False: such sites are skipped.
+    explicit_scale: bool = False
     smooth_mlp: bool = True
     smooth_attention: bool = True
     include: str | None = None  # regex on the first consumer's layer name
@@ -123,6 +142,10 @@ class SmoothQuantOptions:
                            "use search='ort' for activation_granularity='token' or score_norm='row'")
         if self.activation_granularity == "auto" and self.dynamic_above <= 0:
             raise EqcError("smooth_quant: activation_granularity='auto' needs dynamic_above > 0")
+        if self.static_tolerance is not None and (self.static_tolerance < 1.0 or self.activation_granularity != "auto"
+                                                  or self.search in ("none", "gram")):
+            raise EqcError("smooth_quant: static_tolerance (>= 1) needs activation_granularity='auto' and a scored "
+                           "per-token search ('sample', 'ort' or 'auto')")
         if self.search_windows < 1 or self.search_rows < 16:
             raise EqcError("smooth_quant: search_windows must be >= 1 and search_rows >= 16")
 
@@ -131,7 +154,7 @@ class SmoothQuantOptions:
 class SmoothSite:
     """One activation to smooth: how 1/s is folded, and the linears that absorb s."""
 
-    kind: str  # "norm" | "mlp" | "attn"
+    kind: str  # "norm" | "mlp" | "attn" | "explicit" (an inserted Mul carries 1/s)
     activation: ir.Value
     sites: list[LinearSite]
     fold_scale: ir.Value | None = None  # norm: gamma (or LayerNormalization scale)
@@ -140,6 +163,7 @@ class SmoothSite:
     fold_linear: LinearSite | None = None  # mlp: up_proj, attn: v_proj (1/s on its output columns)
     groups: int = 1  # attn: query heads per kv head
     head_dim: int = 0
+    compensate: list = dataclasses.field(default_factory=list)  # (node, input index) that get x' * s back
 
     @property
     def name(self) -> str:
@@ -175,6 +199,12 @@ def _only_linear_consumers(x: ir.Value, linear_nodes: set[int]) -> str | None:
             continue
         return f"'{x.name}' also feeds {node.op_type} '{node.name}'"
     return None
+
+
+def _other_uses(x: ir.Value, linear_nodes: set[int]) -> list[tuple[ir.Node, int]]:
+    """Uses of x other than the linears' activation input and Shape (what compensation rewires)."""
+    return [(u.node, u.idx) for u in x.uses()
+            if u.node.op_type != "Shape" and not (id(u.node) in linear_nodes and u.idx == 0)]
 
 
 def _last_dim_may_be(x: ir.Value, k: int) -> bool:
@@ -354,10 +384,17 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             skipped[name] = "a consumer's weight is shared with another node (e.g. tied lm_head / embedding)"
             continue
         reason = _only_linear_consumers(x, nodes)
+        compensate: list[tuple[ir.Node, int]] = []
         if reason is not None:
-            skipped[name] = reason
-            continue
-        if len(group) == 1 and id(group[0].node) in attn_by_o:
+            if opts.compensate_other_consumers and not x.is_graph_output() and _norm_site(x, k) is not None:
+                compensate = _other_uses(x, nodes)
+            elif opts.explicit_scale:
+                found.append(SmoothSite("explicit", x, group))  # the Mul feeds the linears only
+                continue
+            else:
+                skipped[name] = reason
+                continue
+        if len(group) == 1 and id(group[0].node) in attn_by_o and not compensate:
             v, _ = attn_by_o[id(group[0].node)]
             if not _weight_private(v, {id(v.node)}):
                 skipped[name] = f"v projection {v.name} has a shared weight"
@@ -397,7 +434,8 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             if not opts.smooth_norm:
                 continue
             node, scale, bias = norm
-            found.append(SmoothSite("norm", x, group, fold_scale=scale, fold_bias=bias, fold_node=node))
+            found.append(SmoothSite("norm", x, group, fold_scale=scale, fold_bias=bias, fold_node=node,
+                                    compensate=compensate))
             continue
         mlp = _mlp_site(x, k, by_node)
         if mlp is not None:
@@ -408,6 +446,9 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
                 skipped[name] = f"producer {up.name} has a shared weight"
                 continue
             found.append(SmoothSite("mlp", x, group, fold_bias=bias, fold_linear=up))
+            continue
+        if opts.explicit_scale:
+            found.append(SmoothSite("explicit", x, group))
             continue
         p = src.producer()
         skipped[name] = f"no per-channel affine producer to fold into (produced by {p.op_type if p else 'a graph input'})"
@@ -584,7 +625,9 @@ def _rescaled(value: ir.Value, scale: np.ndarray, axis: int) -> np.ndarray | ir.
 def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
     """Fold 1/s into the producer, s into every consumer's weight rows (exact in float)."""
     inv = (1.0 / s.astype(np.float64))
-    if site.kind == "norm":
+    if site.kind == "explicit":
+        _insert_scale(graph, site, inv)
+    elif site.kind == "norm":
         _replace_const(graph, site.fold_node, site.fold_scale, weight_array(site.fold_scale) * inv, "smoothed")
         if site.fold_bias is not None:
             _replace_const(graph, site.fold_node, site.fold_bias, weight_array(site.fold_bias) * inv, "smoothed")
@@ -601,6 +644,38 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
     for lin in site.sites:
         lin.weight = _replace_const(graph, lin.node, lin.weight, _rescaled(lin.weight, s, axis=1 if lin.transposed else 0),
                                     "smoothed")
+    if site.compensate:
+        _compensate(graph, site, s)
+
+
+def _channel_mul(graph: ir.Graph, x: ir.Value, factor: np.ndarray, dtype: ir.DataType, name: str) -> ir.Node:
+    """A new (not yet inserted) Mul(x, factor[channel]) whose output is named and typed like x."""
+    scale = new_initializer(graph, f"{x.name}_{name}_scale", factor.astype(dtype.numpy()))
+    mul = ir.node("Mul", [x, scale], name=f"{x.name}_{name}")
+    out = mul.outputs[0]
+    out.name, out.dtype = f"{x.name}_{name}ed", dtype
+    if x.shape is not None:
+        out.shape = x.shape.copy()
+    return mul
+
+
+def _insert_scale(graph: ir.Graph, site: SmoothSite, inv: np.ndarray) -> None:
+    """x -> Mul(x, 1/s) -> the site's linears; site.activation becomes the Mul's output."""
+    mul = _channel_mul(graph, site.activation, inv, site.sites[0].weight.dtype, "smooth")
+    graph.insert_before(min((lin.node for lin in site.sites), key=list(graph).index), mul)
+    for lin in site.sites:
+        lin.node.replace_input_with(0, mul.outputs[0])
+        lin.activation = mul.outputs[0]
+    site.activation = mul.outputs[0]
+
+
+def _compensate(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
+    """Give the activation's non-linear consumers x' * s (= the original x) through one Mul."""
+    # the norm's scale has x's element type (x itself may carry no type)
+    mul = _channel_mul(graph, site.activation, s, site.fold_scale.dtype, "unsmooth")
+    graph.insert_after(site.activation.producer(), mul)
+    for node, idx in site.compensate:
+        node.replace_input_with(idx, mul.outputs[0])
 
 
 def adjusted_stats(t: TensorStats, s: np.ndarray) -> TensorStats:
@@ -661,15 +736,16 @@ class SmoothQuantPass(EqcPass):
         for site in sites:
             t = stats.get(site.activation.name)
             s, alpha, score, base, granularity = self._choose_site(site, t, method, samples.get(site.activation.name))
+            read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
+            apply_smoothing(graph, site, s)  # an "explicit" site's activation becomes the inserted Mul's output
             if granularity == "token" and opts.activation_granularity == "auto":
                 self.context.options.setdefault(PER_TOKEN_KEY, []).append(site.activation.name)
-            read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
-            apply_smoothing(graph, site, s)
             for tensor in read:
                 release_mapping(tensor)  # pages the score touched; lazy smoothed copies re-map when read
             stats.tensors[site.activation.name] = adjusted_stats(t, s)
             chosen[site.name] = {"kind": site.kind, "alpha": alpha, "tensor": site.activation.name, "scored_for": granularity,
                                  "consumers": [x.name for x in site.sites],
+                                 **({"compensated": [n.name for n, _ in site.compensate]} if site.compensate else {}),
                                  "channel_max_ratio_before": _ratio(t.absmax_channel),
                                  "channel_max_ratio_after": _ratio(t.absmax_channel / s),
                                  **({"score": score, "score_unsmoothed": base} if score is not None else {})}
@@ -715,9 +791,13 @@ class SmoothQuantPass(EqcPass):
         if opts.activation_granularity != "auto":
             return (*self._choose(site, t, method, x, opts.activation_granularity), opts.activation_granularity)
         chosen = self._choose(site, t, method, x, "tensor")
-        if step_ratio(adjusted_stats(t, chosen[0]), float((t.absmax_channel / chosen[0]).max()) / 127.0) <= opts.dynamic_above:
+        coarse = step_ratio(adjusted_stats(t, chosen[0]), float((t.absmax_channel / chosen[0]).max()) / 127.0) > opts.dynamic_above
+        if not coarse and opts.static_tolerance is None:
             return (*chosen, "tensor")
-        return (*self._choose(site, t, method, x, "token"), "token")
+        token = self._choose(site, t, method, x, "token")
+        if coarse or chosen[2] > opts.static_tolerance * token[2]:
+            return (*token, "token")
+        return (*chosen, "tensor")
 
     def _choose(self, site: SmoothSite, t: TensorStats, method: str, x: np.ndarray | None, granularity: str
                 ) -> tuple[np.ndarray, float | None, float | None, float | None]:

@@ -30,6 +30,25 @@ WIKI_VALID = WIKI / "valid.txt"
 WIKI_TEST = WIKI / "test.txt"
 
 
+def causal_logits_at_level(folder: pathlib.Path, fused_int8: bool) -> "np.ndarray":
+    """Logits of an eqc artifact on fixed token ids; fused_int8=False turns ORT's graph fusions (its
+    int8 QDQ kernels among them) off, i.e. the QDQ graph's own arithmetic."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from eqcompiler import artifact as am
+    from eqcompiler.runtime import causal_feed
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused_int8
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(am.model_file(am.resolve_artifact(folder))), opts,
+                                providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
+    ids = np.random.default_rng(1).integers(4, 500, (2, 33))
+    return sess.run(["logits"], causal_feed(sess, ids))[0]
+
+
 def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run the installed `eqc` CLI as a user would."""
     exe = pathlib.Path(sys.executable).parent / "eqc"

@@ -7,17 +7,14 @@ import pathlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
-from conftest import WIKI_TEST, run_eqc
-from eqcompiler import artifact as am
+from conftest import WIKI_TEST, causal_logits_at_level, run_eqc
 from eqcompiler.cpu_features import full_range_int8_layers, int8_gemm_saturates, saturation_warning
 from eqcompiler.errors import EqcError
 from eqcompiler.pipeline import compile_model, override_pass_options
 from eqcompiler.qdq import quantize_channelwise
 from eqcompiler.recipes import load_recipe
-from eqcompiler.runtime import causal_feed
 
 
 def test_reduced_codes_stay_in_seven_bits():
@@ -44,20 +41,10 @@ def test_override_reaches_only_passes_that_have_the_option():
         override_pass_options(load_recipe("none"), {"reduce_range": True})
 
 
-def _logits(folder: pathlib.Path, level: ort.GraphOptimizationLevel) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = level
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(am.model_file(am.resolve_artifact(folder))), opts,
-                                providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
-    ids = np.random.default_rng(1).integers(4, 500, (2, 33))
-    return sess.run(["logits"], causal_feed(sess, ids))[0]
-
-
 def _ort_vs_qdq(folder: pathlib.Path) -> float:
     """How far ORT's optimized int8 kernels land from the QDQ graph's own numerics (fusions off)."""
-    ref = _logits(folder, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    got = _logits(folder, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    ref = causal_logits_at_level(folder, fused_int8=False)
+    got = causal_logits_at_level(folder, fused_int8=True)
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
@@ -65,7 +52,7 @@ def test_reduce_range_keeps_ort_int8_kernels_exact(tiny_artifact, tiny_llama_sta
     src = tiny_artifact("llama")
     full = tmp_path / "w8a8"
     reduced = tmp_path / "w8a8-rr"
-    compile_model(src, "w8a8", full, calib=str(tiny_llama_stats), pass_overrides={"reduce_range": False})
+    compile_model(src, "w8a8", full, calib=str(tiny_llama_stats), pass_overrides={"reduce_range": False, "when": "never"})
     run_eqc("compile", src, "--recipe", "w8a8", "--calib", tiny_llama_stats, "--reduce-range", "-o", reduced)
     model = onnx.load(str(reduced / "model.onnx"))
     onnx.checker.check_model(model)
@@ -105,16 +92,17 @@ def test_eval_ort_config_reaches_the_session(tiny_artifact, tmp_path):
     assert bad.returncode == 2 and "is not KEY=VALUE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("target", ["portable", "ort-cuda"])
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
 def test_w8a8_recipe_picks_the_range_for_the_host(tiny_artifact, tiny_llama_stats, tmp_path, target):
     """reduce_range "auto" (recipe w8a8: static uint8 activations, where ORT's AVX2 int8 kernels
     collapse SmolLM2): 7-bit weights only when compiling on a CPU whose ORT int8 kernels saturate,
-    for an ORT CPU target; never for GPU targets; the compile says so."""
+    for the ort-cpu target (portable artifacts get encode_int8_as_uint8 instead, test_encode_uint8);
+    never for GPU targets; the compile says so."""
     out = tmp_path / target
     proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8", "--calib", tiny_llama_stats,
                    "--target", target, "-o", out, "--json")
     result = json.loads(proc.stdout)
-    expect = int8_gemm_saturates() and target == "portable"
+    expect = int8_gemm_saturates() and target == "ort-cpu"
     assert result["report"]["quantize_weights"]["reduce_range"] is expect
     assert any("reduce_range auto" in w for w in result["warnings"]) is expect
     assert (full_range_int8_layers(json.loads((out / "manifest.json").read_text())) == []) is expect

@@ -108,6 +108,20 @@ def test_bert_smoothing_exact_and_skips_residual_norms(tiny_artifact, tmp_path):
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
 
 
+def test_bert_compensated_smoothing_reaches_post_ln_inputs(tiny_artifact, tmp_path):
+    src = tiny_artifact("bert")
+    stats = tmp_path / "bert.npz"
+    calibrate(src, WIKI_VALID, samples=2, seq_len=64, out=stats)
+    out = tmp_path / "bert-smooth-comp"
+    manifest = compile_model(src, _smooth_recipe(tmp_path, compensate_other_consumers=True), out, calib=str(stats))
+    report = manifest["quantization"]["report"]["smooth_quant"]
+    norm_sites = [s for s in report["sites"].values() if s["kind"] == "norm"]
+    # q/k/v (embedding LN / previous block's output LN) and intermediate (attention output LN) per layer
+    assert len(norm_sites) == 2 * 2 and all(s["compensated"] for s in norm_sites)
+    ref, got = _logits(src, "encoder"), _logits(out, "encoder")
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
 def test_gram_search_matches_ort_search_choice_direction(tiny_artifact, tiny_llama_stats, tmp_path):
     """search='gram' needs the gram observer: without it the error names the observer."""
     from eqcompiler.errors import EqcError
@@ -171,6 +185,63 @@ def test_synthetic_fold_exact_and_residual_skipped():
     from eqcompiler.errors import EqcError
     with pytest.raises(EqcError, match="also feeds Add"):
         SmoothQuantPass(context, search="none")(model)
+
+
+def test_synthetic_residual_compensated_exact():
+    """compensate_other_consumers: the norm absorbs 1/s although its output is also the residual; the
+    Add gets x' * s through one inserted Mul, so every output (the residual too) stays exact."""
+    x = np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32)
+    model = _synthetic(residual=True)
+    ref = _run(model, x)
+    context = CompileContext(stats=_synthetic_stats())
+    SmoothQuantPass(context, search="none", alpha=0.5, compensate_other_consumers=True)(model)
+    got = _run(model, x)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    (site,) = context.report["smooth_quant"]["sites"].values()
+    assert site["kind"] == "norm" and site["compensated"] == ["/residual/Add"]
+    (mul,) = [n for n in model.graph if n.name == "normed_unsmooth"]
+    add = next(n for n in model.graph if n.name == "/residual/Add")
+    assert add.inputs[0] is mul.outputs[0]  # the residual reads the un-smoothed value
+    factor = mul.inputs[1].const_value.numpy()
+    assert factor[3] > 2.0 and np.allclose(factor[np.arange(8) != 3], factor[0], rtol=1.0)  # s follows the outlier
+    assert context.stats.get("normed").absmax_channel.max() < 40.0 / 2
+
+
+def test_synthetic_explicit_scale_for_unfoldable_producer():
+    """explicit_scale: a Tanh output (no affine producer; also a graph output) gets its 1/s from one
+    inserted Mul that feeds only the linears; the outputs stay exact, the statistics move to the Mul's
+    output, and the Tanh output is untouched."""
+    rng = np.random.default_rng(1)
+    k, n = 8, 6
+    x = ir.Value(name="x", shape=ir.Shape([4, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    w1 = ir.Value(name="w1", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT),
+                  const_value=ir.tensor(rng.normal(size=(k, n)).astype(np.float32), name="w1"))
+    act = ir.node("Tanh", [x], name="/act/Tanh")
+    act.outputs[0].name, act.outputs[0].dtype, act.outputs[0].shape = "h", ir.DataType.FLOAT, ir.Shape([4, k])
+    mm = ir.node("MatMul", [act.outputs[0], w1], name="/layers.0/down_proj/MatMul")
+    mm.outputs[0].name, mm.outputs[0].dtype, mm.outputs[0].shape = "y", ir.DataType.FLOAT, ir.Shape([4, n])
+    graph = ir.Graph([x], [mm.outputs[0], act.outputs[0]], nodes=[act, mm], initializers=[w1],
+                     opset_imports={"": 21}, name="explicit")
+    model = ir.Model(graph, ir_version=10)
+    xs = np.random.default_rng(2).normal(size=(4, k)).astype(np.float32)
+    ref = _run(model, xs)
+    amax = np.full(k, 0.5, np.float32)
+    amax[3] = 20.0
+    stats = CalibrationStats(meta={}, tensors={"h": TensorStats(-20.0, 20.0, amax, 32)})
+    from eqcompiler.errors import EqcError
+    with pytest.raises(EqcError, match="'h' is a graph output"):  # without the option: skipped, and why
+        SmoothQuantPass(CompileContext(stats=stats), search="none")(ir.from_proto(ir.to_proto(model)))
+    context = CompileContext(stats=stats)
+    SmoothQuantPass(context, search="none", alpha=0.5, explicit_scale=True)(model)
+    for a, b in zip(ref, _run(model, xs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    (site,) = context.report["smooth_quant"]["sites"].values()
+    assert site["kind"] == "explicit" and site["tensor"] == "h_smoothed"
+    assert mm.inputs[0].producer().op_type == "Mul" and mm.inputs[0].name == "h_smoothed"
+    assert graph.outputs[1].name == "h" and graph.outputs[1].producer() is act
+    assert context.stats.get("h_smoothed").absmax_channel.max() < 20.0 / 2
+    assert context.stats.get("h").absmax_channel.max() == 20.0  # other readers of h see it unchanged
 
 
 def _run(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
@@ -255,9 +326,37 @@ def test_auto_granularity_scores_for_the_quantizer_the_input_gets(token_outlier)
     assert np.abs(got[0] - ref[0]).max() / np.abs(ref[0]).max() < 0.05
 
 
+def test_static_tolerance_takes_per_token_where_static_costs_a_multiple():
+    """With the step criterion out of the way (dynamic_above huge), static_tolerance alone decides: a
+    massive-token input goes per token (its static score is many times the per-token one), an ordinary
+    input stays static under a loose tolerance."""
+    from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    x[:, 3] *= 20.0
+    x[0] *= 500.0
+    for tolerance, expected in ((None, "tensor"), (2.0, "token")):
+        context = CompileContext(stats=_sampled_stats(x))
+        SmoothQuantPass(context, search="sample", activation_granularity="auto", dynamic_above=1e9,
+                        static_tolerance=tolerance)(_synthetic(residual=False))
+        (site,) = context.report["smooth_quant"]["sites"].values()
+        assert site["scored_for"] == expected
+        assert context.options.get(PER_TOKEN_KEY, []) == (["normed"] if expected == "token" else [])
+    x[0] /= 500.0
+    context = CompileContext(stats=_sampled_stats(x))
+    SmoothQuantPass(context, search="sample", activation_granularity="auto", dynamic_above=1e9,
+                    static_tolerance=100.0)(_synthetic(residual=False))
+    assert next(iter(context.report["smooth_quant"]["sites"].values()))["scored_for"] == "tensor"
+
+
 def test_auto_granularity_needs_a_threshold():
     from eqcompiler.errors import EqcError
     from eqcompiler.passes.smooth_quant import SmoothQuantOptions
 
     with pytest.raises(EqcError, match="dynamic_above"):
         SmoothQuantOptions(search="sample", activation_granularity="auto", dynamic_above=0).validate()
+    with pytest.raises(EqcError, match="static_tolerance"):
+        SmoothQuantOptions(search="sample", activation_granularity="tensor", static_tolerance=2.0).validate()
+    with pytest.raises(EqcError, match="static_tolerance"):
+        SmoothQuantOptions(search="sample", activation_granularity="auto", static_tolerance=0.5).validate()

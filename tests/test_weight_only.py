@@ -183,6 +183,19 @@ def test_missing_observers_are_named():
         GptqPass(CompileContext())
 
 
+def test_gptq_missing_gram_skip_leaves_layer_for_rtn():
+    """missing_gram='skip': the layer stays float for the next weight pass, and the compile says so."""
+    w, x = _weight(), _inputs()
+    model = _graph(w)
+    ctx = _apply(GptqPass, model, _stats("x", x, gram=False), bits=8, symmetric=True, block_size=0, missing_gram="skip")
+    report = ctx.report["gptq"]
+    assert report["skipped_without_gram"] == ["layer"] and report["layers"] == {}
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert any("no 'gram' statistics for 1 layer" in w for w in ctx.warnings)
+    with pytest.raises(EqcError, match="missing_gram must be"):
+        _apply(GptqPass, _graph(w), _stats("x", x), missing_gram="maybe")
+
+
 @pytest.mark.parametrize("bits,symmetric,block,k", [(4, False, 32, K), (4, True, 128, K), (4, False, 128, 200),
                                                     (8, True, 64, K), (8, False, 32, 100)])
 def test_lower_matmul_nbits_matches_qdq(bits, symmetric, block, k):
@@ -251,6 +264,27 @@ def test_w4_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_gram_stats, w
     base = perplexity(src, wiki_test, max_tokens=1024, window=64)["ppl"]
     ppl = perplexity(out, wiki_test, max_tokens=1024, window=64)["ppl"]
     assert np.isfinite(ppl) and ppl < base * 1.5
+
+
+def test_w8a8_smooth_uses_gptq_when_grams_exist(tiny_artifact, wiki_valid, wiki_test, tmp_path):
+    """w8a8-smooth's GPTQ step quantizes every smoothed linear from the (smoothing-adjusted) Grams; the
+    quantize_weights step then has only the embedding table left."""
+    from eqcompiler.calibrate import calibrate
+    from eqcompiler.evaluate import perplexity
+    from eqcompiler.pipeline import compile_model
+
+    src = tiny_artifact("llama")
+    stats = tmp_path / "stats.npz"
+    calibrate(src, wiki_valid, samples=4, seq_len=64, out=stats, observers="minmax,absmax_channel,abssum,gram")
+    out = tmp_path / "smooth"
+    manifest = compile_model(src, "w8a8-smooth", out, calib=str(stats))
+    report = manifest["quantization"]["report"]
+    assert len(report["gptq"]["layers"]) == 2 * 7 and report["gptq"]["skipped_without_gram"] == []
+    assert all(v["relative_output_error"] < 1e-3 for v in report["gptq"]["layers"].values())
+    assert not any("gram" in w for w in manifest["quantization"].get("warnings", []))
+    base = perplexity(src, wiki_test, max_tokens=1024, window=64)["ppl"]
+    ppl = perplexity(out, wiki_test, max_tokens=1024, window=64)["ppl"]
+    assert np.isfinite(ppl) and ppl < base * 1.05
 
 
 def test_w4_gptq_lowered_to_matmul_nbits_tiny_llama(tiny_artifact, tiny_gram_stats, tmp_path):
