@@ -433,18 +433,26 @@ def test_interrupt_mid_write(tmp_path):
     src = save_artifact(SynthSpec(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=2048, vocab=8192),
                         tmp_path / "m")
     out = tmp_path / "out"
-    proc = subprocess.Popen([str(EQC), "compile", str(src), "--recipe", "w8", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if any(".tmp-" in p.name for p in tmp_path.iterdir()):
-            break
-        time.sleep(0.002)
-    assert proc.poll() is None, "compile finished before the staging folder appeared"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert_refused(result, "interrupted", code=130, out=out)
+    # On a loaded 2-core machine the signal can land after the (fast) write has finished: that attempt
+    # tests nothing, so it is discarded and the compile repeated (fp32 output: the longest write).
+    for _attempt in range(4):
+        proc = subprocess.Popen([str(EQC), "compile", str(src), "--recipe", "none", "-o", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if any(".tmp-" in p.name for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "compile finished before the staging folder appeared"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            shutil.rmtree(out)
+            continue
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        assert_refused(result, "interrupted", code=130, out=out)
+        return
+    pytest.fail("the compile finished before SIGINT arrived in every attempt")
 
 
 def test_input_is_output(llama, tmp_path):
