@@ -436,8 +436,11 @@ def test_interrupt_mid_write(tmp_path):
     # On a loaded 2-core machine the signal can land after the (fast) write has finished: that attempt
     # tests nothing, so it is discarded and the compile repeated (fp32 output: the longest write).
     for _attempt in range(4):
+        # A runner started in the background by a shell (nohup ... &) ignores SIGINT, and children inherit
+        # SIG_IGN (Python then installs no KeyboardInterrupt handler): restore the default for the compile.
         proc = subprocess.Popen([str(EQC), "compile", str(src), "--recipe", "none", "-o", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if any(".tmp-" in p.name for p in tmp_path.iterdir()):
