@@ -43,6 +43,41 @@ def is_constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.producer() is None
 
 
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def weight_dequantize_node(linear: ir.Node) -> ir.Node | None:
+    """The DequantizeLinear behind a linear's weight input (through a tied lm_head's Transpose), else None."""
+    src = linear.inputs[1].producer()
+    if src is not None and src.op_type == "Transpose":
+        src = src.inputs[0].producer()
+    return src if src is not None and src.op_type == "DequantizeLinear" else None
+
+
+def static_activation_quantize(dq: ir.Node | None) -> ir.Node | None:
+    """The QuantizeLinear of a per-tensor int8/uint8 Q->DQ pair with constant, matching scale and zero
+    point (what ORT fuses into its integer GEMMs), else None."""
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.attributes.get_int("block_size", 0):
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or q.inputs[2] is None:
+        return None
+    s, zp = const_array(q.inputs[1]), const_array(q.inputs[2])
+    if zp is None or zp.dtype not in (np.int8, np.uint8):
+        return None
+    ds, dzp = const_array(dq.inputs[1]), const_array(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    if s is None or s.size != 1 or zp.size != 1 or ds is None or dzp is None:
+        return None
+    if float(ds.ravel()[0]) != float(s.ravel()[0]) or int(dzp.ravel()[0]) != int(zp.ravel()[0]):
+        return None
+    return q
+
+
 def layer_name(node: ir.Node) -> str:
     """'/model/model/layers.0/self_attn/q_proj/MatMul' -> 'model.layers.0.self_attn.q_proj'."""
     name = node.name or ""

@@ -14,20 +14,13 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler import artifact as art_mod
-from eqcompiler.graph import find_linear_sites, layer_name
+from eqcompiler.graph import const_array, find_linear_sites, layer_name
 
 BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
         ir.DataType.FLOAT: 32, ir.DataType.FLOAT16: 16, ir.DataType.BFLOAT16: 16, ir.DataType.INT64: 64,
         ir.DataType.INT32: 32, ir.DataType.FLOAT8E4M3FN: 8}
 LOWERED = {("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "MatMulNBits"), ("ai.eqc", "FusedInt8Gemm"),
            ("com.microsoft", "DynamicQuantizeMatMul"), ("", "MatMulInteger"), ("", "QLinearMatMul")}
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _activation_kind(value: ir.Value) -> str:
@@ -38,10 +31,10 @@ def _activation_kind(value: ir.Value) -> str:
     q = dq.inputs[0].producer()
     if q is None or q.op_type != "QuantizeLinear":
         return "none"
-    scale = _const(q.inputs[1])
+    scale = const_array(q.inputs[1])
     if scale is None:  # computed in the graph from the tensor itself
         return "dynamic-per-token-int8" if q.attributes.get_int("block_size", 0) else "dynamic-per-tensor"
-    zp = _const(q.inputs[2]) if len(q.inputs) > 2 else None
+    zp = const_array(q.inputs[2]) if len(q.inputs) > 2 else None
     dtype = "uint8" if zp is not None and zp.dtype == np.uint8 else "int8"
     return f"static-per-tensor-{dtype}" if scale.size == 1 else f"static-per-channel-{dtype}"
 
@@ -54,14 +47,14 @@ def _weight_format(site: Any) -> dict[str, Any]:
         src = src.inputs[0].producer()
     bits = BITS.get(src.inputs[0].dtype)
     block = src.attributes.get_int("block_size", 0)
-    scale = _const(src.inputs[1])
+    scale = const_array(src.inputs[1])
     if block:
         gran = f"block {block}"
     elif scale is not None and scale.size > 1:
         gran = "per-channel"
     else:
         gran = "per-tensor"
-    zp = _const(src.inputs[2]) if len(src.inputs) > 2 else None
+    zp = const_array(src.inputs[2]) if len(src.inputs) > 2 else None
     return {"bits": bits, "granularity": gran, "symmetric": zp is None or not np.any(zp.astype(np.int64))}
 
 
@@ -74,8 +67,8 @@ def _lowered_layer(node: ir.Node) -> dict[str, Any]:
     elif node.op_type == "FusedInt8Gemm":
         info.update(bits=8, granularity="per-channel", activation="dynamic-per-token-int8")
     elif node.op_type == "MatMulIntegerToFloat":
-        b_scale = _const(node.inputs[3])
-        a_zp = _const(node.inputs[4]) if len(node.inputs) > 4 else None
+        b_scale = const_array(node.inputs[3])
+        a_zp = const_array(node.inputs[4]) if len(node.inputs) > 4 else None
         kind = "uint8" if a_zp is not None and a_zp.dtype == np.uint8 else "int8"
         info.update(bits=8, granularity="per-channel" if b_scale is not None and b_scale.size > 1 else "per-tensor",
                     activation=f"static-per-tensor-{kind}")

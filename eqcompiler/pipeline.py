@@ -81,10 +81,9 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     context = CompileContext(stats=stats, manifest=dict(art.manifest), options=dict(options or {}))
     context.warnings.extend(target_warnings)
     context.options.setdefault("source_folder", str(art.folder))
-    # What quantize_weights' reduce_range "auto" decides from: where the artifact runs and whether
-    # ORT will fuse its int8 activations (static scales) into int8 GEMMs.
+    # What quantize_weights' reduce_range "auto" decides from: where the artifact runs, whether ORT will
+    # fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
     context.options.setdefault("target", target)
-    context.options.setdefault("recipe_passes", [step["pass"] for step in recipe["passes"]])
     context.options.setdefault("recipe_options", {step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     passes = build_passes(recipe, context)
     manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])

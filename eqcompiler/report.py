@@ -20,7 +20,7 @@ import onnx_ir as ir
 from eqcompiler import artifact as art_mod
 from eqcompiler.atomic import staged_file
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import find_linear_sites
+from eqcompiler.graph import const_array, find_linear_sites
 from eqcompiler.qdq import QuantizedWeight
 
 DEFAULT_LAYERS = (r"layers\.0\.self_attn\.q_proj$", r"layers\.0\.mlp\.down_proj$", r"lm_head$")
@@ -45,13 +45,6 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def layer_weights(model: str | pathlib.Path) -> dict[str, tuple[np.ndarray, int]]:
     """{layer: (weight as float32 in stored orientation (dequantized if quantized), bits)} for every linear site."""
     graph = art_mod.load_ir(model).graph
@@ -63,9 +56,9 @@ def layer_weights(model: str | pathlib.Path) -> dict[str, tuple[np.ndarray, int]
         dq = site.node.inputs[1].producer()
         if dq.op_type == "Transpose":
             dq = dq.inputs[0].producer()
-        q = _const(dq.inputs[0])
-        scale = _const(dq.inputs[1])
-        zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        q = const_array(dq.inputs[0])
+        scale = const_array(dq.inputs[1])
+        zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 else None
         if zp is None:
             zp = np.zeros_like(scale, dtype=q.dtype)
         bits = 4 if dq.inputs[0].dtype in (ir.DataType.INT4, ir.DataType.UINT4) else 8

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import find_linear_sites, is_constant
+from eqcompiler.graph import const_array, find_linear_sites, is_constant
 from eqcompiler.pass_base import EqcPass
 
 ALLOWED_TYPES = {ir.DataType.INT8, ir.DataType.INT4, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT4E2M1}
@@ -42,13 +42,6 @@ MASK_INPUTS = ("attention_mask",)
 class CheckTensorrtPlacementOptions:
     fail: bool = False  # raise an EqcError listing the first violations
     max_listed: int = 5
-
-
-def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _qdq_dtype(node: ir.Node) -> ir.DataType | None:
@@ -137,12 +130,12 @@ class CheckTensorrtPlacementPass(EqcPass):
         dtype = _qdq_dtype(node)
         if dtype is not None and dtype not in ALLOWED_TYPES:
             out.append(f"R2 {node.name}: {node.op_type} uses {dtype.name}; TensorRT takes INT8/INT4/FP8/FP4 only")
-        zp = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        zp = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if zp is not None and np.any(zp.astype(np.int64) != 0):
             out.append(f"R1 {node.name}: non-zero zero point (TensorRT quantization is symmetric)")
         elif len(node.inputs) > 2 and node.inputs[2] is not None and zp is None:
             out.append(f"R4 {node.name}: zero point is not a constant")
-        if not is_constant(node.inputs[1]) and _const_array(node.inputs[1]) is None:
+        if not is_constant(node.inputs[1]) and const_array(node.inputs[1]) is None:
             out.append(f"R4 {node.name}: scale is computed in the graph (dynamic); TensorRT needs a build-time constant scale")
         return out
 
@@ -161,7 +154,7 @@ class CheckTensorrtPlacementPass(EqcPass):
         if act_quantized and w_dq is None:
             out.append(f"R5 {where}: activation has Q/DQ but the weight does not; quantize both MatMul inputs")
         if act_quantized:
-            scale = _const_array(act.inputs[1])
+            scale = const_array(act.inputs[1])
             if scale is not None and scale.size != 1:
                 out.append(f"R5 {where}: INT8 activation quantization must be per tensor (scale has {scale.size} values)")
             elif act.attributes.get_int("block_size", 0):
@@ -171,7 +164,7 @@ class CheckTensorrtPlacementPass(EqcPass):
         if not is_constant(w_dq.inputs[0]):
             out.append(f"R4 {where}: weight DequantizeLinear does not read a constant initializer")
         block = w_dq.attributes.get_int("block_size", 0)
-        scale = _const_array(w_dq.inputs[1])
+        scale = const_array(w_dq.inputs[1])
         axis = w_dq.attributes.get_int("axis", 1)
         rank = len(site.weight.shape)
         axis = axis + rank if axis < 0 else axis

@@ -28,7 +28,8 @@ import onnx_ir as ir
 
 from eqcompiler.cpu_features import int8_gemm_saturates
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import find_linear_sites, is_constant, new_initializer
+from eqcompiler.graph import (const_array, find_linear_sites, is_constant, new_initializer, static_activation_quantize,
+                              weight_dequantize_node)
 from eqcompiler.pass_base import EqcPass
 
 WHEN = ("auto", "always", "never")
@@ -43,43 +44,6 @@ class EncodeInt8AsUint8Options:
             raise EqcError(f"encode_int8_as_uint8: when must be one of {', '.join(WHEN)}, got '{self.when}'")
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or not is_constant(value):
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-def _static_int8_pair(dq: ir.Node | None) -> tuple[ir.Node, ir.Node] | None:
-    """(Q, DQ) of a per-tensor activation pair with constant int8 zero points, else None."""
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 3 or dq.attributes.get_int("block_size", 0):
-        return None
-    q = dq.inputs[0].producer()
-    if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3:
-        return None
-    scales = (_const(q.inputs[1]), _const(dq.inputs[1]))
-    zps = (_const(q.inputs[2]), _const(dq.inputs[2]))
-    if any(a is None or a.size != 1 for a in scales + zps):
-        return None
-    return (q, dq) if all(z.dtype == np.int8 for z in zps) else None
-
-
-def _activation_is_static(dq: ir.Node | None) -> bool:
-    """A per-tensor Q->DQ pair with constant zero point (int8 or already uint8)."""
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 3 or dq.attributes.get_int("block_size", 0):
-        return False
-    zp = _const(dq.inputs[2])
-    return zp is not None and zp.size == 1 and zp.dtype in (np.int8, np.uint8)
-
-
-def _weight_dq(site_node: ir.Node) -> ir.Node | None:
-    """The DequantizeLinear behind a linear's weight input (through the tied lm_head's Transpose)."""
-    p = site_node.inputs[1].producer()
-    if p is not None and p.op_type == "Transpose":
-        p = p.inputs[0].producer()
-    return p if p is not None and p.op_type == "DequantizeLinear" else None
-
-
 def _symmetric_int8_weight(dq: ir.Node | None) -> bool:
     """A per-channel (unblocked) int8 weight DequantizeLinear with constant zero point 0, whose codes and
     zero points are read only by DequantizeLinear or Gather nodes (a tied table's embedding rows)."""
@@ -88,7 +52,7 @@ def _symmetric_int8_weight(dq: ir.Node | None) -> bool:
     wq, zp_value = dq.inputs[0], dq.inputs[2]
     if wq is None or not is_constant(wq) or wq.dtype != ir.DataType.INT8:
         return False
-    zp = _const(zp_value)
+    zp = const_array(zp_value)
     if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
         return False
     return all(u.node.op_type in ("DequantizeLinear", "Gather") for v in (wq, zp_value) for u in v.uses())
@@ -115,10 +79,9 @@ def _reencode_everywhere(graph: ir.Graph, old: ir.Value, array: np.ndarray) -> N
     _retype_downstream(new)
 
 
-def _shifted(graph: ir.Graph, value: ir.Value, suffix: str) -> ir.Value:
-    """A uint8 copy of an int8 constant, plus 128."""
-    array = (_const(value).astype(np.int16) + 128).astype(np.uint8)
-    return new_initializer(graph, f"{value.name}_{suffix}", array)
+def _plus_128(value: ir.Value) -> np.ndarray:
+    """An int8 constant's codes as uint8 + 128 (the same dequantized values with zero point + 128)."""
+    return (const_array(value).astype(np.int16) + 128).astype(np.uint8)
 
 
 def _replace(graph: ir.Graph, node: ir.Node, index: int, new: ir.Value) -> None:
@@ -138,30 +101,30 @@ class EncodeInt8AsUint8Pass(EqcPass):
             self.report({"applied": False, "why": why})
             return ir.passes.PassResult(model, modified=False)
         graph = model.graph
-        pairs: dict[int, tuple[ir.Node, ir.Node]] = {}
-        weights: list[ir.Node] = []
+        pairs: dict[int, tuple[ir.Node, ir.Node]] = {}  # activation (Q, DQ) with int8 zero points, by DQ
+        weights: dict[int, ir.Node] = {}  # weight DequantizeLinears, by node
         left: dict[str, str] = {}
         for site in find_linear_sites(graph):
             act_dq = site.activation.producer()
-            if not site.quantized or not _activation_is_static(act_dq):
+            q = static_activation_quantize(act_dq)
+            if not site.quantized or q is None:
                 continue  # per-token chains and float inputs run in float in ORT: nothing saturates
-            w_dq = _weight_dq(site.node)
+            w_dq = weight_dequantize_node(site.node)
             if not _symmetric_int8_weight(w_dq):
                 left[site.name] = "weight is not a symmetric per-channel int8 DequantizeLinear"
                 continue
-            pair = _static_int8_pair(act_dq)
-            if pair is not None:
-                pairs[id(pair[1])] = pair
-            weights.append(w_dq)
+            if const_array(q.inputs[2]).dtype == np.int8:
+                pairs[id(act_dq)] = (q, act_dq)
+            weights[id(w_dq)] = w_dq
         for q, dq in pairs.values():
-            zp = _shifted(graph, q.inputs[2], "u8")
+            zp = new_initializer(graph, f"{q.inputs[2].name}_u8", _plus_128(q.inputs[2]))
             _replace(graph, q, 2, zp)
             _replace(graph, dq, 2, zp)
             q.outputs[0].dtype = ir.DataType.UINT8
-        for dq in {id(d): d for d in weights}.values():
+        for dq in weights.values():
             codes, zp = dq.inputs[0], dq.inputs[2]
-            _reencode_everywhere(graph, codes, (_const(codes).astype(np.int16) + 128).astype(np.uint8))
-            _reencode_everywhere(graph, zp, np.full(_const(zp).shape, 128, np.uint8))
+            _reencode_everywhere(graph, codes, _plus_128(codes))
+            _reencode_everywhere(graph, zp, np.full(const_array(zp).shape, 128, np.uint8))
         if left:
             self.context.warn(f"encode_int8_as_uint8: {len(left)} static int8 layer(s) keep int8 weights "
                               f"(e.g. {next(iter(left))}: {next(iter(left.values()))}); on this CPU ORT's int8 "

@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
+from eqcompiler.graph import const_array
 from eqcompiler.pass_base import EqcPass
 
 DOMAIN = "ai.eqc"
@@ -33,19 +34,11 @@ OP_VERSION = 1
 FLOOR_VARIANTS = ("none", "before_div", "after_div")  # where Max(., eps) sits relative to Div(., 127)
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents (initializer or Constant node), else None."""
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def _is_zero_int8(value: ir.Value | None, size: int | None = None) -> bool:
     """An optional zero point: absent, or an int8 constant of zeros (with `size` elements if given)."""
     if value is None:
         return True
-    arr = _const(value)
+    arr = const_array(value)
     return (arr is not None and arr.dtype == np.int8 and not arr.any()
             and (size is None or arr.size in (1, size)))
 
@@ -57,7 +50,7 @@ def _axis_is_last(node: ir.Node, rank: int | None) -> bool:
 
 def _reduce_axes(node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = _const(node.inputs[1])
+        arr = const_array(node.inputs[1])
         return None if arr is None else [int(v) for v in np.ravel(arr)]
     axes = node.attributes.get_ints("axes", None)  # opset < 18 form
     return None if axes is None else list(axes)
@@ -70,7 +63,7 @@ def foldable_bias(y: ir.Value, n: int) -> ir.Value | None:
         return None
     add = uses[0].node
     other = add.inputs[1 - uses[0].idx]
-    arr = _const(other)
+    arr = const_array(other)
     if arr is None or arr.dtype != np.float32 or arr.ndim != 1 or arr.shape[0] != n:
         return None
     return None if y.is_graph_output() else other  # y itself is still needed
@@ -109,7 +102,7 @@ class FusedInt8GemmRule(RewriteRuleClassBase):
               q: ir.Value, dq: ir.Value, w: ir.Value, y: ir.Value, eps: ir.Value | None = None,
               bias: ir.Value | None = None, **_: Any) -> MatchResult:
         result = MatchResult()
-        wq_arr, ws_arr = _const(wq), _const(w_scale)
+        wq_arr, ws_arr = const_array(wq), const_array(w_scale)
         if wq_arr is None or wq_arr.dtype != np.int8 or wq_arr.ndim != 2:
             return result.fail("weight is not a 2-D int8 constant", wq)
         k, n = wq_arr.shape
@@ -152,11 +145,11 @@ class FusedInt8GemmRule(RewriteRuleClassBase):
             return "ReduceMax is not over the last axis only"
         if reduce.attributes.get_int("keepdims", 1) != 1:
             return "ReduceMax drops the reduced axis (keepdims=0)"
-        c = _const(c127)
+        c = const_array(c127)
         if c is None or c.size != 1 or c.dtype != np.float32 or float(c.ravel()[0]) != 127.0:
             return "scale divisor is not the float32 constant 127"
         if self.floor != "none":
-            e = _const(eps)
+            e = const_array(eps)
             if e is None or e.size != 1 or e.dtype != np.float32 or not float(e.ravel()[0]) >= 0.0:
                 return "scale floor (Max operand) is not a non-negative float32 scalar constant"
         return ""
@@ -188,12 +181,12 @@ class FusedInt8GemmRule(RewriteRuleClassBase):
                 bias: ir.Value | None = None, **_: Any) -> ir.Value:
         b_nk = self._b_cache.get(id(wq))
         if b_nk is None:  # a weight shared by several MatMuls is transposed once
-            arr = np.ascontiguousarray(_const(wq).T)
+            arr = np.ascontiguousarray(const_array(wq).T)
             b_nk = op.initializer(ir.tensor(arr, name=self._pending_name), name=self._pending_name)
             self._b_cache[id(wq)] = b_nk
         attrs: dict[str, float] = {}
         if self.floor != "none":
-            floor = float(_const(eps).ravel()[0])
+            floor = float(const_array(eps).ravel()[0])
             attrs["absmax_floor" if self.floor == "before_div" else "scale_floor"] = floor
         inputs = [x, b_nk, w_scale] + ([bias] if bias is not None else [])
         return op.FusedInt8Gemm(*inputs, _domain=DOMAIN, _version=OP_VERSION, **attrs)

@@ -22,7 +22,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer
+from eqcompiler.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
+                              static_activation_quantize, weight_dequantize_node)
 from eqcompiler.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -34,41 +35,14 @@ class LowerQdqToOrtInt8Options:
     exclude: str | None = None
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-def _static_activation(dq: ir.Node | None) -> ir.Node | None:
-    """The QuantizeLinear of a per-tensor int8 Q->DQ pair with constant scale/zero point, else None."""
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.attributes.get_int("block_size", 0):
-        return None
-    q = dq.inputs[0].producer()
-    if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or q.inputs[2] is None:
-        return None
-    s, zp = _const(q.inputs[1]), _const(q.inputs[2])
-    if zp is None or zp.dtype not in (np.int8, np.uint8):
-        return None  # MatMulIntegerToFloat takes int8 or uint8 activations (u8 x s8 is ORT's fast x86 path)
-    ds, dzp = _const(dq.inputs[1]), _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    if s is None or zp is None or s.size != 1 or zp.size != 1 or ds is None or dzp is None:
-        return None
-    if float(ds.ravel()[0]) != float(s.ravel()[0]) or int(dzp.ravel()[0]) != int(zp.ravel()[0]):
-        return None
-    return q
-
-
 def _weight_dq(site: LinearSite) -> ir.Node | None:
     """The per-output-channel int8 weight DequantizeLinear of a site, else None."""
-    src = site.node.inputs[1].producer()
-    if src is not None and src.op_type == "Transpose":
-        src = src.inputs[0].producer()
-    if src is None or src.op_type != "DequantizeLinear" or src.attributes.get_int("block_size", 0):
+    src = weight_dequantize_node(site.node)
+    if src is None or src.attributes.get_int("block_size", 0):
         return None
     if src.inputs[0].dtype != ir.DataType.INT8 or not is_constant(src.inputs[0]):
         return None
-    scale = _const(src.inputs[1])
+    scale = const_array(src.inputs[1])
     axis = src.attributes.get_int("axis", 1) % 2
     if scale is None or scale.ndim != 1 or axis != (0 if site.transposed else 1):
         return None
@@ -87,7 +61,7 @@ class LowerQdqToOrtInt8Pass(EqcPass):
         for site in find_linear_sites(graph, self.options.include, self.options.exclude):
             if site.node.op_type != "MatMul":
                 continue
-            q = _static_activation(site.node.inputs[0].producer())
+            q = static_activation_quantize(site.node.inputs[0].producer())
             w_dq = _weight_dq(site)
             if q is None or w_dq is None:
                 continue
@@ -121,7 +95,7 @@ class LowerQdqToOrtInt8Pass(EqcPass):
     @staticmethod
     def _transpose_table(graph: ir.Graph, wq: ir.Value, cache: dict[int, ir.Value]) -> ir.Value:
         """[N,K] int8 table -> [K,N] copy; Gathers of its rows read columns of the copy instead."""
-        arr = np.ascontiguousarray(_const(wq).T)
+        arr = np.ascontiguousarray(const_array(wq).T)
         kn = new_initializer(graph, f"{wq.name}_kn", arr)
         cache[id(wq)] = kn
         for use in list(wq.uses()):

@@ -114,9 +114,10 @@ class QuantizeWeightsPass(EqcPass):
         if opts.reduce_range != "auto":
             return bool(opts.reduce_range)
         target = self.context.options.get("target", "portable")
-        static = "quantize_activations" in self.context.options.get("recipe_passes", ())
+        recipe = self.context.options.get("recipe_options", {})
+        static = "quantize_activations" in recipe
         # encode_int8_as_uint8 (when auto/always) re-encodes portable artifacts for ORT's exact uint8 kernels
-        encode = self.context.options.get("recipe_options", {}).get("encode_int8_as_uint8")
+        encode = recipe.get("encode_int8_as_uint8")
         encoded = encode is not None and encode.get("when", "auto") != "never" and target == "portable"
         int8_kernels = static and target in ("portable", "ort-cpu") and not encoded
         on = opts.bits == 8 and opts.symmetric and int8_kernels and int8_gemm_saturates()

@@ -187,24 +187,21 @@ def _const_vector(value: ir.Value | None, k: int) -> bool:
     return is_constant(value) and value.shape is not None and tuple(value.shape) == (k,)
 
 
-def _only_linear_consumers(x: ir.Value, linear_nodes: set[int]) -> str | None:
-    """None when x feeds only the given linears (as their activation) and Shape; else the reason."""
-    if x.is_graph_output():
-        return f"'{x.name}' is a graph output"
-    for use in x.uses():
-        node = use.node
-        if node.op_type == "Shape":
-            continue
-        if id(node) in linear_nodes and use.idx == 0:
-            continue
-        return f"'{x.name}' also feeds {node.op_type} '{node.name}'"
-    return None
-
-
 def _other_uses(x: ir.Value, linear_nodes: set[int]) -> list[tuple[ir.Node, int]]:
     """Uses of x other than the linears' activation input and Shape (what compensation rewires)."""
     return [(u.node, u.idx) for u in x.uses()
             if u.node.op_type != "Shape" and not (id(u.node) in linear_nodes and u.idx == 0)]
+
+
+def _only_linear_consumers(x: ir.Value, linear_nodes: set[int]) -> str | None:
+    """None when x feeds only the given linears (as their activation) and Shape; else the reason."""
+    if x.is_graph_output():
+        return f"'{x.name}' is a graph output"
+    others = _other_uses(x, linear_nodes)
+    if others:
+        node = others[0][0]
+        return f"'{x.name}' also feeds {node.op_type} '{node.name}'"
+    return None
 
 
 def _last_dim_may_be(x: ir.Value, k: int) -> bool:
