@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from eqcompiler import artifact as art_mod
-from eqcompiler.data import load_tokenizer, read_text, tokenize
+from eqcompiler.data import calibration_ids, load_tokenizer, read_text
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.graph import find_linear_sites
 from eqcompiler.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
@@ -95,7 +95,7 @@ class Calibrator:
             raise EqcError(f"the 'kv' observer needs a causal LM with a KV cache; '{model}' is a {self.art.task} model")
         text, self.text_sha = read_text(text_path)
         tokenizer = load_tokenizer(self.art.folder)
-        self.ids = tokenize(tokenizer, text, max_tokens=samples * seq_len + decode_steps)
+        self.ids, self.frame = calibration_ids(tokenizer, text, seq_len, samples, self.causal, extra=decode_steps)
         # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
         available = (len(self.ids) - decode_steps) // seq_len
         if available < 1:
@@ -211,7 +211,8 @@ class Calibrator:
         return {
             "model_fingerprint": art_mod.model_fingerprint(self.model_path),
             "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
-                     "seq_len": self.seq_len, "decode_steps": self.decode_steps},
+                     "seq_len": self.seq_len, "decode_steps": self.decode_steps,
+                     "special_tokens": [list(map(int, self.frame[0])), list(map(int, self.frame[1]))]},
             "observers": list(self.observers),
             "stream_layers": self.stream_layers,  # (not why: that depends on free memory, the file must not)
             "seconds": round(seconds, 2),

@@ -94,7 +94,9 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.argument("model")
 @click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
 @click.option("--samples", default=32, show_default=True, help="Number of windows.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per window.")
+@click.option("--seq-len", default=512, show_default=True,
+              help="Tokens per window. An encoder's windows are framed by its special tokens ([CLS] ... [SEP]); "
+                   "pick the length of the inputs it will embed (e.g. 32 for sentences).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")

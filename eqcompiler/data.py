@@ -61,6 +61,47 @@ def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> np.nda
     return ids[:max_tokens] if max_tokens else ids
 
 
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts around a text (BERT: [CLS] ... [SEP]), as (prefix, suffix).
+
+    Found by tokenizing a probe with and without special tokens; ([], []) when it adds none or
+    the probe's body is not a contiguous run of the framed ids.
+    """
+    probe = "the quick brown fox"
+    framed = list(tokenizer(probe)["input_ids"])
+    body = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for start in range(len(framed) - len(body) + 1):
+        if body and framed[start:start + len(body)] == body:
+            return framed[:start], framed[start + len(body):]
+    return [], []
+
+
+def framed_windows(ids: np.ndarray, seq_len: int, prefix: list[int], suffix: list[int]) -> np.ndarray:
+    """Cut `ids` into windows of seq_len tokens that each start with prefix and end with suffix,
+    concatenated, so `windows(result, seq_len)` yields inputs shaped like what an encoder sees."""
+    body = seq_len - len(prefix) - len(suffix)
+    if body < 1:
+        raise EqcError(f"window length {seq_len} leaves no room for text between the special tokens "
+                       f"{prefix} and {suffix}")
+    pre, suf = np.asarray(prefix, dtype=np.int64), np.asarray(suffix, dtype=np.int64)
+    chunks = [np.concatenate([pre, ids[i:i + body], suf]) for i in range(0, len(ids) - body + 1, body)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def calibration_ids(tokenizer: Any, text: str, seq_len: int, count: int, causal: bool, extra: int = 0
+                    ) -> tuple[np.ndarray, tuple[list[int], list[int]]]:
+    """Token ids for `count` windows of seq_len (+ `extra` trailing tokens), and the special-token frame.
+
+    An encoder always sees its special tokens ([CLS] ... [SEP]), whose rows carry its largest
+    activations (attention sinks), so its windows are framed the same way; a causal LM's are raw text.
+    """
+    frame = ([], []) if causal else special_frame(tokenizer)
+    ids = tokenize(tokenizer, text, max_tokens=count * seq_len + extra)
+    if any(frame):
+        ids = framed_windows(ids, seq_len, *frame)
+    return ids, frame
+
+
 def windows(ids: np.ndarray, seq_len: int, count: int | None = None) -> Iterator[np.ndarray]:
     """Consecutive non-overlapping windows of exactly seq_len tokens, shape [1, seq_len]."""
     if seq_len < 2:

@@ -124,6 +124,11 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, bool] | None:
     return None
 
 
+def name_selected(name: str, include: str | None, exclude: str | None) -> bool:
+    """The recipes' layer filter: regex `include` must match (if set) and `exclude` must not."""
+    return not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
+
+
 def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str | None = None) -> list[LinearSite]:
     """Every MatMul/Gemm with a constant 2-D weight, optionally filtered by regex on the layer name.
 
@@ -139,9 +144,7 @@ def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str 
             continue
         weight, transposed, quantized = found
         name = layer_name(node)
-        if include and not re.search(include, name):
-            continue
-        if exclude and re.search(exclude, name):
+        if not name_selected(name, include, exclude):
             continue
         sites.append(LinearSite(node, node.inputs[0], weight, transposed, name, quantized))
     return sites

@@ -24,8 +24,12 @@ LOWERED = {("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "MatMulN
 
 
 def _activation_kind(value: ir.Value) -> str:
-    """How a linear layer's input is quantized: none, static-per-tensor-<type>, dynamic-per-token-int8."""
+    """How a linear layer's input is quantized: none, static-per-tensor-<type>, dynamic-per-token-int8[-centred]."""
     dq = value.producer()
+    if dq is not None and dq.op_type == "Add":  # emit_per_token's centred chain: DQ(Q(x - c)) + c
+        inner = [_activation_kind(v) for v in dq.inputs if v is not None and v.producer() is not None
+                 and v.producer().op_type == "DequantizeLinear"]
+        return "dynamic-per-token-int8-centred" if inner == ["dynamic-per-token-int8"] else "none"
     if dq is None or dq.op_type != "DequantizeLinear":
         return "none"
     q = dq.inputs[0].producer()

@@ -40,9 +40,10 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     return cfg
 
 
-def build_tokenizer(text: str, vocab_size: int = TINY_VOCAB) -> Any:
-    """A word-level tokenizer over the most frequent words of `text` (id 0 = unknown)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def build_tokenizer(text: str, vocab_size: int = TINY_VOCAB, framed: bool = False) -> Any:
+    """A word-level tokenizer over the most frequent words of `text` (id 0 = unknown); framed: it
+    wraps each text in [CLS] ... [SEP] as BERT's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     counts = collections.Counter(text.split())
@@ -51,6 +52,9 @@ def build_tokenizer(text: str, vocab_size: int = TINY_VOCAB) -> Any:
     vocab = {w: i for i, w in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if framed:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
 
@@ -68,5 +72,5 @@ def save_tiny_model(family: str, folder: pathlib.Path, text: str, seed: int = 0,
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    build_tokenizer(text, cfg.vocab_size).save_pretrained(folder)
+    build_tokenizer(text, cfg.vocab_size, framed=family == "bert").save_pretrained(folder)
     return folder

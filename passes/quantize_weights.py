@@ -13,8 +13,8 @@ import onnx_ir as ir
 
 from eqcompiler.cpu_features import REDUCED_MARK, int8_gemm_saturates
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, release_mapping,
-                              weight_array)
+from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
+                              release_mapping, weight_array)
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
 
@@ -28,6 +28,10 @@ class QuantizeWeightsOptions:
     exclude: str | None = None
     embeddings: bool = True  # also quantize token-embedding tables (per row, int8)
     embedding_bits: int = 8
+    # Tables with fewer rows stay float: they are a few KB, and each row (BERT's token-type row, a
+    # segment embedding) is added to every token, so its rounding error is a bias on the whole
+    # sequence (all-MiniLM-L6-v2: the 2-row token-type table in int8 alone costs 1.2e-4 of cosine).
+    embedding_min_rows: int = 64
     # 7-bit int8 codes, for ONNX Runtime's CPU int8 kernels on x86 without VNNI (their int16 pair
     # sums saturate with full-range weights); costs one bit of weight precision everywhere else.
     # "auto": only when compiling on such a CPU for an ORT CPU target (portable, ort-cpu) and the
@@ -39,6 +43,8 @@ class QuantizeWeightsOptions:
             raise EqcError(f"quantize_weights: bits must be 4 or 8, got {self.bits}")
         if self.block_size and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise EqcError(f"quantize_weights: block_size must be 0 or a power of two >= 16, got {self.block_size}")
+        if self.embedding_min_rows < 0:
+            raise EqcError(f"quantize_weights: embedding_min_rows must be >= 0, got {self.embedding_min_rows}")
         if self.embedding_bits not in (4, 8):
             raise EqcError(f"quantize_weights: embedding_bits must be 4 or 8, got {self.embedding_bits}")
         if self.reduce_range not in (True, False, "auto"):
@@ -65,6 +71,11 @@ class QuantizeWeightsPass(EqcPass):
         opts = dataclasses.replace(self.options, reduce_range=self._reduce_range_on())
         sites = [s for s in find_linear_sites(graph, opts.include, opts.exclude) if not s.quantized]
         gathers = embedding_gathers(graph) if opts.embeddings else []
+        # A table is quantized when one of its Gathers (or the linear layer tied to it) is selected.
+        tied = {id(s.weight) for s in sites}
+        chosen = {id(g.inputs[0]) for g in gathers if name_selected(_gather_name(g), opts.include, opts.exclude)}
+        small = [g for g in gathers if id(g.inputs[0]) not in tied and g.inputs[0].shape[0] < opts.embedding_min_rows]
+        gathers = [g for g in gathers if id(g.inputs[0]) in chosen | tied and g not in small]
         tables = {id(g.inputs[0]) for g in gathers}
         order = node_order(graph)
         by_weight: dict[int, list[LinearSite]] = {}
@@ -95,7 +106,9 @@ class QuantizeWeightsPass(EqcPass):
             raise EqcError("quantize_weights matched no layer: the graph has no MatMul/Gemm with a constant weight"
                            + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.include or opts.exclude else ""))
         self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after),
-                     "reduce_range": opts.reduce_range})
+                     "reduce_range": opts.reduce_range,
+                     "float_tables": sorted({f"{_gather_name(g)} ({g.inputs[0].shape[0]} rows < embedding_min_rows)"
+                                             for g in small})})
         return ir.passes.PassResult(model, modified=True)
 
     _reduce_range_resolved: bool | None = None  # resolved once per pass (the "auto" warning is said once)

@@ -550,7 +550,7 @@ def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[
     """Rows [R, K] of each activation from a few windows of the calibration text run through ORT."""
     from eqcompiler import artifact as art_mod
     from eqcompiler.calibrate import _encoder_feed, instrumented_session
-    from eqcompiler.data import load_tokenizer, read_text, tokenize, windows
+    from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
     from eqcompiler.runtime import causal_feed
 
     art = art_mod.resolve_artifact(source)
@@ -559,7 +559,7 @@ def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[
         raise EqcError("smooth_quant search='ort' needs calibration text: set the pass option 'data'")
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
     text, _ = read_text(data)
-    ids = tokenize(load_tokenizer(art.folder), text, max_tokens=opts.search_windows * seq_len)
+    ids, _ = calibration_ids(load_tokenizer(art.folder), text, seq_len, opts.search_windows, art.task == "causal-lm")
     session = instrumented_session(art_mod.model_file(art), names)
     available = {o.name for o in session.get_outputs()}
     missing = [n for n in names if n not in available]

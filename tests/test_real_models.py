@@ -44,10 +44,15 @@ def test_smollm2_w8_and_w8a8(smollm2_artifact, smollm2_stats, smollm2_fp32_ppl, 
 
 
 def test_minilm_w8a8_cosine(tmp_path: pathlib.Path) -> None:
-    fp32, stats, w8a8 = tmp_path / "fp32", tmp_path / "stats.npz", tmp_path / "w8a8"
+    """Issue 4's MiniLM bar: w8a8-smooth >= 0.999 mean cosine on 200 sentences (0.9993 measured), from
+    sentence-length calibration windows (framed by [CLS]/[SEP]); plain static w8a8 >= 0.99."""
+    fp32, stats = tmp_path / "fp32", tmp_path / "stats.npz"
     run_eqc("export", "minilm", "-o", fp32)
-    run_eqc("calibrate", fp32, "--data", WIKI_VALID, "--samples", 16, "--seq-len", 128, "-o", stats)
-    run_eqc("compile", fp32, "--recipe", "w8a8", "--calib", stats, "-o", w8a8)
-    result = json.loads(run_eqc("eval", w8a8, "--embed-ref", fp32, "--sentences", 200, "--no-latency", "--json").stdout)
-    assert result["embedding"]["sentences"] == 200
-    assert result["embedding"]["mean_cosine"] >= 0.99, result["embedding"]
+    run_eqc("calibrate", fp32, "--data", WIKI_VALID, "--samples", 256, "--seq-len", 32,
+            "--observers", "minmax,absmax_channel,abssum,gram", "-o", stats)
+    for recipe, bar in (("w8a8", 0.99), ("w8a8-smooth", 0.999)):
+        run_eqc("compile", fp32, "--recipe", recipe, "--calib", stats, "-o", tmp_path / recipe)
+        result = json.loads(run_eqc("eval", tmp_path / recipe, "--embed-ref", fp32, "--sentences", 200, "--no-latency",
+                                    "--json").stdout)
+        assert result["embedding"]["sentences"] == 200
+        assert result["embedding"]["mean_cosine"] >= bar, (recipe, result["embedding"])
