@@ -64,11 +64,14 @@ class CacheRunner:
         return by_name["logits"].numpy()
 
     def cache_bytes(self) -> int:
-        """Bytes the cache occupies now (data plus per-token scales and zero points)."""
+        """Bytes the KV cache occupies now (data plus per-token scales and zero points); other carried
+        state (quantize_activations_ema's running scales, a few bytes per tensor) is not cache."""
+        from eqcompiler.passes.quantize_activations_ema import STATE_PAST
+
         total = 0
-        for value in self.past.values():
-            arr = value.numpy()
-            total += arr.nbytes
+        for name, value in self.past.items():
+            if not name.startswith(STATE_PAST):
+                total += value.numpy().nbytes
         return total
 
 

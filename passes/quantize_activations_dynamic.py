@@ -13,12 +13,9 @@ With `symmetric: false` each token is quantized around its own centre instead (s
 No calibration is needed. The attention-score MatMuls and the lm_head input can be left float with
 `exclude` (a regex on layer names).
 
-EMA-tracked scales (a running scale s_t = max(decay * s_{t-1}, absmax(x_t)/127) carried across decode
-steps) are NOT emitted: per-token scales are already exact per row, so a running scale only matters
-for a per-tensor scale that must be fixed before a step's rows are seen, and carrying it would need an
-extra graph input/output pair per tensor threaded through the caller's decode loop (the artifacts'
-causal feed and eval know only past_key_values). Stateless per-token quantization is what this pass
-provides; the report says so.
+This pass is stateless: per-token scales are exact per row. The EMA-tracked per-tensor scale carried
+across decode steps (LLMEasyQuant's Algorithm 1) is its own pass, passes/quantize_activations_ema.py,
+which threads the running scale through the KV-cache loop as past/present state.
 """
 from __future__ import annotations
 
@@ -77,7 +74,7 @@ class QuantizeActivationsDynamicPass(EqcPass):
         if not done:
             raise EqcError("quantize_activations_dynamic matched no linear layer input")
         self.report({"tensors": len(done), "layers": done, "granularity": "per-token int8 " + ("symmetric" if opts.symmetric else "around each token's centre"),
-                     "ema_scale": "not applied: per-token scales are stateless (see pass docstring)"})
+                     "ema_scale": "not here: per-token scales are stateless (EMA scales: quantize_activations_ema)"})
         return ir.passes.PassResult(model, modified=True)
 
 

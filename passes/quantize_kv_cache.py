@@ -34,6 +34,7 @@ Design (why it looks like this):
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from eqcompiler.graph import new_initializer
 from eqcompiler.pass_base import EqcPass
 
 PAST = "past_key_values."
+KV_NAME = re.compile(r"^[0-9]+\.(key|value)$")
 PRESENT = "present."
 GRANULARITIES = ("channel", "token")
 SCALE_FLOOR = 1e-5  # float16-representable; a zero-range group gets this step and quantizes to zp exactly
@@ -188,7 +190,8 @@ class QuantizeKVCachePass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        pasts = {v.name: v for v in graph.inputs if v.name and v.name.startswith(PAST)}
+        # Only the cache tensors (other carried state, e.g. quantize_activations_ema's, shares the prefixes).
+        pasts = {v.name: v for v in graph.inputs if v.name and KV_NAME.match(v.name[len(PAST):]) and v.name.startswith(PAST)}
         presents = {v.name: v for v in graph.outputs if v.name and v.name.startswith(PRESENT)}
         if not pasts:
             raise EqcError("quantize_kv_cache: the graph has no past_key_values.* inputs (export a causal LM with a KV cache)")
