@@ -12,7 +12,7 @@ scale per batch row) with a running absmax m that the graph carries from step to
 Values above 127 * s_t saturate: the EMA trades the step's own outliers for a scale that does not
 jump with every token. The state is a graph input `past_key_values.act_ema.{n}` [batch, 1, P, 1] (P = 0
 at prefill, 1 afterwards) and output `present.act_ema.{n}` [batch, 1, 1, 1], so the KV-cache loop
-(eqcompiler.decode.CacheRunner, `eqc eval --chunk`, calibration's decode steps) carries it like the
+(eqcompiler.decode.CacheRunner: `eqc eval --chunk`, generation) carries it like the
 cache itself: present.* feeds past_key_values.* of the next step. A caller that runs the graph without
 the cache loop (each window as a prefill) gets per-row dynamic per-tensor scales, m_t = a_t.
 
@@ -62,11 +62,11 @@ def ema_reference(steps: list[np.ndarray], decay: float, eps: float = 1e-8) -> l
 
 def _batch_dim(graph: ir.Graph, x: ir.Value) -> int | str:
     """The batch dimension's name (or size), from the activation or else the graph's input_ids."""
-    if x.shape is not None and len(x.shape) >= 1:
-        return x.shape[0] if isinstance(x.shape[0], int) else str(x.shape[0])
-    ids = next((v for v in graph.inputs if v.name == "input_ids" and v.shape is not None), None)
-    if ids is not None:
-        return ids.shape[0] if isinstance(ids.shape[0], int) else str(ids.shape[0])
+    ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+    for value in (x, ids):
+        if value is not None and value.shape is not None and len(value.shape) >= 1:
+            dim = value.shape[0]
+            return dim if isinstance(dim, int) else str(dim)
     return "batch"
 
 
@@ -115,10 +115,8 @@ class QuantizeActivationsEmaPass(EqcPass):
         decay = scalar_initializer(graph, f"{base}_ema_decay", opts.decay)
         fresh = scalar_initializer(graph, f"{base}_ema_fresh", 1.0 - opts.decay)
         q127 = scalar_initializer(graph, f"{base}_ema_qmax", 127.0)
-        nodes = [
-            ir.node("Abs", [x], name=f"{base}/ema/Abs"),
-        ]
-        by_row = ir.node("Reshape", [nodes[0].outputs[0], rows], name=f"{base}/ema/Rows")
+        absx = ir.node("Abs", [x], name=f"{base}/ema/Abs")
+        by_row = ir.node("Reshape", [absx.outputs[0], rows], name=f"{base}/ema/Rows")
         amax = ir.node("ReduceMax", [by_row.outputs[0], reduce_axis], {"keepdims": 1}, name=f"{base}/ema/StepAbsmax")
         amax4 = ir.node("Reshape", [amax.outputs[0], state_shape], name=f"{base}/ema/StepAbsmax4d")  # [B,1,1,1]
         # m_t = (decay * sum(past) + (1 - decay) * a_t) / (decay * P + 1 - decay): a_t when P = 0, the EMA when P = 1.
@@ -133,7 +131,7 @@ class QuantizeActivationsEmaPass(EqcPass):
         m = ir.node("Div", [num.outputs[0], den.outputs[0]], name=f"{base}/ema/RunningAbsmax")  # [B,1,1,1]
         s = ir.node("Div", [m.outputs[0], q127], name=f"{base}/ema/Scale4d")
         s1 = ir.node("Reshape", [s.outputs[0], flat], name=f"{base}/ema/Scale")  # [B]
-        nodes += [by_row, amax, amax4, w_past, w_cur, both, num, shape, length, den0, den, m, s, s1]
+        nodes = [absx, by_row, amax, amax4, w_past, w_cur, both, num, shape, length, den0, den, m, s, s1]
         scale = s1.outputs[0]
         if opts.eps:
             floor_value = scalar_initializer(graph, f"{base}_ema_scale_floor", opts.eps)

@@ -46,7 +46,9 @@ from eqcompiler.graph import new_initializer
 from eqcompiler.pass_base import EqcPass
 
 PAST = "past_key_values."
-KV_NAME = re.compile(r"^[0-9]+\.(key|value)$")
+# The cache tensors (and, once quantized, their scales and zero points); other carried state, e.g.
+# quantize_activations_ema's running scales, shares the past_key_values. prefix.
+KV_PAST = re.compile(r"^past_key_values\.[0-9]+\.(key|value)(_scale|_zero_point)?$")
 PRESENT = "present."
 GRANULARITIES = ("channel", "token")
 SCALE_FLOOR = 1e-5  # float16-representable; a zero-range group gets this step and quantizes to zp exactly
@@ -190,8 +192,7 @@ class QuantizeKVCachePass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        # Only the cache tensors (other carried state, e.g. quantize_activations_ema's, shares the prefixes).
-        pasts = {v.name: v for v in graph.inputs if v.name and KV_NAME.match(v.name[len(PAST):]) and v.name.startswith(PAST)}
+        pasts = {v.name: v for v in graph.inputs if v.name and KV_PAST.match(v.name)}
         presents = {v.name: v for v in graph.outputs if v.name and v.name.startswith(PRESENT)}
         if not pasts:
             raise EqcError("quantize_kv_cache: the graph has no past_key_values.* inputs (export a causal LM with a KV cache)")
@@ -353,7 +354,7 @@ class QuantizeKVCachePass(EqcPass):
         per_token = 0
         fp16 = 0
         for v in graph.inputs:
-            if v.name.startswith(PAST):
+            if KV_PAST.match(v.name):
                 dims = [int(d) for d in (v.shape[1], v.shape[3])]
                 per_token += dims[0] * dims[1] * v.dtype.itemsize
                 if not v.name.endswith(("_scale", "_zero_point")):

@@ -75,7 +75,8 @@ class QuantizeWeightsPass(EqcPass):
         tied = {id(s.weight) for s in sites}
         chosen = {id(g.inputs[0]) for g in gathers if name_selected(_gather_name(g), opts.include, opts.exclude)}
         small = [g for g in gathers if id(g.inputs[0]) not in tied and g.inputs[0].shape[0] < opts.embedding_min_rows]
-        gathers = [g for g in gathers if id(g.inputs[0]) in chosen | tied and g not in small]
+        wanted = chosen | tied
+        gathers = [g for g in gathers if id(g.inputs[0]) in wanted and g not in small]
         tables = {id(g.inputs[0]) for g in gathers}
         order = node_order(graph)
         by_weight: dict[int, list[LinearSite]] = {}

@@ -73,6 +73,12 @@ def test_ema_recipe_decodes_tiny_llama_through_the_cache(tiny_artifact, tmp_path
     src, out = tiny_artifact("llama"), tmp_path / "ema"
     manifest = compile_model(src, str(recipe), out, calib=None)
     report = manifest["quantization"]["report"]["quantize_activations_ema"]
+    # The running scales are not KV cache: the cache's bytes per token are those of the KV tensors alone.
+    kv_only = tmp_path / "kv.json"
+    kv_only.write_text(json.dumps({"name": "kv", "description": "test", "requires_calibration": False, "passes": [
+        {"pass": "quantize_kv_cache", "options": {"bits": 8, "key_granularity": "token", "value_granularity": "token"}}]}))
+    kv_manifest = compile_model(src, str(kv_only), tmp_path / "kv", calib=None)
+    assert manifest["kv_cache"]["bytes_per_token"] == kv_manifest["kv_cache"]["bytes_per_token"] > 0
     assert report["tensors"] == 2 * 4  # 2 layers x (q/k/v input, o_proj input, gate/up input, down_proj input)
     onnx.checker.check_model(str(out / "model.onnx"))
     ids = np.random.default_rng(0).integers(5, 500, (1, 12))
