@@ -151,6 +151,20 @@ def check_all_shapes(lib: pathlib.Path) -> str:
         sess = cpu_session(fused_model(a_shape[-1], n, rank=len(a_shape), bias=True), lib, threads=2)
         (y,) = sess.run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
         np.testing.assert_array_equal(y, reference(a, b, scale, bias))
+    # Extremes: every weight -128 and tokens at +-absmax (q = +-127) over a long K, so every
+    # int16 pair sum of the AVX2 path is at its bound (2 * 127 * 128) and the int32 sums near
+    # 16 million; plus NaN and inf inside a token, which must not disturb its neighbours.
+    k = 4099
+    a = np.where(rng.random((6, k)) < 0.5, -3.0, 3.0).astype(np.float32)
+    a[4, 7], a[5, 9] = np.nan, np.inf
+    b = np.full((5, k), -128, np.int8)
+    b[1] = 127
+    scale = np.full(5, 1e-3, np.float32)
+    sess = cpu_session(fused_model(k, 5), lib, threads=2)
+    (y,) = sess.run(None, {"A": a, "B": b, "B_scale": scale})
+    np.testing.assert_array_equal(y[:4], reference(a[:4], b, scale))
+    np.testing.assert_array_equal(y[4], reference(np.nan_to_num(a[4:5], nan=0.0), b, scale)[0])  # NaN: skipped, q = 0
+    assert np.isnan(y[5]).all()  # inf: scale inf, every q 0, and 0 * inf = NaN, as the QDQ graph's DequantizeLinear gives
     so = ctypes.CDLL(str(lib))
     so.eqc_ops_build_info.restype = ctypes.c_char_p
     return so.eqc_ops_build_info().decode().split("cpu_isa=")[1]

@@ -8,7 +8,8 @@ K/N. Writes tools/results/cuda_gemm.json and .md. Without a CUDA device: prints 
 writes nothing.
 
 --cpu: the CPU kernel inside onnxruntime (the lowered graph) against the QDQ graph it replaces
-and a float32 MatMul, at SmolLM2 shapes. Writes tools/results/cpu_fused_gemm.json and .md.
+and a float32 MatMul, at SmolLM2 shapes. Writes tools/results/cpu_fused_gemm_<variant>.json and .md
+(variant = the CPU kernel the library picked, e.g. avx2 or avx512vnni; EQC_CPU_ISA forces one).
 """
 from __future__ import annotations
 
@@ -396,7 +397,10 @@ def run_cpu(args: argparse.Namespace) -> int:
            "onnxruntime": ort.__version__, "library": str(lib), "build": so.eqc_ops_build_info().decode()}
     result = {"environment": env, "rows": rows,
               "note": "per-call session.run latency incl. ORT overhead; fused = lowered ai.eqc::FusedInt8Gemm"}
-    write_atomic(RESULTS / "cpu_fused_gemm.json", json.dumps(result, indent=2) + "\n")
+    # One file per kernel variant: results from a VNNI machine and an AVX2 one are both kept.
+    isa = env["build"].split("cpu_isa=")[-1].split()[0] if "cpu_isa=" in env["build"] else "unknown"
+    stem = pathlib.Path(args.out_dir) / f"cpu_fused_gemm_{isa}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     cols = [("M", "M"), ("K", "K"), ("N", "N"), ("threads", "threads"), ("fused_ms", "fused ms"),
             ("qdq_ms", "QDQ ms"), ("fp32_ms", "fp32 ms"), ("fused_gops", "fused GOPS"),
             ("speedup_vs_qdq", "fused vs QDQ"), ("speedup_vs_fp32", "fused vs fp32"),
@@ -405,8 +409,8 @@ def run_cpu(args: argparse.Namespace) -> int:
           f"CPU: {env['cpu']}, {env['cpu_count']} logical cores; {env['build']}.\n"
           "Latency of one session.run of a single linear layer (+bias). Speed-ups > 1 mean the fused op "
           "is faster; max rel diff is |fused - QDQ| / max|QDQ|.\n\n" + markdown_table(rows, cols) + "\n")
-    write_atomic(RESULTS / "cpu_fused_gemm.md", md)
-    print(f"wrote {RESULTS / 'cpu_fused_gemm.json'} and .md")
+    write_atomic(stem.with_suffix(".md"), md)
+    print(f"wrote {stem}.json and .md")
     return 0
 
 
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-variants", action="store_true", help="GPU: time only the kernel auto picks")
     parser.add_argument("--models", default="smollm2,7b", help="GPU: K/N shape sets, comma-separated (smollm2, 7b)")
-    parser.add_argument("--out-dir", default=str(RESULTS), help="where the GPU results are written")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the results are written")
     args = parser.parse_args(argv)
     return run_cpu(args) if args.cpu else run_gpu(args)
 

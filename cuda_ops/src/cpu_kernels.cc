@@ -1,4 +1,4 @@
-// Compiled once per ISA (EQC_ISA = generic | avx2 | avx512): plain C++ loops written so that
+// Compiled once per ISA (EQC_ISA = generic | avx512): plain C++ loops written so that
 // GCC's vectorizer turns the int8 dot products into widening multiply-adds (pmaddwd / vpmaddwd).
 #include <algorithm>
 #include <cmath>
@@ -15,13 +15,6 @@ namespace cpu {
 namespace EQC_ISA {
 
 namespace {
-
-// Same formula and rounding as the QDQ graph: Abs -> ReduceMax -> Div(127) [-> Max(eps)].
-inline float row_scale(float absmax, const QuantParams& p) {
-  float s = std::max(absmax, p.absmax_floor) / 127.0f;
-  s = std::max(s, p.scale_floor);
-  return (s > 0.0f) ? s : 1.0f;  // all-zero row: any scale gives q = 0, pick 1 (no 0/0)
-}
 
 // Row absmax with 16 independent lanes so the loop vectorizes without -ffast-math.
 inline float row_absmax(const float* __restrict a, int64_t K) {

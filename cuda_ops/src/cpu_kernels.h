@@ -1,6 +1,7 @@
 // CPU int8 GEMM kernels for ai.eqc::FusedInt8Gemm. cpu_kernels.cc is compiled once per ISA
 // level (generic / avx2 / avx512) into its own namespace; cpu_gemm.cc picks one at run time.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace eqc {
@@ -12,6 +13,13 @@ struct QuantParams {
   float absmax_floor = 0.0f;
   float scale_floor = 0.0f;
 };
+
+// Same formula and rounding as the QDQ graph: Abs -> ReduceMax -> Div(127) [-> Max(eps)].
+inline float row_scale(float absmax, const QuantParams& p) {
+  float s = std::max(absmax, p.absmax_floor) / 127.0f;
+  s = std::max(s, p.scale_floor);
+  return (s > 0.0f) ? s : 1.0f;  // all-zero row: any scale gives q = 0, pick 1 (no 0/0)
+}
 
 // One GEMM problem on already-quantized activations: Y[M,N] = acc * a_scale[m] * b_scale[n] (+bias[n]).
 struct GemmArgs {

@@ -1,0 +1,136 @@
+// AVX2 int8 GEMM tile and row quantization (compiled with -mavx2; chosen at run time on CPUs
+// without AVX-512). Without VNNI the int8 dot product is vpmovsxbw (16 int8 -> int16) followed by
+// vpmaddwd (int16 x int16, adjacent products summed into int32): exact for every int8 input, which
+// vpmaddubsw is not (its int16 pair sums saturate; the trap onnxruntime's u8s8 AVX2 path falls into).
+// GCC does not find this form on its own: from the portable loops it emits vpmullw + two
+// vpmovsxwd per 16 products, about 3x slower (tools/results/cpu_fused_gemm_avx2.md).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu_kernels.h"
+
+namespace eqc {
+namespace cpu {
+namespace avx2 {
+
+namespace {
+
+inline __m256i widen16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// MR x NR int32 dot products over the full K. The K % 16 tail is summed in scalar code.
+template <int MR, int NR>
+inline void dot_block(const int8_t* const* a, const int8_t* const* b, int64_t K, int32_t* out) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i bv[NR];
+    for (int j = 0; j < NR; ++j) bv[j] = widen16(b[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i av = widen16(a[i] + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, bv[j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = hsum(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += int32_t(a[i][t]) * int32_t(b[j][t]);
+      out[i * NR + j] = s;
+    }
+}
+
+// Rows [m0, m0+mr) x cols [n0, n0+nr) with a fixed MRxNR kernel; missing rows/cols reuse a
+// valid pointer and their results are dropped (only at tile edges).
+template <int MR, int NR>
+inline void block(const GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
+  const int8_t* a[MR];
+  const int8_t* b[NR];
+  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
+  int32_t acc[MR * NR];
+  dot_block<MR, NR>(a, b, g.K, acc);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      const int64_t m = m0 + i, n = n0 + j;
+      // Same float ops, same order as the portable kernel and the numpy reference.
+      float y = (static_cast<float>(acc[i * NR + j]) * g.a_scale[m]) * g.b_scale[n];
+      if (g.bias) y += g.bias[n];
+      g.y[m * g.N + n] = y;
+    }
+}
+
+// 8 quantized values as int32: x / s rounded half to even (the MXCSR default, as std::nearbyint),
+// NaN -> 0 (what the portable kernel's float -> int conversion gives), clamped to [-128, 127].
+inline __m256i quantize8(const float* p, __m256 s) {
+  const __m256 x = _mm256_div_ps(_mm256_loadu_ps(p), s);
+  __m256 r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm256_and_ps(r, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
+  r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-128.0f)), _mm256_set1_ps(127.0f));
+  return _mm256_cvtps_epi32(r);
+}
+
+}  // namespace
+
+float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q) {
+  // absmax; max_ps returns its second operand when the first is NaN, so NaNs are skipped like
+  // std::max(lane, NaN) in the portable kernel.
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    m0 = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(a + k), abs_mask), m0);
+    m1 = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(a + k + 8), abs_mask), m1);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
+  float absmax = 0.0f;
+  for (float v : lanes) absmax = std::max(absmax, v);
+  for (; k < K; ++k) absmax = std::max(absmax, std::fabs(a[k]));
+
+  const float s = row_scale(absmax, p);
+  const __m256 sv = _mm256_set1_ps(s);
+  // packs interleaves 128-bit lanes; this dword permutation puts the 32 bytes back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m256i lo = _mm256_packs_epi32(quantize8(a + k, sv), quantize8(a + k + 8, sv));
+    const __m256i hi = _mm256_packs_epi32(quantize8(a + k + 16, sv), quantize8(a + k + 24, sv));
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), bytes);
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(a[k] / s);
+    v = std::min(std::max(v, -128.0f), 127.0f);
+    q[k] = static_cast<int8_t>(static_cast<int32_t>(v));
+  }
+  return s;
+}
+
+void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  // 8 accumulators + 2 B + 1 A + the vpmaddwd result: 12 of the 16 ymm registers. 4 x 3 needs 17
+  // and spills; on the Zen 3 CI machine 4 x 2 ran ~1.3x faster than 4 x 3 or 3 x 4.
+  constexpr int MR = 4, NR = 2;
+  constexpr int NR1 = 8;         // single rows (decode, row remainders): 1 x 8
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR)
+    for (int64_t n = n0; n < n1; n += NR) block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)));
+  for (; m < m1; ++m)
+    for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
+}
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace eqc
