@@ -1,9 +1,10 @@
 """Locating and registering eqc's ONNX Runtime custom-op library (domain `ai.eqc`).
 
 The library is built by `make ops` (cuda_ops/build.sh) into build/cuda_ops/:
-- libeqc_ops.so: CPU kernel of ai.eqc::FusedInt8Gemm, no CUDA dependency (the default);
-- libeqc_ops_cuda.so: the same CPU kernel plus a CUDAExecutionProvider kernel (built when nvcc
-  exists). Only one of the two may be registered in a session: both define domain ai.eqc.
+- libeqc_ops.so: CPU kernels of ai.eqc::FusedInt8Gemm and ai.eqc::Int8WeightGemm, no CUDA
+  dependency (the default);
+- libeqc_ops_cuda.so: the same CPU kernels plus a CUDAExecutionProvider kernel of FusedInt8Gemm
+  (built when nvcc exists). Only one of the two may be registered in a session: both define domain ai.eqc.
 """
 from __future__ import annotations
 

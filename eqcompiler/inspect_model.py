@@ -20,6 +20,7 @@ BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataT
         ir.DataType.FLOAT: 32, ir.DataType.FLOAT16: 16, ir.DataType.BFLOAT16: 16, ir.DataType.INT64: 64,
         ir.DataType.INT32: 32, ir.DataType.FLOAT8E4M3FN: 8}
 LOWERED = {("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "MatMulNBits"), ("ai.eqc", "FusedInt8Gemm"),
+           ("ai.eqc", "Int8WeightGemm"),
            ("com.microsoft", "DynamicQuantizeMatMul"), ("", "MatMulInteger"), ("", "QLinearMatMul")}
 
 
@@ -70,6 +71,8 @@ def _lowered_layer(node: ir.Node) -> dict[str, Any]:
                     activation="none")
     elif node.op_type == "FusedInt8Gemm":
         info.update(bits=8, granularity="per-channel", activation="dynamic-per-token-int8")
+    elif node.op_type == "Int8WeightGemm":
+        info.update(bits=8, granularity="per-channel", activation="none")
     elif node.op_type == "MatMulIntegerToFloat":
         b_scale = const_array(node.inputs[3])
         a_zp = const_array(node.inputs[4]) if len(node.inputs) > 4 else None

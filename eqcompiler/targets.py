@@ -12,7 +12,9 @@
       when the library is not built)
     * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
     * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
-    * per-channel int8 weight-only -> stays QDQ: MatMulNBits bits=8 (lower_weight_only_int8) was slower
+    * per-channel int8 weight-only (w8; the tied lm_head/embedding table of every recipe that keeps it int8)
+      -> ai.eqc::Int8WeightGemm (float math on int8 weights; passes/lower_int8_weight_gemm.py). MatMulNBits
+      bits=8 (lower_weight_only_int8) was slower than QDQ; skipped with a warning without the library
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
   cuda_ops/src/fused_int8_gemm.cu) lives in libeqc_ops_cuda.so; every other layer stays QDQ, which the
   CUDA provider runs as is. The artifact's manifest names the provider and library it needs. The
@@ -27,7 +29,8 @@ from eqcompiler.errors import EqcError
 TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda")
 
 # Lowering passes for ort-cpu in preference order (see module docstring).
-ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits")
+ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits", "lower_int8_weight_gemm")
+EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lower_int8_weight_gemm": "int8 weight-only layers"}
 # Not scheduled: lower_weight_only_int8 (per-channel int8 -> MatMulNBits bits=8, exact numerics) measured
 # 6x slower than the QDQ graph at decode on ORT 1.32 (accuracy_level 0 takes a float32 path), see speed.md;
 # it stays available to recipes and `extra_steps`.
@@ -56,6 +59,8 @@ def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
             needs.add("lower_qdq_to_ort_int8")
         if opts.get("block_size"):
             needs.add("lower_matmul_nbits")
+        if name == "quantize_weights":  # per-channel int8 layers, or a tied int8 table (any block size)
+            needs.add("lower_int8_weight_gemm")
     return needs
 
 
@@ -77,9 +82,9 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
     for name in ORT_CPU_LOWERINGS:
         if name not in known or name not in needs:
             continue
-        if name == "lower_fused_int8_gemm" and not _fused_library_available():
+        if name in EQC_LIBRARY_LOWERINGS and not _fused_library_available():
             if warnings is not None:
-                warnings.append("ort-cpu: eqc op library not built (`make ops`); per-token W8A8 layers stay QDQ")
+                warnings.append(f"ort-cpu: eqc op library not built (`make ops`); {EQC_LIBRARY_LOWERINGS[name]} stay QDQ")
             continue
         steps.append({"pass": name, "options": {}})
     if not steps and warnings is not None:
@@ -98,7 +103,7 @@ def _ort_cuda_steps(warnings: list[str] | None, recipe: dict[str, Any] | None) -
 
 def runtime_requirements(target: str, applied_passes: list[str]) -> dict[str, str] | None:
     """What a runtime needs to load an artifact compiled for `target` (recorded in the manifest)."""
-    if "lower_fused_int8_gemm" not in applied_passes:
+    if not set(EQC_LIBRARY_LOWERINGS) & set(applied_passes):
         return None
     if target == "ort-cuda":
         return {"provider": "CUDAExecutionProvider", "custom_op_library": "libeqc_ops_cuda.so", "domain": "ai.eqc"}

@@ -42,7 +42,7 @@ def _block_for(k: int) -> int:
     return next((b for b in (128, 64, 32, 16) if k % b == 0), 128)
 
 
-def _weight_only_dq(site) -> ir.Node | None:
+def weight_only_dq(site) -> ir.Node | None:
     """The weight's per-channel int8 zero-zp DequantizeLinear, else None.
 
     The activation may itself be Q->DQ (a layer no integer lowering took, e.g. the tied lm_head of a
@@ -76,7 +76,7 @@ class LowerWeightOnlyInt8Pass(EqcPass):
         for site in find_linear_sites(graph, self.options.include, self.options.exclude):
             if site.node.op_type != "MatMul":
                 continue
-            dq = _weight_only_dq(site)
+            dq = weight_only_dq(site)
             if dq is None:
                 continue
             wq = dq.inputs[0]

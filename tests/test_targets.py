@@ -109,7 +109,8 @@ def test_unknown_target_is_refused(tiny_artifact, tmp_path):
 
 
 def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_path):
-    """Per-channel int8 weight-only -> MatMulNBits(bits=8); tied table stored once, same logits."""
+    """Per-channel int8 weight-only -> MatMulNBits(bits=8) on request, ai.eqc::Int8WeightGemm for
+    --target ort-cpu; tied table stored once, same logits."""
     from eqcompiler.pipeline import compile_model
 
     src = tiny_artifact("llama")
@@ -117,17 +118,25 @@ def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_
     manifest = compile_model(src, "w8", tmp_path / "ort", extra_steps=[{"pass": "lower_weight_only_int8"}])
     report = manifest["quantization"]["report"]
     assert report["lower_weight_only_int8"]["lowered"] == 15
-    # ort-cpu keeps w8 as QDQ (MatMulNBits bits=8 measured slower): nothing scheduled, a warning says so
-    portable = compile_model(src, "w8", tmp_path / "w8cpu", target="ort-cpu")
-    assert [p["pass"] for p in portable["quantization"]["passes"]] == ["quantize_weights"]
-    assert any("no ONNX Runtime CPU lowering" in w for w in portable["quantization"]["warnings"])
+    size = lambda f: (f / "model.onnx.data").stat().st_size  # noqa: E731
+    # ort-cpu takes eqc's Int8WeightGemm instead (MatMulNBits bits=8 measured slower than QDQ): every
+    # linear layer, the tied lm_head reading the embedding table in place, with the QDQ graph's logits
+    cpu = compile_model(src, "w8", tmp_path / "w8cpu", target="ort-cpu")
+    assert [p["pass"] for p in cpu["quantization"]["passes"]] == ["quantize_weights", "lower_int8_weight_gemm"]
+    assert cpu["quantization"]["report"]["lower_int8_weight_gemm"]["lowered"] == 15
+    assert cpu["runtime_requirements"]["domain"] == "ai.eqc"
+    cpu_counts = _op_counts(tmp_path / "w8cpu")
+    assert cpu_counts["ai.eqc::Int8WeightGemm"] == 15 and cpu_counts["DequantizeLinear"] == 1
+    c = _logits(tmp_path / "w8cpu", ids := np.arange(5, 5 + 40, dtype=np.int64)[None, :] % 500)
+    a0 = _logits(tmp_path / "qdq", ids, optimize=False)
+    assert np.abs(a0 - c).max() / np.abs(a0).max() < 1e-5
+    assert abs(size(tmp_path / "w8cpu") - size(tmp_path / "qdq")) < 0.03 * size(tmp_path / "qdq")
     counts = _op_counts(tmp_path / "ort")
     assert counts["com.microsoft::MatMulNBits"] == 15 and counts.get("MatMul", 0) == 4
     assert counts["DequantizeLinear"] == 1  # embedding rows only
     ids = np.arange(5, 5 + 40, dtype=np.int64)[None, :] % 500
     a, b = _logits(tmp_path / "qdq", ids, optimize=False), _logits(tmp_path / "ort", ids)
     assert np.abs(a - b).max() / np.abs(a).max() < 1e-5  # float32 compute on the same int8 values
-    size = lambda f: (f / "model.onnx.data").stat().st_size  # noqa: E731
     assert abs(size(tmp_path / "ort") - size(tmp_path / "qdq")) < 0.03 * size(tmp_path / "qdq")
 
 

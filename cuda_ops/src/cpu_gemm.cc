@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace eqc {
 namespace cpu {
@@ -12,11 +13,13 @@ namespace {
 
 using QuantFn = float (*)(const float*, int64_t, const QuantParams&, int8_t*);
 using TileFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
+using WeightTileFn = void (*)(const WeightGemmArgs&, int64_t, int64_t, int64_t, int64_t, float*);
 
 struct Isa {
   const char* name;
   QuantFn quantize_row;
   TileFn gemm_tile;
+  WeightTileFn weight_gemm_tile;
 };
 
 bool cpu_has(const char* name) {
@@ -39,15 +42,15 @@ bool cpu_has(const char* name) {
 Isa pick_isa() {
   const Isa all[] = {
 #if defined(EQC_HAVE_AVX512VNNI)
-      {"avx512vnni", avx512vnni::quantize_row, avx512vnni::gemm_tile},
+      {"avx512vnni", avx512vnni::quantize_row, avx512vnni::gemm_tile, avx512vnni::weight_gemm_tile},
 #endif
 #if defined(EQC_HAVE_AVX512)
-      {"avx512", avx512::quantize_row, avx512::gemm_tile},
+      {"avx512", avx512::quantize_row, avx512::gemm_tile, avx512::weight_gemm_tile},
 #endif
 #if defined(EQC_HAVE_AVX2)
-      {"avx2", avx2::quantize_row, avx2::gemm_tile},
+      {"avx2", avx2::quantize_row, avx2::gemm_tile, avx2::weight_gemm_tile},
 #endif
-      {"generic", generic::quantize_row, generic::gemm_tile},
+      {"generic", generic::quantize_row, generic::gemm_tile, generic::weight_gemm_tile},
   };
   const char* forced = std::getenv("EQC_CPU_ISA");
   if (forced != nullptr)
@@ -65,6 +68,7 @@ const Isa& isa() {
 
 constexpr int64_t kRowBlock = 32;     // rows per task (multiple of the 4-row micro-kernel)
 constexpr int64_t kL2Bytes = 256 << 10;
+constexpr int64_t kWeightRowBlock = 128;  // rows per weight-only task: the widened B panel is reused 128x
 
 // Column block: enough columns that a task does real work, few enough that its slice of B
 // (cols x K bytes) stays in L2 while the task's rows stream past it.
@@ -82,6 +86,13 @@ void run(const ParallelFor& pf, int64_t total, const std::function<void(int64_t)
     return;
   }
   pf(total, fn);
+}
+
+// Weight-only column block: its float panel (cols x K x 4 bytes) stays in a core's L2 share.
+int64_t weight_col_block(int64_t N, int64_t K) {
+  int64_t cols = std::max<int64_t>(8, (192 << 10) / (4 * std::max<int64_t>(K, 1)));
+  cols = std::min<int64_t>(cols, 256) / 4 * 4;
+  return std::min(cols, std::max<int64_t>(N, 1));
 }
 
 }  // namespace
@@ -126,6 +137,40 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
   run(parallel_for, nrow * ncol, [&](int64_t t) {
     const int64_t r = t / ncol, c = t % ncol;
     k.gemm_tile(g, r * kRowBlock, std::min(M, (r + 1) * kRowBlock), c * nb, std::min(N, (c + 1) * nb));
+  });
+}
+
+void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
+                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for) {
+  if (M <= 0 || N <= 0) return;
+  const Isa& k = isa();
+  WeightGemmArgs g;
+  g.a = A;
+  g.b = B;
+  g.b_scale = b_scale;
+  g.bias = bias;
+  g.y = Y;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  // Prefill: A transposed into 16-row tiles once, shared by every column block.
+  std::vector<float> packed;
+  if (M >= kWeightGemmOuterRows) {
+    const int64_t tiles = (M + kPackRows - 1) / kPackRows;
+    packed.resize(static_cast<size_t>(tiles * kPackRows * K));
+    run(parallel_for, tiles, [&](int64_t t) { pack_rows_transposed(A, M, K, t, packed.data()); });
+    g.a_packed = packed.data();
+  }
+  const int64_t nb = weight_col_block(N, K);
+  const int64_t ncol = (N + nb - 1) / nb;
+  const int64_t nrow = (M + kWeightRowBlock - 1) / kWeightRowBlock;
+  run(parallel_for, nrow * ncol, [&](int64_t t) {
+    thread_local std::vector<float> panel;  // per pool thread, grown once
+    const auto need = static_cast<size_t>(weight_panel_floats(nb, K));
+    if (panel.size() < need) panel.resize(need);
+    const int64_t r = t / ncol, c = t % ncol;
+    k.weight_gemm_tile(g, r * kWeightRowBlock, std::min(M, (r + 1) * kWeightRowBlock), c * nb, std::min(N, (c + 1) * nb),
+                       panel.data());
   });
 }
 

@@ -22,5 +22,10 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
                      int64_t M, int64_t N, int64_t K, const QuantParams& qp, void* workspace,
                      const ParallelFor& parallel_for);
 
+// Weight-only op: Y[M,N] = (A x float(B)^T) * b_scale (+ bias), float math (no activation
+// quantization); summation order fixed by WeightGemmArgs. No workspace.
+void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
+                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for);
+
 }  // namespace cpu
 }  // namespace eqc

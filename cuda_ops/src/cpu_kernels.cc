@@ -96,6 +96,28 @@ void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
     for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
 }
 
+void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float*) {
+  // Reference order (see kWeightGemmOuterRows): FMA lanes + reduce_lanes + tail, or one FMA chain.
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* a = g.a + m * g.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* b = g.b + n * g.K;
+      float s = 0.0f;
+      int64_t k = 0;
+      if (g.M < kWeightGemmOuterRows) {
+        float lane[kFloatLanes] = {0};
+        for (; k + kFloatLanes <= g.K; k += kFloatLanes)
+          for (int j = 0; j < kFloatLanes; ++j) lane[j] = std::fma(a[k + j], static_cast<float>(b[k + j]), lane[j]);
+        s = reduce_lanes(lane);
+      }
+      for (; k < g.K; ++k) s = std::fma(a[k], static_cast<float>(b[k]), s);
+      float y = s * g.b_scale[n];
+      if (g.bias) y += g.bias[n];
+      g.y[m * g.N + n] = y;
+    }
+  }
+}
+
 }  // namespace EQC_ISA
 }  // namespace cpu
 }  // namespace eqc

@@ -82,7 +82,117 @@ inline __m256i quantize8(const float* p, __m256 s) {
   return _mm256_cvtps_epi32(r);
 }
 
+// ---- weight-only: float A x int8 B (see WeightGemmArgs for the summation order) ----------------
+
+inline __m256 widen8f(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Same tree as reduce_lanes: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
+inline float reduce8(__m256 v) {
+  const __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
+}
+
+inline void store_weight_gemm(const WeightGemmArgs& g, int64_t m, int64_t n, float s) {
+  float y = s * g.b_scale[n];
+  if (g.bias) y += g.bias[n];
+  g.y[m * g.N + n] = y;
+}
+
+// Decode: one row x NR columns in kFloatLanes lanes, B widened from int8 on the fly.
+template <int NR>
+inline void weight_row(const WeightGemmArgs& g, int64_t m, int64_t n0, int nr) {
+  const int64_t K = g.K;
+  const float* a = g.a + m * K;
+  const int8_t* b[NR];
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * K;
+  __m256 acc[NR];
+  for (int j = 0; j < NR; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + kFloatLanes <= K; k += kFloatLanes) {
+    const __m256 av = _mm256_loadu_ps(a + k);
+    for (int j = 0; j < NR; ++j) acc[j] = _mm256_fmadd_ps(av, widen8f(b[j] + k), acc[j]);
+  }
+  float sums[NR];
+  for (int j = 0; j < NR; ++j) sums[j] = reduce8(acc[j]);  // constant indices (see outer_block)
+  for (int j = 0; j < nr; ++j) {
+    float s = sums[j];
+    for (int64_t t = k; t < K; ++t) s = std::fma(a[t], static_cast<float>(b[j][t]), s);
+    store_weight_gemm(g, m, n0 + j, s);
+  }
+}
+
+// Prefill: kRowsTile (16) rows x 6 columns as outer products, every output one sequential FMA chain
+// over k. A is packed transposed ([K][16], zero rows past the tile) so each k reads 2 vectors of
+// rows; B's float panel ([cols][K]) is read by broadcasts. 12 accumulators + 2 A + 1 B registers,
+// as named variables: GCC kept an accumulator array in memory, storing it on every k.
+constexpr int kRowsTile = 16;
+constexpr int kOuterCols = 6;
+
+inline void outer_block(const WeightGemmArgs& g, const float* at, const float* panel, int64_t m0, int rows,
+                        int64_t n0, int64_t pc, int nr) {
+  const int64_t K = g.K;
+  const float* b0 = panel + (pc + std::min(0, nr - 1)) * K;
+  const float* b1 = panel + (pc + std::min(1, nr - 1)) * K;
+  const float* b2 = panel + (pc + std::min(2, nr - 1)) * K;
+  const float* b3 = panel + (pc + std::min(3, nr - 1)) * K;
+  const float* b4 = panel + (pc + std::min(4, nr - 1)) * K;
+  const float* b5 = panel + (pc + std::min(5, nr - 1)) * K;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00;
+  __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00, c15 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 a0 = _mm256_loadu_ps(at + k * kRowsTile), a1 = _mm256_loadu_ps(at + k * kRowsTile + 8);
+    __m256 bv = _mm256_broadcast_ss(b0 + k);
+    c00 = _mm256_fmadd_ps(a0, bv, c00), c10 = _mm256_fmadd_ps(a1, bv, c10);
+    bv = _mm256_broadcast_ss(b1 + k);
+    c01 = _mm256_fmadd_ps(a0, bv, c01), c11 = _mm256_fmadd_ps(a1, bv, c11);
+    bv = _mm256_broadcast_ss(b2 + k);
+    c02 = _mm256_fmadd_ps(a0, bv, c02), c12 = _mm256_fmadd_ps(a1, bv, c12);
+    bv = _mm256_broadcast_ss(b3 + k);
+    c03 = _mm256_fmadd_ps(a0, bv, c03), c13 = _mm256_fmadd_ps(a1, bv, c13);
+    bv = _mm256_broadcast_ss(b4 + k);
+    c04 = _mm256_fmadd_ps(a0, bv, c04), c14 = _mm256_fmadd_ps(a1, bv, c14);
+    bv = _mm256_broadcast_ss(b5 + k);
+    c05 = _mm256_fmadd_ps(a0, bv, c05), c15 = _mm256_fmadd_ps(a1, bv, c15);
+  }
+  float col[kOuterCols][kRowsTile];
+  const __m256 lo[kOuterCols] = {c00, c01, c02, c03, c04, c05}, hi[kOuterCols] = {c10, c11, c12, c13, c14, c15};
+  for (int j = 0; j < kOuterCols; ++j) {
+    _mm256_storeu_ps(col[j], lo[j]);
+    _mm256_storeu_ps(col[j] + 8, hi[j]);
+  }
+  for (int j = 0; j < nr; ++j)
+    for (int i = 0; i < rows; ++i) store_weight_gemm(g, m0 + i, n0 + pc + j, col[j][i]);
+}
+
 }  // namespace
+
+void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* panel) {
+  constexpr int NR1 = 4;
+  if (g.M < kWeightGemmOuterRows) {  // decode: each weight byte is used once, widen it on the fly
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = n0; n < n1; n += NR1) weight_row<NR1>(g, m, n, int(std::min<int64_t>(NR1, n1 - n)));
+    return;
+  }
+  // Widen the tile's columns once (exact: int8 -> float), then reuse them for every row block.
+  const int64_t cols = n1 - n0;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* src = g.b + n * g.K;
+    float* dst = panel + (n - n0) * g.K;
+    int64_t k = 0;
+    for (; k + kFloatLanes <= g.K; k += kFloatLanes) _mm256_storeu_ps(dst + k, widen8f(src + k));
+    for (; k < g.K; ++k) dst[k] = static_cast<float>(src[k]);
+  }
+  static_assert(kRowsTile == kPackRows, "the packed A tiles are the micro-kernel's rows");
+  for (int64_t r0 = m0; r0 < m1; r0 += kRowsTile) {  // m0 is a multiple of kRowsTile (kWeightRowBlock)
+    const int rows = int(std::min<int64_t>(kRowsTile, m1 - r0));
+    const float* at = g.a_packed + (r0 / kRowsTile) * kRowsTile * g.K;
+    for (int64_t c = 0; c < cols; c += kOuterCols)
+      outer_block(g, at, panel, r0, rows, n0, c, int(std::min<int64_t>(kOuterCols, cols - c)));
+  }
+}
 
 float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q) {
   // absmax; max_ps returns its second operand when the first is NaN, so NaNs are skipped like

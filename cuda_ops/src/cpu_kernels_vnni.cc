@@ -71,6 +71,10 @@ float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q) {
   return avx512::quantize_row(a, K, p, q);
 }
 
+void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* panel) {
+  avx512::weight_gemm_tile(g, m0, m1, n0, n1, panel);
+}
+
 void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = 4, NR = 4;
   // 128 * column sum of B for this tile's columns (the unsigned-shift correction).

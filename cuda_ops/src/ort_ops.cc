@@ -1,4 +1,5 @@
-// onnxruntime custom-op library: domain "ai.eqc", op FusedInt8Gemm (since version 1).
+// onnxruntime custom-op library: domain "ai.eqc", ops FusedInt8Gemm (W8A8, per-token int8
+// activations) and Int8WeightGemm (int8 weights, float activations), both since version 1.
 //
 // Built twice from this file: libeqc_ops.so (CPU kernel only, no CUDA dependency) and, when nvcc
 // is available, libeqc_ops_cuda.so (EQC_WITH_CUDA=1: CPU kernel + a CUDAExecutionProvider kernel).
@@ -24,6 +25,7 @@ namespace {
 
 constexpr const char* kDomain = "ai.eqc";
 constexpr const char* kOpName = "FusedInt8Gemm";
+constexpr const char* kWeightOpName = "Int8WeightGemm";
 
 // Optional float attribute: missing -> default (the C++ GetAttribute throws instead).
 float float_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, float dflt) {
@@ -53,12 +55,14 @@ struct Problem {
   float* y = nullptr;
 };
 
-Ort::Status invalid(const std::string& msg) {
-  return Ort::Status((std::string(kOpName) + ": " + msg).c_str(), ORT_INVALID_ARGUMENT);
+Ort::Status invalid(const std::string& msg, const char* op = kOpName) {
+  return Ort::Status((std::string(op) + ": " + msg).c_str(), ORT_INVALID_ARGUMENT);
 }
 
-// Checks shapes, allocates Y. Returns a non-OK status on malformed inputs.
-Ort::Status prepare(Ort::KernelContext& ctx, Problem& p) {
+// Checks shapes, allocates Y. Returns a non-OK status on malformed inputs. Both ops share the
+// input contract: A [..., K] float, B [N, K] int8, B_scale [N], optional bias [N].
+Ort::Status prepare(Ort::KernelContext& ctx, Problem& p, const char* op = kOpName) {
+  auto invalid = [op](const std::string& msg) { return ::invalid(msg, op); };
   Ort::ConstValue a = ctx.GetInput(0), b = ctx.GetInput(1), sb = ctx.GetInput(2);
   Ort::ConstValue bias = ctx.GetInput(3);
   const std::vector<int64_t> as = a.GetTensorTypeAndShapeInfo().GetShape();
@@ -101,7 +105,16 @@ OrtStatusPtr guarded(F&& body) {
   }
 }
 
-// ---------------------------------------------------------------------------- CPU kernel
+// ---------------------------------------------------------------------------- CPU kernels
+// ORT's intra-op pool: honours SessionOptions.intra_op_num_threads.
+eqc::cpu::ParallelFor parallel_for(Ort::KernelContext& ctx) {
+  return [&ctx](int64_t total, const std::function<void(int64_t)>& fn) {
+    ctx.ParallelFor(
+        [](void* data, size_t i) { (*static_cast<const std::function<void(int64_t)>*>(data))(int64_t(i)); },
+        static_cast<size_t>(total), 0, const_cast<std::function<void(int64_t)>*>(&fn));
+  };
+}
+
 struct CpuKernel {
   CpuKernel(const OrtApi& api, const OrtKernelInfo* info) {
     qp_.absmax_floor = float_attr(api, info, "absmax_floor", 0.0f);
@@ -115,13 +128,7 @@ struct CpuKernel {
       Ort::Status st = prepare(ctx, p);
       if (!st.IsOK() || p.M == 0 || p.N == 0) return st;
       std::vector<char> ws(eqc::cpu::workspace_bytes(p.M, p.K));
-      // ORT's intra-op pool: honours SessionOptions.intra_op_num_threads.
-      eqc::cpu::ParallelFor pf = [&ctx](int64_t total, const std::function<void(int64_t)>& fn) {
-        ctx.ParallelFor(
-            [](void* data, size_t i) { (*static_cast<const std::function<void(int64_t)>*>(data))(int64_t(i)); },
-            static_cast<size_t>(total), 0, const_cast<std::function<void(int64_t)>*>(&fn));
-      };
-      eqc::cpu::fused_int8_gemm(p.a, p.b, p.b_scale, p.bias, p.y, p.M, p.N, p.K, qp_, ws.data(), pf);
+      eqc::cpu::fused_int8_gemm(p.a, p.b, p.b_scale, p.bias, p.y, p.M, p.N, p.K, qp_, ws.data(), parallel_for(ctx));
       return Ort::Status{nullptr};
     });
   }
@@ -129,7 +136,22 @@ struct CpuKernel {
   eqc::cpu::QuantParams qp_;
 };
 
-template <typename Op, typename Kernel>
+struct CpuWeightKernel {
+  CpuWeightKernel(const OrtApi&, const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    return guarded([&]() -> Ort::Status {
+      Ort::KernelContext ctx(raw);
+      Problem p;
+      Ort::Status st = prepare(ctx, p, kWeightOpName);
+      if (!st.IsOK() || p.M == 0 || p.N == 0) return st;
+      eqc::cpu::int8_weight_gemm(p.a, p.b, p.b_scale, p.bias, p.y, p.M, p.N, p.K, parallel_for(ctx));
+      return Ort::Status{nullptr};
+    });
+  }
+};
+
+template <typename Op, typename Kernel, const char* const* kName = &kOpName>
 struct OpBase : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return guarded([&]() -> Ort::Status {
@@ -137,7 +159,7 @@ struct OpBase : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
       return Ort::Status{nullptr};
     });
   }
-  const char* GetName() const { return kOpName; }
+  const char* GetName() const { return *kName; }
   size_t GetInputTypeCount() const { return 4; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -150,6 +172,7 @@ struct OpBase : Ort::CustomOpBase<Op, Kernel, /*WithStatus=*/true> {
 };
 
 struct CpuOp : OpBase<CpuOp, CpuKernel> {};
+struct CpuWeightOp : OpBase<CpuWeightOp, CpuWeightKernel, &kWeightOpName> {};
 
 #if EQC_WITH_CUDA
 // --------------------------------------------------------------------------- CUDA kernel
@@ -184,6 +207,7 @@ struct CudaOp : OpBase<CudaOp, CudaKernel> {
 
 // Op objects and domains must outlive every session that uses them: keep them for the process.
 const CpuOp kCpuOp;
+const CpuWeightOp kCpuWeightOp;
 #if EQC_WITH_CUDA
 const CudaOp kCudaOp;
 #endif
@@ -210,6 +234,7 @@ EQC_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, co
   return guarded([&]() -> Ort::Status {
     Ort::CustomOpDomain domain{kDomain};
     domain.Add(&kCpuOp);
+    domain.Add(&kCpuWeightOp);  // CPU only: the CUDA provider runs the weight-only QDQ graph as is
 #if EQC_WITH_CUDA
     domain.Add(&kCudaOp);
 #endif

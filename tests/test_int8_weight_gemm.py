@@ -1,0 +1,187 @@
+"""ai.eqc::Int8WeightGemm (int8 weights, float activations) and lower_int8_weight_gemm: the CPU
+kernel against a float64 reference, its fixed summation order (bit-identical across CPU variants
+and thread counts), and the lowering of eqc's weight-only QDQ layers, tied lm_head included."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from eqcompiler import custom_ops
+from eqcompiler.custom_ops import EqcOpsError
+from eqcompiler.passes.lower_int8_weight_gemm import LowerInt8WeightGemmPass
+from eqcompiler.targets import target_steps
+
+
+@pytest.fixture(scope="module")
+def lib() -> pathlib.Path:
+    try:
+        return custom_ops.find_library()
+    except EqcOpsError as exc:
+        pytest.fail(f"op library not built ({exc}); `make test` runs `make ops` first")
+
+
+def op_model(k: int | str, n: int | str, bias: bool) -> onnx.ModelProto:
+    names = ["A", "B", "B_scale"] + (["bias"] if bias else [])
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k]),
+              helper.make_tensor_value_info("B", TensorProto.INT8, [n, k]),
+              helper.make_tensor_value_info("B_scale", TensorProto.FLOAT, [n])]
+    if bias:
+        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n]))
+    graph = helper.make_graph([helper.make_node("Int8WeightGemm", names, ["Y"], domain="ai.eqc")], "w", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.eqc", 1)])
+
+
+def session(model: onnx.ModelProto, lib: pathlib.Path | None, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if lib is not None:
+        custom_ops.register(opts, lib)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def problem(rng: np.random.Generator, m: int, k: int, n: int):
+    a = (rng.standard_normal((m, k)) * rng.uniform(0.1, 20)).astype(np.float32)
+    b = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
+    scale = (rng.random(n).astype(np.float32) + 0.5) * np.float32(0.01)
+    bias = rng.standard_normal(n).astype(np.float32)
+    return a, b, scale, bias
+
+
+# (M, K, N): decode and prefill orders (M < 16 / >= 16), K and N tails, partial 16-row tiles, empty.
+SHAPES = [(1, 576, 1536), (3, 9, 5), (15, 40, 13), (16, 576, 64), (37, 577, 13), (130, 33, 300), (0, 8, 4), (4, 1, 7)]
+
+
+def run_all(lib: pathlib.Path, threads: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    outs = []
+    for m, k, n in SHAPES:
+        a, b, scale, bias = problem(rng, m, k, n)
+        (y,) = session(op_model(k, n, True), lib, threads).run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
+        outs.append(y)
+    return outs
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"M{m}_K{k}_N{n}" for m, k, n in SHAPES])
+def test_matches_float64_reference(lib, m, k, n):
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    a, b, scale, bias = problem(rng, m, k, n)
+    for with_bias in (False, True):
+        feed = {"A": a, "B": b, "B_scale": scale} | ({"bias": bias} if with_bias else {})
+        (y,) = session(op_model(k, n, with_bias), lib).run(None, feed)
+        ref = (a.astype(np.float64) @ b.T.astype(np.float64)) * scale + (bias if with_bias else 0)
+        assert y.shape == (m, n) and y.dtype == np.float32
+        # float32 accumulation of K products: a few ulps of the largest term, never more.
+        tol = 4 * np.finfo(np.float32).eps * np.sqrt(k) * (np.abs(a) @ np.abs(b.T.astype(np.float64)) * scale + 1)
+        assert np.all(np.abs(y - ref) <= tol)
+
+
+def test_same_bits_for_every_thread_count(lib):
+    for one, two in zip(run_all(lib, 1), run_all(lib, 2)):
+        np.testing.assert_array_equal(one, two)
+
+
+def test_same_bits_for_every_cpu_variant(lib, tmp_path):
+    """The portable (generic) kernel states the summation order; the vector kernels must follow it."""
+    code = ("import numpy as np, pathlib, test_int8_weight_gemm as t; "
+            f"np.savez({str(tmp_path / 'out.npz')!r}, *t.run_all(pathlib.Path({str(lib)!r}), 2))")
+    for isa in ("generic", "native"):
+        env = os.environ | ({"EQC_CPU_ISA": isa} if isa != "native" else {})
+        run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, capture_output=True,
+                             text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        (tmp_path / "out.npz").rename(tmp_path / f"{isa}.npz")
+    generic, native = np.load(tmp_path / "generic.npz"), np.load(tmp_path / "native.npz")
+    for key in generic.files:
+        np.testing.assert_array_equal(generic[key], native[key])
+
+
+def test_shape_mismatch_names_the_op(lib):
+    sess = session(op_model("k", "n", False), lib)
+    with pytest.raises(Exception, match="Int8WeightGemm: B is"):
+        sess.run(None, {"A": np.zeros((2, 9), np.float32), "B": np.zeros((4, 8), np.int8),
+                        "B_scale": np.ones(4, np.float32)})
+
+
+# ---------------------------------------------------------------------------- lowering
+def weight_only_model(rng: np.random.Generator, k: int = 24, n: int = 10, vocab: int = 40) -> onnx.ModelProto:
+    """Embedding table tied to an lm_head (Transpose(DQ(table))), a per-channel [K,N] layer with a
+    bias, and two layers the pass must leave alone: blocked weights and asymmetric weights."""
+    def per_row(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        s = (np.abs(w).max(axis=axis) / 127).astype(np.float32)
+        q = np.clip(np.rint(w / np.expand_dims(s, axis)), -127, 127).astype(np.int8)
+        return q, s
+
+    table_q, table_s = per_row(rng.standard_normal((vocab, k)).astype(np.float32), 1)
+    w1_q, w1_s = per_row(rng.standard_normal((k, k)).astype(np.float32), 0)
+    w2_q = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    inits = [numpy_helper.from_array(table_q, "table_q"), numpy_helper.from_array(table_s, "table_s"),
+             numpy_helper.from_array(w1_q, "w1_q"), numpy_helper.from_array(w1_s, "w1_s"),
+             numpy_helper.from_array(rng.standard_normal(k).astype(np.float32), "b1"),
+             numpy_helper.from_array(w2_q, "w2_q"), numpy_helper.from_array(np.full((k // 8, n), 0.01, np.float32), "w2_s"),
+             numpy_helper.from_array(w1_q, "w3_q"), numpy_helper.from_array(w1_s, "w3_s"),
+             numpy_helper.from_array(np.full(k, 3, np.int8), "w3_zp"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    nodes = [
+        helper.make_node("Gather", ["table_q", "ids"], ["rows_q"], axis=0),
+        helper.make_node("Gather", ["table_s", "ids"], ["rows_s0"], axis=0),
+        helper.make_node("Unsqueeze", ["rows_s0", "last"], ["rows_s"]),
+        helper.make_node("Mul", ["rows_q_f", "rows_s"], ["h0"]),
+        helper.make_node("Cast", ["rows_q"], ["rows_q_f"], to=TensorProto.FLOAT),
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_s"], ["w1"], axis=1),
+        helper.make_node("MatMul", ["h0", "w1"], ["mm1"], name="/model/layers.0/mlp/up_proj/MatMul"),
+        helper.make_node("Add", ["mm1", "b1"], ["h1"]),
+        helper.make_node("DequantizeLinear", ["w2_q", "w2_s"], ["w2"], axis=0, block_size=8),
+        helper.make_node("MatMul", ["h1", "w2"], ["blocked"], name="/model/layers.0/mlp/down_proj/MatMul"),
+        helper.make_node("DequantizeLinear", ["w3_q", "w3_s", "w3_zp"], ["w3"], axis=1),
+        helper.make_node("MatMul", ["h1", "w3"], ["asym"], name="/model/layers.0/mlp/gate_proj/MatMul"),
+        helper.make_node("DequantizeLinear", ["table_q", "table_s"], ["table"], axis=0),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h1", "table_t"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    nodes.insert(3, nodes.pop(4))  # Cast before Mul (topological order)
+    graph = helper.make_graph(nodes, "wo", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["b", "s", d])
+                               for o, d in (("logits", vocab), ("blocked", n), ("asym", k))],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_lowering_takes_tied_and_per_channel_layers_only(lib):
+    model = weight_only_model(np.random.default_rng(3))
+    ir_model = ir.serde.deserialize_model(model)
+    pass_ = LowerInt8WeightGemmPass()
+    assert pass_(ir_model).modified
+    assert pass_.context.report["lower_int8_weight_gemm"]["lowered"] == 2
+    lowered = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(lowered)
+    ops = [n.op_type for n in lowered.graph.node]
+    assert ops.count("Int8WeightGemm") == 2 and "Transpose" not in ops and "Add" not in ops  # bias folded
+    assert ops.count("DequantizeLinear") == 2  # the blocked and the asymmetric layer stay QDQ
+    inits = {i.name for i in lowered.graph.initializer}
+    assert "table_q" in inits and "w1_q" not in inits  # tied table read in place; [K,N] weight replaced by [N,K]
+    gemms = [n for n in lowered.graph.node if n.op_type == "Int8WeightGemm"]
+    assert any(n.input[1] == "table_q" for n in gemms)
+    ids = np.random.default_rng(0).integers(0, 40, (2, 7))
+    ref = session(model, None).run(None, {"ids": ids})
+    got = session(lowered, lib).run(None, {"ids": ids})
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(np.abs(r).max()))
+
+
+def test_ort_cpu_target_schedules_it_for_weight_recipes():
+    steps = [s["pass"] for s in target_steps("ort-cpu", [], {"passes": [{"pass": "quantize_weights", "options": {"bits": 8}}]})]
+    assert steps[-1] == "lower_int8_weight_gemm"
+    assert "lower_int8_weight_gemm" not in [s["pass"] for s in target_steps("ort-cuda", [], None)]
