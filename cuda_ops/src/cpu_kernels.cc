@@ -96,7 +96,13 @@ void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
     for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
 }
 
-void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float*) {
+void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* panel) {
+#if defined(__AVX512F__)
+  // Every AVX-512 CPU runs the AVX2 kernel (same order, so the same bits); these scalar loops would
+  // make the weight-only op slow exactly on the CPUs that prefer this variant.
+  return avx2::weight_gemm_tile(g, m0, m1, n0, n1, panel);
+#endif
+  (void)panel;
   // Reference order (see kWeightGemmOuterRows): FMA lanes + reduce_lanes + tail, or one FMA chain.
   for (int64_t m = m0; m < m1; ++m) {
     const float* a = g.a + m * g.K;
