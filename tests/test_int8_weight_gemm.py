@@ -59,7 +59,8 @@ def problem(rng: np.random.Generator, m: int, k: int, n: int):
 
 
 # (M, K, N): decode and prefill orders (M < 16 / >= 16), K and N tails, partial 16-row tiles, empty.
-SHAPES = [(1, 576, 1536), (3, 9, 5), (15, 40, 13), (16, 576, 64), (37, 577, 13), (130, 33, 300), (0, 8, 4), (4, 1, 7)]
+SHAPES = [(1, 576, 1536), (3, 9, 5), (15, 40, 13), (16, 576, 64), (37, 577, 13), (130, 33, 300), (0, 8, 4), (4, 1, 7),
+          (20, 0, 5), (2, 0, 3)]
 
 
 def run_all(lib: pathlib.Path, threads: int) -> list[np.ndarray]:

@@ -8,8 +8,8 @@ K/N. Writes tools/results/cuda_gemm.json and .md. Without a CUDA device: prints 
 writes nothing.
 
 --cpu: the CPU kernel inside onnxruntime (the lowered graph) against the QDQ graph it replaces
-and a float32 MatMul, at SmolLM2 shapes. Writes tools/results/cpu_fused_gemm_<variant>.json and .md
-(variant = the CPU kernel the library picked, e.g. avx2 or avx512vnni; EQC_CPU_ISA forces one).
+and a float32 MatMul, at SmolLM2 shapes (--cpu-op weight: Int8WeightGemm, plus the tied lm_head).
+Writes tools/results/cpu_{fused,int8_weight}_gemm_<variant>.json and .md (variant = the CPU kernel the library picked, e.g. avx2 or avx512vnni; EQC_CPU_ISA forces one).
 """
 from __future__ import annotations
 
@@ -338,6 +338,43 @@ def cpu_models(k: int, n: int, rng: np.random.Generator):
     return qdq, fused, fp32
 
 
+def weight_only_models(k: int, n: int, rng: np.random.Generator, tied: bool):
+    """(weight-only QDQ graph as eqc emits it, lowered Int8WeightGemm graph, float32 MatMul graph).
+    tied: the lm_head form, MatMul(x, Transpose(DequantizeLinear(table [N,K], axis=0)))."""
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eqcompiler.passes.lower_int8_weight_gemm import LowerInt8WeightGemmPass
+
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])
+    opset = [helper.make_opsetid("", 21)]
+    if tied:
+        inits = [numpy_helper.from_array(np.ascontiguousarray(wq.T), "table_q"), numpy_helper.from_array(w_scale, "w_scale")]
+        nodes = [helper.make_node("DequantizeLinear", ["table_q", "w_scale"], ["table"], axis=0),
+                 helper.make_node("Transpose", ["table"], ["w"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", "w"], ["y"], name="/lm_head/MatMul")]
+    else:
+        inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(w_scale, "w_scale")]
+        nodes = [helper.make_node("DequantizeLinear", ["wq", "w_scale"], ["w"], axis=1),
+                 helper.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/up_proj/MatMul")]
+    qdq = helper.make_model(helper.make_graph(nodes, "qdq", [x], [y], initializer=inits), opset_imports=opset)
+    ir_model = ir.serde.deserialize_model(qdq)
+    LowerInt8WeightGemmPass()(ir_model)
+    lowered = ir.serde.serialize_model(ir_model)
+    assert any(node.op_type == "Int8WeightGemm" for node in lowered.graph.node), "lowering did not apply"
+    fp32 = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w_f"], ["y"])], "fp32", [x], [y],
+                                               initializer=[numpy_helper.from_array(wq * w_scale, "w_f")]),
+                             opset_imports=opset)
+    for model in (qdq, fp32):
+        onnx.checker.check_model(model)
+    return qdq, lowered, fp32
+
+
 def cpu_time_ms(run: Callable[[], Any], min_s: float = 0.3) -> float:
     run()
     t0 = time.perf_counter()
@@ -362,29 +399,42 @@ def run_cpu(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     thread_counts = sorted({1, os.cpu_count() or 1})
     ms_list = [1, 16, 128] if args.quick else [1, 16, 128, 512]
+    weight_only = args.cpu_op == "weight"
+    shapes = SMOLLM2_KN + [(576, 49152)] if weight_only else SMOLLM2_KN  # + SmolLM2's tied lm_head
     rows = []
-    for k, n in SMOLLM2_KN:
-        qdq, fused, fp32 = cpu_models(k, n, rng)
+    for k, n in shapes:
+        if weight_only:
+            qdq, fused, fp32 = weight_only_models(k, n, rng, tied=n == 49152)
+        else:
+            qdq, fused, fp32 = cpu_models(k, n, rng)
         for threads in thread_counts:
-            def session(model, custom: bool) -> ort.InferenceSession:
+            def session(model, custom: bool, exact: bool = False) -> ort.InferenceSession:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
+                if exact:  # ORT's DQ->MatMul rewrite in float32 compute: the QDQ graph's own numerics
+                    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
                 if custom:
                     custom_ops.register(opts, lib)
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
             sessions = {"fused": session(fused, True), "qdq": session(qdq, False), "fp32": session(fp32, False)}
+            if weight_only:  # by default ORT turns DQ->MatMul into MatMulNBits with int8 activations
+                sessions["qdq_exact"] = session(qdq, False, exact=True)
             for m in ms_list:
                 feed = {"x": rng.standard_normal((m, k)).astype(np.float32)}
                 outs = {name: s.run(None, feed)[0] for name, s in sessions.items()}
                 scale = float(np.abs(outs["qdq"]).max())
                 row: dict[str, Any] = {"M": m, "K": k, "N": n, "threads": threads,
                                        "fused_vs_qdq_max_rel_diff": float(np.abs(outs["fused"] - outs["qdq"]).max()) / scale}
+                if weight_only:
+                    row["fused_vs_qdq_exact_max_rel_diff"] = float(np.abs(outs["fused"] - outs["qdq_exact"]).max()) / scale
                 for name, s in sessions.items():
                     row[f"{name}_ms"] = cpu_time_ms(lambda s=s: s.run(None, feed))
                     row[f"{name}_gops"] = 2.0 * m * n * k / (row[f"{name}_ms"] * 1e-3) / 1e9
+                if weight_only:
+                    row["speedup_vs_qdq_exact"] = row["qdq_exact_ms"] / row["fused_ms"]
                 row["speedup_vs_qdq"] = row["qdq_ms"] / row["fused_ms"]
                 row["speedup_vs_fp32"] = row["fp32_ms"] / row["fused_ms"]
                 rows.append(row)
@@ -395,20 +445,32 @@ def run_cpu(args: argparse.Namespace) -> int:
     so.eqc_ops_build_info.restype = ctypes.c_char_p
     env = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "onnxruntime": ort.__version__, "library": str(lib), "build": so.eqc_ops_build_info().decode()}
-    result = {"environment": env, "rows": rows,
-              "note": "per-call session.run latency incl. ORT overhead; fused = lowered ai.eqc::FusedInt8Gemm"}
+    op = "Int8WeightGemm" if weight_only else "FusedInt8Gemm"
+    result = {"environment": env, "rows": rows, "op": op,
+              "note": f"per-call session.run latency incl. ORT overhead; fused = lowered ai.eqc::{op}"}
     # One file per kernel variant: results from a VNNI machine and an AVX2 one are both kept.
     isa = env["build"].split("cpu_isa=")[-1].split()[0] if "cpu_isa=" in env["build"] else "unknown"
-    stem = pathlib.Path(args.out_dir) / f"cpu_fused_gemm_{isa}"
+    stem = pathlib.Path(args.out_dir) / f"cpu_{'int8_weight' if weight_only else 'fused'}_gemm_{isa}"
     write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
     cols = [("M", "M"), ("K", "K"), ("N", "N"), ("threads", "threads"), ("fused_ms", "fused ms"),
             ("qdq_ms", "QDQ ms"), ("fp32_ms", "fp32 ms"), ("fused_gops", "fused GOPS"),
             ("speedup_vs_qdq", "fused vs QDQ"), ("speedup_vs_fp32", "fused vs fp32"),
             ("fused_vs_qdq_max_rel_diff", "max rel diff")]
-    md = (f"# FusedInt8Gemm CPU kernel (onnxruntime {env['onnxruntime']})\n\n"
+    if weight_only:
+        cols[6:6] = [("qdq_exact_ms", "QDQ exact ms")]
+        cols[-1:-1] = [("speedup_vs_qdq_exact", "fused vs QDQ exact")]
+        cols.append(("fused_vs_qdq_exact_max_rel_diff", "rel diff vs exact"))
+    what = ("one weight-only linear layer (int8 weights, float activations; N = 49152 is SmolLM2's tied lm_head, "
+            "QDQ = Transpose(DequantizeLinear(table)) -> MatMul). 'fused' = the lowered ai.eqc::Int8WeightGemm. "
+            "ORT's default session rewrites these QDQ graphs into MatMulNBits with int8-quantized activations "
+            "(the 'max rel diff' column: not the graph's numerics); 'QDQ exact' sets "
+            "session.qdq_matmulnbits_accuracy_level=0 (float compute), the numerics the lowered op keeps"
+            if weight_only else "a single W8A8-dynamic linear layer (+bias). 'fused' = the lowered ai.eqc::FusedInt8Gemm")
+    md = (f"# {op} CPU kernel (onnxruntime {env['onnxruntime']})\n\n"
           f"CPU: {env['cpu']}, {env['cpu_count']} logical cores; {env['build']}.\n"
-          "Latency of one session.run of a single linear layer (+bias). Speed-ups > 1 mean the fused op "
-          "is faster; max rel diff is |fused - QDQ| / max|QDQ|.\n\n" + markdown_table(rows, cols) + "\n")
+          f"Latency of one session.run of {what}. QDQ runs in a default ORT session (its own graph optimizations on). "
+          "Speed-ups > 1 mean the lowered op is faster; max rel diff is |fused - QDQ| / max|QDQ|.\n\n"
+          + markdown_table(rows, cols) + "\n")
     write_atomic(stem.with_suffix(".md"), md)
     print(f"wrote {stem}.json and .md")
     return 0
@@ -417,6 +479,8 @@ def run_cpu(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="benchmark the CPU kernel in onnxruntime instead")
+    parser.add_argument("--cpu-op", choices=["fused", "weight"], default="fused",
+                        help="--cpu: FusedInt8Gemm (W8A8-dynamic) or Int8WeightGemm (weight-only, incl. the tied lm_head)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--no-variants", action="store_true", help="GPU: time only the kernel auto picks")
     parser.add_argument("--models", default="smollm2,7b", help="GPU: K/N shape sets, comma-separated (smollm2, 7b)")

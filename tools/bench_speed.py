@@ -70,7 +70,8 @@ def main() -> None:
     (work / "w8nbits.json").write_text(json.dumps(W8_NBITS_RECIPE))
     variants = {  # name: (recipe, target, needs calib)
         "w8": ("w8", "portable", False),
-        "w8_nbits": (str(work / "w8nbits.json"), "portable", False),  # ort-cpu keeps w8 as QDQ; the rejected candidate
+        "w8_ort": ("w8", "ort-cpu", False),  # ai.eqc::Int8WeightGemm
+        "w8_nbits": (str(work / "w8nbits.json"), "portable", False),  # MatMulNBits bits=8: the rejected candidate
         "w8a8": ("w8a8", "portable", True),
         "w8a8_ort": ("w8a8", "ort-cpu", True),
         "w8a8dyn_ort": ("w8a8-dynamic", "ort-cpu", True),
@@ -104,28 +105,39 @@ def main() -> None:
     write(models, ppl, bench, ops, args, time.time() - start)
 
 
-NOTES = """## Reading (SmolLM2-135M, run of 2026-11-25 on the shared 2-core machine, load average ~13)
+def cpu_description() -> str:
+    """Model name, core count and whether int8 dot products are exact here (VNNI), for the results file."""
+    import os
 
-- w8a8 (uint8 static): ORT's own QDQ optimizer already fuses the uint8-activation QDQ MatMuls into its
-  integer kernel, so portable w8a8 is fast; the explicit `lower_qdq_to_ort_int8` lowering
-  (MatMulIntegerToFloat) gives the same perplexity to 3 decimals (39.655) and the same speed within the noise
-  (decode 0.57x vs 0.67x, prefill 0.46x vs 0.50x). It is what makes symmetric int8 (w8a8-int8, the
-  TensorRT form) fast too, which ORT does not fuse (the brief's 394 ms vs 24 ms fp32).
-- Targets: prefill 512 <= 0.7x fp32 is met by w8a8 (0.46-0.50x) and ORT quantize_dynamic (0.55x).
-  W8A8 decode <= 0.5x is missed narrowly (0.57-0.67x; ORT quantize_dynamic 0.56x): at batch 1 with
-  512 cached tokens the float attention over the cache, the KV concat and the float32
-  49152-wide logits are a fixed cost the int8 GEMMs do not remove. 4-bit decode <= 0.4x is missed
-  badly (1.58x): the tied lm_head keeps an int8 per-row DequantizeLinear of the whole 28M-value table
-  on every token (lower_matmul_nbits takes only [K,N] blocked weights), and MatMulNBits at
-  accuracy_level 0 (float32 compute, needed to keep the QDQ numerics) is slow on this ORT build;
-  accuracy_level 4 (int8 activations per block, ~7e-3 relative per layer) is the known fast path.
-- w8 weight-only: MatMulNBits bits=8 (lower_weight_only_int8, exact numerics vs the unoptimized QDQ graph)
-  is 6x slower at decode than the QDQ graph, so ort-cpu keeps w8 as QDQ. Note ORT's optimizer rewrites
-  the w8 QDQ graph itself with ~2e-3 relative logit deviation (ppl 25.559 vs 25.479 unfused).
-- w8a8-dynamic via ai.eqc::FusedInt8Gemm (210 layers) is the most accurate int8 variant (ppl 26.256), but
-  its lm_head went through MatMulNBits bits=8 in this run (2.27x decode); without that lowering the
-  lm_head dequantizes the whole table per token. A FusedInt8Gemm variant for the transposed tied table
-  (or a per-row int8 GEMV) is what stands in the way.
+    from eqcompiler.cpu_features import int8_gemm_saturates
+
+    name = "unknown CPU"
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} logical cores, {'no VNNI' if int8_gemm_saturates() else 'VNNI'}"
+
+
+NOTES = """## Reading (SmolLM2-135M, run of 2026-11-27 on the 2-core CI-class AMD EPYC, AVX2 without VNNI)
+
+- New this run: `--target ort-cpu` lowers every int8 weight-only layer, the tied lm_head included, to
+  eqc's `ai.eqc::Int8WeightGemm` (reads the int8 weight in place, float math). Before, ORT dequantized
+  the whole 49152x576 tied table (28M values) on every step: 73 ms of a 135 ms w8a8-dynamic decode step
+  (ORT profile). Decode step vs fp32: w8a8dyn_ort 0.51x (2.25x earlier the same day, with the lm_head
+  still QDQ), w4_ort 0.55x (2.33x in the 2026-11-25 run), w8_ort 0.60x vs portable w8 1.73x.
+- w8 perplexity: w8_ort 25.479 is the QDQ graph's own value (the same as the unfused graph); portable w8
+  scores 25.621 because ORT's default session rewrites its DequantizeLinear->MatMul pairs into
+  MatMulNBits with int8-quantized activations. MatMulNBits bits=8 with float compute (w8_nbits,
+  lower_weight_only_int8) keeps the numerics but is 14x slower than fp32 at decode.
+- Targets: prefill 512 <= 0.7x fp32: not met in this run (best w8a8 / ORT quantize_dynamic 0.75-0.79x;
+  the 2026-11-25 run measured 0.42-0.64x, on a machine whose CPU that run did not record). W8A8 decode <= 0.5x: 0.51x (w8a8dyn_ort), within this machine's noise of the
+  target, not claimed as met. 4-bit decode <= 0.4x: 0.55x, missed; MatMulNBits at accuracy_level 0 (float
+  compute, keeps the QDQ numerics) is the remaining cost.
+- w8a8 (static, uint8 activations) is 39.464 portable vs 42.114 with ort-cpu: on this VNNI-less CPU
+  ort-cpu keeps int8 weights in [-64, 63] (reduce_range auto, a compile warning says so) because ORT's
+  u8s8 kernels saturate on full-range weights here.
+- ORT's own quantize_dynamic collapses on this CPU (ppl 527,236): the u8s8 saturation again.
 """
 
 
@@ -144,8 +156,8 @@ def write(models: dict, ppl: dict, bench: list, ops: dict, args: argparse.Namesp
              f"One `eqc bench` run, each model in its own subprocess, ONNX Runtime {ref['ort_version']} CPU provider, "
              f"{ref['threads']} threads; prefill 512 tokens; decode = 1 token with 512 cached; 1 warm-up + {args.runs} timed runs, "
              f"median (min-max for decode). Perplexity on WikiText-2 test, first {args.ppl_tokens} tokens. x = ratio to fp32 in the same run.",
-             "Note: the 2-core machine was shared with other jobs during the run, so absolute times are inflated and noisy; "
-             "ratios within the run are the comparable figures.", "",
+             f"CPU: {cpu_description()}. Absolute times on a shared VM are noisy; ratios within the run are the "
+             "comparable figures.", "",
              "| model | kernels | ppl | size MB | prefill ms | x fp32 | decode ms (min-max) | x fp32 | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -66,8 +66,10 @@ inline void pack_rows_transposed(const float* a, int64_t M, int64_t K, int64_t t
 //   M <  kWeightGemmOuterRows (decode): kFloatLanes FMA lanes over k, reduce_lanes, then the K tail;
 //   M >= kWeightGemmOuterRows (prefill): one sequential FMA chain over k per output.
 constexpr int64_t kWeightGemmOuterRows = 16;
-// Scratch floats weight_gemm_tile needs for a tile of `cols` columns (the widened B panel).
-inline int64_t weight_panel_floats(int64_t cols, int64_t K) { return cols * K; }
+// Scratch floats weight_gemm_tile needs for a tile of `cols` columns: the widened B panel, then
+// kWeightSavedPerGroup running sums per group of up to 6 columns.
+constexpr int64_t kWeightSavedPerGroup = 96;
+inline int64_t weight_panel_floats(int64_t cols, int64_t K) { return cols * K + (cols / 6 + 1) * kWeightSavedPerGroup; }
 
 // The lane reduction every variant uses: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
 inline float reduce_lanes(const float* l) {
