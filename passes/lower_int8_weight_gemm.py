@@ -48,10 +48,11 @@ class LowerInt8WeightGemmPass(EqcPass):
         skipped: dict[str, str] = {}
         b_nk_for: dict[int, ir.Value] = {}  # a weight shared by several MatMuls is transposed once
         for site in find_linear_sites(graph, self.options.include, self.options.exclude):
-            if site.node.op_type != "MatMul":
-                continue
             dq = weight_only_dq(site)
             if dq is None:
+                continue
+            if site.node.op_type != "MatMul":  # Gemm's alpha/beta/transA would need their own handling
+                skipped[site.name] = f"{site.node.op_type}, not MatMul"
                 continue
             x = site.node.inputs[0]
             if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
@@ -76,6 +77,10 @@ class LowerInt8WeightGemmPass(EqcPass):
             common_passes.RemoveUnusedNodesPass()(model)
             for name in [n for n, v in graph.initializers.items() if not list(v.uses()) and not v.is_graph_output()]:
                 graph.initializers.pop(name)  # the [K, N] originals now read by nothing
+        if skipped:  # stays correct (QDQ), but slow: say so instead of leaving it silent
+            name, why = next(iter(skipped.items()))
+            self.context.warn(f"{self.name}: {len(skipped)} int8 weight-only layer(s) stay QDQ (dequantized every run), "
+                              f"e.g. {name}: {why}")
         self.report({"lowered": len(lowered), "op": f"{DOMAIN}::{OP_TYPE}", "skipped": skipped})
         return ir.passes.PassResult(model, modified=bool(lowered))
 

@@ -182,6 +182,21 @@ def test_lowering_takes_tied_and_per_channel_layers_only(lib):
         np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(np.abs(r).max()))
 
 
+def test_gemm_layers_stay_qdq_with_a_warning(lib):
+    rng = np.random.default_rng(4)
+    wq = rng.integers(-127, 128, (6, 8), dtype=np.int8)  # [N, K], Gemm transB=1
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.full(6, 0.02, np.float32), "ws")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0),
+             helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="/h.0/mlp/c_fc/Gemm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])], initializer=inits)
+    ir_model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    pass_ = LowerInt8WeightGemmPass()
+    assert not pass_(ir_model).modified
+    assert pass_.context.report["lower_int8_weight_gemm"]["skipped"] == {"h.0.mlp.c_fc": "Gemm, not MatMul"}
+    assert len(pass_.context.warnings) == 1 and "stay QDQ" in pass_.context.warnings[0]
+
+
 def test_ort_cpu_target_schedules_it_for_weight_recipes():
     steps = [s["pass"] for s in target_steps("ort-cpu", [], {"passes": [{"pass": "quantize_weights", "options": {"bits": 8}}]})]
     assert steps[-1] == "lower_int8_weight_gemm"
