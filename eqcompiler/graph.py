@@ -181,6 +181,20 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorPro
     return value
 
 
+def substitute_output(graph: ir.Graph, old: ir.Value, new: ir.Node, before: ir.Node,
+                      dtype: ir.DataType | None = None) -> None:
+    """Insert `new` before `before` and make its output stand in for `old`: every use (graph outputs
+    included), the name and the shape. dtype: the new output's type (default: `old`'s, which exported
+    intermediates may leave unset). The caller removes the nodes that computed `old`."""
+    graph.insert_before(before, new)
+    value = new.outputs[0]
+    if dtype is not None or old.dtype is not None:
+        value.dtype = dtype if dtype is not None else old.dtype
+    value.shape = old.shape
+    old.replace_all_uses_with(value, replace_graph_outputs=True)
+    value.name, old.name = old.name, None
+
+
 def scalar_initializer(graph: ir.Graph, name: str, value: float | int, dtype: type = np.float32) -> ir.Value:
     return new_initializer(graph, name, np.array(value, dtype=dtype))
 

@@ -36,7 +36,7 @@ EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lowe
 # it stays available to recipes and `extra_steps`.
 
 
-def _fused_library_available() -> bool:
+def _eqc_library_available() -> bool:
     try:
         from eqcompiler import custom_ops
 
@@ -82,7 +82,7 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
     for name in ORT_CPU_LOWERINGS:
         if name not in known or name not in needs:
             continue
-        if name in EQC_LIBRARY_LOWERINGS and not _fused_library_available():
+        if name in EQC_LIBRARY_LOWERINGS and not _eqc_library_available():
             if warnings is not None:
                 warnings.append(f"ort-cpu: eqc op library not built (`make ops`); {EQC_LIBRARY_LOWERINGS[name]} stay QDQ")
             continue

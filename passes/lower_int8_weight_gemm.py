@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import find_linear_sites, new_initializer
+from eqcompiler.graph import find_linear_sites, new_initializer, substitute_output
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.passes.lower_fused_int8_gemm import DOMAIN, OP_VERSION, foldable_bias
 from eqcompiler.passes.lower_weight_only_int8 import weight_only_dq
@@ -92,10 +92,7 @@ class LowerInt8WeightGemmPass(EqcPass):
         result = last.outputs[0]
         node = ir.node(OP_TYPE, [x, b_nk, scale] + ([bias] if bias is not None else []), domain=DOMAIN,
                        version=OP_VERSION, name=f"{site.node.name}/{OP_TYPE}")
-        graph.insert_before(site.node, node)
-        node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, result.shape
-        result.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-        node.outputs[0].name, result.name = result.name, None
+        substitute_output(graph, result, node, before=site.node, dtype=ir.DataType.FLOAT)
         if last is not site.node:
             graph.remove(last, safe=True)
         graph.remove(site.node, safe=True)

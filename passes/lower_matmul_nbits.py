@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import is_constant, layer_name, new_initializer
+from eqcompiler.graph import is_constant, layer_name, new_initializer, substitute_output
 from eqcompiler.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -126,13 +126,7 @@ class LowerMatMulNBitsPass(EqcPass):
                 inputs.append(new_initializer(graph, f"{base}_nbits_zero_points", zps))
             attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": opts.accuracy_level}
             fused = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}/MatMulNBits")
-            graph.insert_before(node, fused)
-            out = node.outputs[0]
-            if out.dtype is not None:  # exported intermediates often carry no type: leave it unset then
-                fused.outputs[0].dtype = out.dtype
-            fused.outputs[0].shape = out.shape
-            out.replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
-            fused.outputs[0].name, out.name = out.name, None
+            substitute_output(graph, node.outputs[0], fused, before=node)  # keeps an unset dtype unset
             graph.remove(node, safe=True)
             if not list(dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
                 graph.remove(dq, safe=True)  # its initializers are dropped when the model is saved

@@ -23,7 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from eqcompiler.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
-                              static_activation_quantize, weight_dequantize_node)
+                              static_activation_quantize, substitute_output, weight_dequantize_node)
 from eqcompiler.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -74,13 +74,7 @@ class LowerQdqToOrtInt8Pass(EqcPass):
                 wq = transposed_copies.get(id(wq)) or self._transpose_table(graph, wq, transposed_copies)
             node = ir.node("MatMulIntegerToFloat", [q.outputs[0], wq, q.inputs[1], w_scale, q.inputs[2], w_zp],
                            domain=MS_DOMAIN, name=f"{site.node.name}/MatMulIntegerToFloat")
-            graph.insert_before(site.node, node)
-            out = site.node.outputs[0]
-            node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, out.shape
-            out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-            name = out.name
-            out.name = None
-            node.outputs[0].name = name
+            substitute_output(graph, site.node.outputs[0], node, before=site.node, dtype=ir.DataType.FLOAT)
             graph.remove(site.node, safe=True)
             lowered.append(site.name)
         if lowered:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import find_linear_sites, int_constant, is_constant, new_initializer
+from eqcompiler.graph import find_linear_sites, int_constant, is_constant, new_initializer, substitute_output
 from eqcompiler.pass_base import EqcPass
 from eqcompiler.passes.lower_matmul_nbits import to_matmul_nbits
 
@@ -99,11 +99,7 @@ class LowerWeightOnlyInt8Pass(EqcPass):
                      "accuracy_level": self.options.accuracy_level}
             node = ir.node("MatMulNBits", [site.node.inputs[0], b, s], attrs, domain=MS_DOMAIN,
                            name=f"{site.node.name}/MatMulNBits")
-            graph.insert_before(site.node, node)
-            out = site.node.outputs[0]
-            node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, out.shape
-            out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-            node.outputs[0].name, out.name = out.name, None
+            substitute_output(graph, site.node.outputs[0], node, before=site.node, dtype=ir.DataType.FLOAT)
             graph.remove(site.node, safe=True)
             lowered.append(site.name)
         if lowered:

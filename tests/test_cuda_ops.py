@@ -36,11 +36,11 @@ def lib() -> pathlib.Path:
         pytest.fail(f"op library not built ({exc}); `make test` runs `make ops` first")
 
 
-def fused_model(k: int, n: int, rank: int = 2, bias: bool = False, a_type: int = TensorProto.FLOAT,
-                b_shape: list | None = None) -> onnx.ModelProto:
-    """A graph with one FusedInt8Gemm whose inputs are all graph inputs."""
+def fused_model(k: int | str, n: int | str, rank: int = 2, bias: bool = False, a_type: int = TensorProto.FLOAT,
+                b_shape: list | None = None, op_type: str = "FusedInt8Gemm") -> onnx.ModelProto:
+    """A graph with one ai.eqc op (FusedInt8Gemm, or Int8WeightGemm: same inputs) fed by graph inputs."""
     names = ["A", "B", "B_scale"] + (["bias"] if bias else [])
-    node = helper.make_node("FusedInt8Gemm", names, ["Y"], domain="ai.eqc")
+    node = helper.make_node(op_type, names, ["Y"], domain="ai.eqc")
     inputs = [helper.make_tensor_value_info("A", a_type, [f"d{i}" for i in range(rank - 1)] + [k]),
               helper.make_tensor_value_info("B", TensorProto.INT8, b_shape or [n, k]),
               helper.make_tensor_value_info("B_scale", TensorProto.FLOAT, [n])]

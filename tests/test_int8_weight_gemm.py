@@ -11,43 +11,17 @@ import sys
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from eqcompiler import custom_ops
-from eqcompiler.custom_ops import EqcOpsError
 from eqcompiler.passes.lower_int8_weight_gemm import LowerInt8WeightGemmPass
 from eqcompiler.targets import target_steps
-
-
-@pytest.fixture(scope="module")
-def lib() -> pathlib.Path:
-    try:
-        return custom_ops.find_library()
-    except EqcOpsError as exc:
-        pytest.fail(f"op library not built ({exc}); `make test` runs `make ops` first")
+from test_cuda_ops import cpu_session as session
+from test_cuda_ops import fused_model, lib  # noqa: F401  (lib: the op-library fixture)
 
 
 def op_model(k: int | str, n: int | str, bias: bool) -> onnx.ModelProto:
-    names = ["A", "B", "B_scale"] + (["bias"] if bias else [])
-    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k]),
-              helper.make_tensor_value_info("B", TensorProto.INT8, [n, k]),
-              helper.make_tensor_value_info("B_scale", TensorProto.FLOAT, [n])]
-    if bias:
-        inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [n]))
-    graph = helper.make_graph([helper.make_node("Int8WeightGemm", names, ["Y"], domain="ai.eqc")], "w", inputs,
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.eqc", 1)])
-
-
-def session(model: onnx.ModelProto, lib: pathlib.Path | None, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    if lib is not None:
-        custom_ops.register(opts, lib)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return fused_model(k, n, bias=bias, op_type="Int8WeightGemm")
 
 
 def problem(rng: np.random.Generator, m: int, k: int, n: int):

@@ -299,6 +299,13 @@ def gpu_markdown(env: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 # ================================================================================== CPU
+def per_channel_int8_weight(k: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A float [K, N] weight, its symmetric per-output-channel int8 values and scales."""
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    return w, np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8), w_scale
+
+
 def cpu_models(k: int, n: int, rng: np.random.Generator):
     """(QDQ W8A8-dynamic graph as eqc emits it, lowered FusedInt8Gemm graph, float32 MatMul graph)."""
     import onnx
@@ -307,9 +314,7 @@ def cpu_models(k: int, n: int, rng: np.random.Generator):
 
     from eqcompiler.passes.lower_fused_int8_gemm import LowerFusedInt8GemmPass
 
-    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    w, wq, w_scale = per_channel_int8_weight(k, n, rng)
     bias = rng.standard_normal(n).astype(np.float32)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])
@@ -347,9 +352,7 @@ def weight_only_models(k: int, n: int, rng: np.random.Generator, tied: bool):
 
     from eqcompiler.passes.lower_int8_weight_gemm import LowerInt8WeightGemmPass
 
-    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-    wq = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    _, wq, w_scale = per_channel_int8_weight(k, n, rng)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])
     opset = [helper.make_opsetid("", 21)]

@@ -95,6 +95,31 @@ int64_t weight_col_block(int64_t N, int64_t K) {
   return std::min(cols, std::max<int64_t>(N, 1));
 }
 
+// Row blocks x column blocks as parallel tasks: fn(m0, m1, n0, n1) once per tile.
+void for_each_tile(const ParallelFor& pf, int64_t M, int64_t N, int64_t rows, int64_t cols,
+                   const std::function<void(int64_t, int64_t, int64_t, int64_t)>& fn) {
+  const int64_t ncol = (N + cols - 1) / cols;
+  const int64_t nrow = (M + rows - 1) / rows;
+  run(pf, nrow * ncol, [&](int64_t t) {
+    const int64_t r = t / ncol, c = t % ncol;
+    fn(r * rows, std::min(M, (r + 1) * rows), c * cols, std::min(N, (c + 1) * cols));
+  });
+}
+
+// Row tile t of A ([kPackRows rows][K]) stored transposed as [K][kPackRows], rows past M zero.
+void pack_rows_transposed(const float* a, int64_t M, int64_t K, int64_t t, float* out) {
+  float* dst = out + t * kPackRows * K;
+  for (int64_t i = 0; i < kPackRows; ++i) {
+    const int64_t m = t * kPackRows + i;
+    if (m < M) {
+      const float* src = a + m * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * kPackRows + i] = src[k];
+    } else {
+      for (int64_t k = 0; k < K; ++k) dst[k * kPackRows + i] = 0.0f;
+    }
+  }
+}
+
 }  // namespace
 
 const char* isa_name() { return isa().name; }
@@ -131,13 +156,8 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
   g.M = M;
   g.N = N;
   g.K = K;
-  const int64_t nb = col_block(N, K);
-  const int64_t ncol = (N + nb - 1) / nb;
-  const int64_t nrow = (M + kRowBlock - 1) / kRowBlock;
-  run(parallel_for, nrow * ncol, [&](int64_t t) {
-    const int64_t r = t / ncol, c = t % ncol;
-    k.gemm_tile(g, r * kRowBlock, std::min(M, (r + 1) * kRowBlock), c * nb, std::min(N, (c + 1) * nb));
-  });
+  for_each_tile(parallel_for, M, N, kRowBlock, col_block(N, K),
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.gemm_tile(g, m0, m1, n0, n1); });
 }
 
 void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
@@ -153,24 +173,21 @@ void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, con
   g.M = M;
   g.N = N;
   g.K = K;
-  // Prefill: A transposed into 16-row tiles once, shared by every column block.
+  // Prefill: A transposed into kPackRows-row tiles once, shared by every column block.
+  const bool prefill = M >= kWeightGemmOuterRows;
   std::vector<float> packed;
-  if (M >= kWeightGemmOuterRows) {
+  if (prefill) {
     const int64_t tiles = (M + kPackRows - 1) / kPackRows;
     packed.resize(static_cast<size_t>(tiles * kPackRows * K));
     run(parallel_for, tiles, [&](int64_t t) { pack_rows_transposed(A, M, K, t, packed.data()); });
     g.a_packed = packed.data();
   }
   const int64_t nb = weight_col_block(N, K);
-  const int64_t ncol = (N + nb - 1) / nb;
-  const int64_t nrow = (M + kWeightRowBlock - 1) / kWeightRowBlock;
-  run(parallel_for, nrow * ncol, [&](int64_t t) {
+  for_each_tile(parallel_for, M, N, kWeightRowBlock, nb, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     thread_local std::vector<float> panel;  // per pool thread, grown once
     const auto need = static_cast<size_t>(weight_panel_floats(nb, K));
-    if (panel.size() < need) panel.resize(need);
-    const int64_t r = t / ncol, c = t % ncol;
-    k.weight_gemm_tile(g, r * kWeightRowBlock, std::min(M, (r + 1) * kWeightRowBlock), c * nb, std::min(N, (c + 1) * nb),
-                       panel.data());
+    if (prefill && panel.size() < need) panel.resize(need);  // decode tiles need no scratch
+    k.weight_gemm_tile(g, m0, m1, n0, n1, panel.data());
   });
 }
 

@@ -48,26 +48,6 @@ inline void dot_block(const int8_t* const* __restrict a, const int8_t* const* __
   for (int i = 0; i < MR * NR; ++i) out[i] = acc[i];
 }
 
-inline void store(const GemmArgs& g, int64_t m, int64_t n, int32_t acc) {
-  float y = (static_cast<float>(acc) * g.a_scale[m]) * g.b_scale[n];
-  if (g.bias) y += g.bias[n];
-  g.y[m * g.N + n] = y;
-}
-
-// Rows [m0, m0+mr) x cols [n0, n0+nr) with a fixed MRxNR kernel; missing rows/cols reuse a
-// valid pointer and their results are dropped (only happens at tile edges).
-template <int MR, int NR>
-inline void block(const GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
-  const int8_t* a[MR];
-  const int8_t* b[NR];
-  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
-  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
-  int32_t acc[MR * NR];
-  dot_block<MR, NR>(a, b, g.K, acc);
-  for (int i = 0; i < mr; ++i)
-    for (int j = 0; j < nr; ++j) store(g, m0 + i, n0 + j, acc[i * NR + j]);
-}
-
 }  // namespace
 
 float quantize_row(const float* __restrict a, int64_t K, const QuantParams& p, int8_t* __restrict q) {
@@ -91,9 +71,9 @@ void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   constexpr int NR1 = 4;         // single-row (decode) kernel: 1 x 4
   int64_t m = m0;
   for (; m + MR <= m1; m += MR)
-    for (int64_t n = n0; n < n1; n += NR) block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)));
+    for (int64_t n = n0; n < n1; n += NR) gemm_block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)), dot_block<MR, NR>);
   for (; m < m1; ++m)
-    for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
+    for (int64_t n = n0; n < n1; n += NR1) gemm_block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)), dot_block<1, NR1>);
 }
 
 void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* panel) {
@@ -117,9 +97,7 @@ void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n
         s = reduce_lanes(lane);
       }
       for (; k < g.K; ++k) s = std::fma(a[k], static_cast<float>(b[k]), s);
-      float y = s * g.b_scale[n];
-      if (g.bias) y += g.bias[n];
-      g.y[m * g.N + n] = y;
+      store_weight_gemm(g, m, n, s);
     }
   }
 }

@@ -42,34 +42,51 @@ struct WeightGemmArgs {
   const float* bias = nullptr;     // [N] or null
   float* y = nullptr;              // [M, N]
   int64_t M = 0, N = 0, K = 0;
-  // M >= kWeightGemmOuterRows: A packed once per call as [ceil(M/16)][K][16] (rows zero-padded),
-  // see pack_rows_transposed; variants that do not use it ignore it.
+  // M >= kWeightGemmOuterRows: A packed once per call (cpu_gemm.cc) as [ceil(M/kPackRows)][K][kPackRows],
+  // rows zero-padded; variants that do not use it ignore it.
   const float* a_packed = nullptr;
 };
 constexpr int kFloatLanes = 8;
-constexpr int64_t kPackRows = 16;
-
-// Row tile t of A ([16 rows][K]) stored transposed as [K][16], rows past M zero.
-inline void pack_rows_transposed(const float* a, int64_t M, int64_t K, int64_t t, float* out) {
-  float* dst = out + t * kPackRows * K;
-  for (int64_t i = 0; i < kPackRows; ++i) {
-    const int64_t m = t * kPackRows + i;
-    if (m < M) {
-      const float* src = a + m * K;
-      for (int64_t k = 0; k < K; ++k) dst[k * kPackRows + i] = src[k];
-    } else {
-      for (int64_t k = 0; k < K; ++k) dst[k * kPackRows + i] = 0.0f;
-    }
-  }
-}
 // Two summation orders, picked by M alone (so every CPU variant and thread count agrees):
 //   M <  kWeightGemmOuterRows (decode): kFloatLanes FMA lanes over k, reduce_lanes, then the K tail;
 //   M >= kWeightGemmOuterRows (prefill): one sequential FMA chain over k per output.
 constexpr int64_t kWeightGemmOuterRows = 16;
-// Scratch floats weight_gemm_tile needs for a tile of `cols` columns: the widened B panel, then
-// kWeightSavedPerGroup running sums per group of up to 6 columns.
-constexpr int64_t kWeightSavedPerGroup = 96;
-inline int64_t weight_panel_floats(int64_t cols, int64_t K) { return cols * K + (cols / 6 + 1) * kWeightSavedPerGroup; }
+// The AVX2 prefill kernel's tile: kPackRows rows (the packed A tile) x kWeightOuterCols columns.
+constexpr int64_t kPackRows = 16;
+constexpr int64_t kWeightOuterCols = 6;
+// Scratch floats weight_gemm_tile needs for a tile of `cols` columns: the widened B panel, then the
+// running sums (kPackRows x kWeightOuterCols) of every column group.
+inline int64_t weight_panel_floats(int64_t cols, int64_t K) {
+  return cols * K + (cols / kWeightOuterCols + 1) * kWeightOuterCols * kPackRows;
+}
+
+// The epilogues every variant uses, in the numpy reference's float order (no FMA contraction).
+inline void store_dequantized(const GemmArgs& g, int64_t m, int64_t n, int32_t acc) {
+  float y = (static_cast<float>(acc) * g.a_scale[m]) * g.b_scale[n];
+  if (g.bias) y += g.bias[n];
+  g.y[m * g.N + n] = y;
+}
+
+inline void store_weight_gemm(const WeightGemmArgs& g, int64_t m, int64_t n, float sum) {
+  float y = sum * g.b_scale[n];
+  if (g.bias) y += g.bias[n];
+  g.y[m * g.N + n] = y;
+}
+
+// Rows [m0, m0+mr) x cols [n0, n0+nr) through an ISA's fixed MR x NR int8 dot product
+// dot(a_rows, b_rows, K, acc[MR*NR]); missing rows/cols reuse a valid pointer and their results are
+// dropped (only at tile edges).
+template <int MR, int NR, typename Dot>
+inline void gemm_block(const GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr, Dot&& dot) {
+  const int8_t* a[MR];
+  const int8_t* b[NR];
+  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
+  int32_t acc[MR * NR];
+  dot(a, b, g.K, acc);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) store_dequantized(g, m0 + i, n0 + j, acc[i * NR + j]);
+}
 
 // The lane reduction every variant uses: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
 inline float reduce_lanes(const float* l) {
@@ -77,8 +94,8 @@ inline float reduce_lanes(const float* l) {
   return (x0 + x2) + (x1 + x3);
 }
 
-// `panel` is scratch of weight_panel_floats(n1 - n0, K) floats: a variant may widen B there once
-// and reuse it for every row of the tile.
+// `panel` is scratch of weight_panel_floats(n1 - n0, K) floats when M >= kWeightGemmOuterRows (else
+// it may be null): a variant may widen B there once and reuse it for every row of the tile.
 #define EQC_DECLARE_ISA(ns)                                                                      \
   namespace ns {                                                                                 \
   float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q);                \

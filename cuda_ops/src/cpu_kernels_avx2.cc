@@ -29,12 +29,12 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Decode reads each weight row once: ask for the next rows (contiguous with these) now. A row is
-// one short stream (K bytes), too short for the hardware prefetcher to reach DRAM speed on its own
-// (M = 1, K = 576, N = 49152 weight-only: 6.0 -> 2.9 ms on one core of the CI machine).
-inline void prefetch_rows(const int8_t* next, int64_t bytes, const int8_t* end) {
-  for (int64_t off = 0; off < bytes && next + off < end; off += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T0);
+// Decode reads each weight row once: ask for rows [row0, row0 + rows) of B ([N, K], contiguous) now.
+// A row is one short stream (K bytes), too short for the hardware prefetcher to reach DRAM speed on
+// its own (M = 1, K = 576, N = 49152 weight-only: 6.0 -> 2.9 ms on one core of the CI machine).
+inline void prefetch_rows(const int8_t* b, int64_t N, int64_t K, int64_t row0, int64_t rows) {
+  const int64_t end = std::min(N, row0 + rows) * K;
+  for (int64_t off = row0 * K; off < end; off += 64) _mm_prefetch(reinterpret_cast<const char*>(b + off), _MM_HINT_T0);
 }
 
 // MR x NR int32 dot products over the full K. The K % 16 tail is summed in scalar code.
@@ -57,27 +57,6 @@ inline void dot_block(const int8_t* const* a, const int8_t* const* b, int64_t K,
       int32_t s = hsum(acc[i][j]);
       for (int64_t t = k; t < K; ++t) s += int32_t(a[i][t]) * int32_t(b[j][t]);
       out[i * NR + j] = s;
-    }
-}
-
-// Rows [m0, m0+mr) x cols [n0, n0+nr) with a fixed MRxNR kernel; missing rows/cols reuse a
-// valid pointer and their results are dropped (only at tile edges).
-template <int MR, int NR>
-inline void block(const GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
-  const int8_t* a[MR];
-  const int8_t* b[NR];
-  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
-  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
-  if (MR == 1) prefetch_rows(g.b + (n0 + NR) * g.K, NR * g.K, g.b + g.N * g.K);  // decode streams B once
-  int32_t acc[MR * NR];
-  dot_block<MR, NR>(a, b, g.K, acc);
-  for (int i = 0; i < mr; ++i)
-    for (int j = 0; j < nr; ++j) {
-      const int64_t m = m0 + i, n = n0 + j;
-      // Same float ops, same order as the portable kernel and the numpy reference.
-      float y = (static_cast<float>(acc[i * NR + j]) * g.a_scale[m]) * g.b_scale[n];
-      if (g.bias) y += g.bias[n];
-      g.y[m * g.N + n] = y;
     }
 }
 
@@ -104,12 +83,6 @@ inline float reduce8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)));
 }
 
-inline void store_weight_gemm(const WeightGemmArgs& g, int64_t m, int64_t n, float s) {
-  float y = s * g.b_scale[n];
-  if (g.bias) y += g.bias[n];
-  g.y[m * g.N + n] = y;
-}
-
 // Decode (M < 16): MR rows x NR columns in kFloatLanes lanes, B widened from int8 on the fly and
 // shared by the MR rows (the order of each output's sum does not depend on MR or NR).
 template <int MR, int NR>
@@ -119,7 +92,7 @@ inline void weight_rows(const WeightGemmArgs& g, int64_t m0, int64_t n0, int nr)
   const int8_t* b[NR];
   for (int i = 0; i < MR; ++i) a[i] = g.a + (m0 + i) * K;
   for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * K;
-  prefetch_rows(g.b + (n0 + NR) * K, NR * K, g.b + g.N * K);
+  prefetch_rows(g.b, g.N, K, n0 + NR, NR);
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -147,8 +120,8 @@ inline void weight_rows(const WeightGemmArgs& g, int64_t m0, int64_t n0, int nr)
 // over k. A is packed transposed ([K][16], zero rows past the tile) so each k reads 2 vectors of
 // rows; B's float panel ([cols][K]) is read by broadcasts. 12 accumulators + 2 A + 1 B registers,
 // as named variables: GCC kept an accumulator array in memory, storing it on every k.
-constexpr int kRowsTile = 16;
-constexpr int kOuterCols = 6;
+constexpr int kRowsTile = int(kPackRows);
+constexpr int kOuterCols = int(kWeightOuterCols);
 constexpr int64_t kKBlock = 256;
 
 // k in [k0, k1) only: the running sums of the 16 x 6 outputs are kept in `saved` (12 vectors)
@@ -216,8 +189,6 @@ void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n
     for (; k + kFloatLanes <= g.K; k += kFloatLanes) _mm256_storeu_ps(dst + k, widen8f(src + k));
     for (; k < g.K; ++k) dst[k] = static_cast<float>(src[k]);
   }
-  static_assert(kRowsTile == kPackRows, "the packed A tiles are the micro-kernel's rows");
-  static_assert(kOuterCols * kRowsTile <= kWeightSavedPerGroup, "saved sums of one column group");
   float* saved = panel + cols * g.K;
   for (int64_t r0 = m0; r0 < m1; r0 += kRowsTile) {  // m0 is a multiple of kRowsTile (kWeightRowBlock)
     const int rows = int(std::min<int64_t>(kRowsTile, m1 - r0));
@@ -275,9 +246,12 @@ void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   constexpr int NR1 = 8;         // single rows (decode, row remainders): 1 x 8
   int64_t m = m0;
   for (; m + MR <= m1; m += MR)
-    for (int64_t n = n0; n < n1; n += NR) block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)));
+    for (int64_t n = n0; n < n1; n += NR) gemm_block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, n1 - n)), dot_block<MR, NR>);
   for (; m < m1; ++m)
-    for (int64_t n = n0; n < n1; n += NR1) block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)));
+    for (int64_t n = n0; n < n1; n += NR1) {
+      prefetch_rows(g.b, g.N, g.K, n + NR1, NR1);  // single rows stream B once
+      gemm_block<1, NR1>(g, m, 1, n, int(std::min<int64_t>(NR1, n1 - n)), dot_block<1, NR1>);
+    }
 }
 
 }  // namespace avx2

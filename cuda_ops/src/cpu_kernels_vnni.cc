@@ -45,24 +45,14 @@ inline int32_t row_sum(const int8_t* __restrict b, int64_t K) {
   return s;
 }
 
+// dot_block minus the unsigned shift of each column (128 * column sum of B): the signed dot products.
 template <int MR, int NR>
-inline void block(const GemmArgs& g, const int32_t* shift, int64_t m0, int mr, int64_t n0, int nr) {
-  const int8_t* a[MR];
-  const int8_t* b[NR];
-  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * g.K;
-  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * g.K;
-  int32_t acc[MR * NR];
-  dot_block<MR, NR>(a, b, g.K, acc);
-  for (int i = 0; i < mr; ++i) {
-    const int64_t m = m0 + i;
-    for (int j = 0; j < nr; ++j) {
-      const int64_t n = n0 + j;
-      // Same float ops, same order as the portable kernel and the numpy reference.
-      float y = (static_cast<float>(acc[i * NR + j] - shift[j]) * g.a_scale[m]) * g.b_scale[n];
-      if (g.bias) y += g.bias[n];
-      g.y[m * g.N + n] = y;
-    }
-  }
+inline auto unshifted(const int32_t* shift) {
+  return [shift](const int8_t* const* a, const int8_t* const* b, int64_t K, int32_t* out) {
+    dot_block<MR, NR>(a, b, K, out);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) out[i * NR + j] -= shift[j];
+  };
 }
 
 }  // namespace
@@ -79,17 +69,17 @@ void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1
   constexpr int MR = 4, NR = 4;
   // 128 * column sum of B for this tile's columns (the unsigned-shift correction).
   constexpr int64_t kMaxCols = 1024;
-  int32_t shift[kMaxCols + NR];
+  int32_t shift[kMaxCols + NR] = {0};  // past the last column: read for dropped edge results only
   for (int64_t c0 = n0; c0 < n1; c0 += kMaxCols) {
     const int64_t c1 = std::min(n1, c0 + kMaxCols);
     for (int64_t n = c0; n < c1; ++n) shift[n - c0] = 128 * row_sum(g.b + n * g.K, g.K);
     int64_t m = m0;
     for (; m + MR <= m1; m += MR)
       for (int64_t n = c0; n < c1; n += NR)
-        block<MR, NR>(g, shift + (n - c0), m, MR, n, int(std::min<int64_t>(NR, c1 - n)));
+        gemm_block<MR, NR>(g, m, MR, n, int(std::min<int64_t>(NR, c1 - n)), unshifted<MR, NR>(shift + (n - c0)));
     for (; m < m1; ++m)
       for (int64_t n = c0; n < c1; n += NR)
-        block<1, NR>(g, shift + (n - c0), m, 1, n, int(std::min<int64_t>(NR, c1 - n)));
+        gemm_block<1, NR>(g, m, 1, n, int(std::min<int64_t>(NR, c1 - n)), unshifted<1, NR>(shift + (n - c0)));
   }
 }
 
