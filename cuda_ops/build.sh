@@ -5,8 +5,8 @@
 #   build/cuda_ops/build_info.json     what was built (read by the tests)
 # Idempotent: headers are fetched once into cuda_ops/third_party/, CMake rebuilds only what changed,
 # and outputs are replaced (atomically) only when their content changed.
-# Env: NVCC=/path/to/nvcc (default: PATH, then /usr/local/cuda/bin), EQC_OPS_CUDA=0 to skip CUDA,
-#      EQC_CUDA_ARCHS="80;90a" (90a = Hopper cubin with the wgmma kernels), JOBS=N.
+# Env: NVCC=/path/to/nvcc (must exist if set; default: PATH, then $CUDA_HOME/bin with CUDA_HOME=/usr/local/cuda),
+#      EQC_OPS_CUDA=0 to skip CUDA, EQC_CUDA_ARCHS="80;90a" (90a = Hopper cubin with the wgmma kernels), JOBS=N.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +41,10 @@ fetch_ort_headers() {
   FETCH_TMP="$tmp"
   trap 'rm -rf "$FETCH_TMP"' EXIT
   if ! (cd "$tmp" && npm pack "$ORT_NPM_PKG@$ORT_NPM_VER" --loglevel=error >"$tmp/npm.log" 2>&1); then
-    die "failed to download onnxruntime headers with 'npm pack $ORT_NPM_PKG@$ORT_NPM_VER' ($(grep -m 1 -i 'error' "$tmp/npm.log" 2>/dev/null | cut -c1-160))"
+    # npm >= 10 says "npm error ...", older ones "npm ERR! ..."; else show its last line.
+    local why
+    why="$(grep -m 1 -iE 'err(or|!)' "$tmp/npm.log" 2>/dev/null || tail -n 1 "$tmp/npm.log" 2>/dev/null || true)"
+    die "failed to download onnxruntime headers with 'npm pack $ORT_NPM_PKG@$ORT_NPM_VER' (${why:0:160})"
   fi
   local tgz="$tmp/$ORT_NPM_PKG-$ORT_NPM_VER.tgz"
   [[ -f "$tgz" ]] || die "npm pack produced no $ORT_NPM_PKG-$ORT_NPM_VER.tgz"
@@ -60,7 +63,7 @@ fetch_ort_headers() {
 find_nvcc() {
   if [[ "${EQC_OPS_CUDA:-1}" == "0" ]]; then return 1; fi
   local c
-  for c in "${NVCC:-}" "$(command -v nvcc 2>/dev/null || true)" /usr/local/cuda/bin/nvcc; do
+  for c in "$(command -v nvcc 2>/dev/null || true)" "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"; do
     if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return 0; fi
   done
   return 1
@@ -79,7 +82,11 @@ main() {
   command -v cmake >/dev/null 2>&1 || die "cmake not found"
 
   local nvcc="" with_cuda=OFF
-  if nvcc="$(find_nvcc)"; then
+  if [[ -n "${NVCC:-}" && "${EQC_OPS_CUDA:-1}" != "0" ]]; then
+    # Asked for by name: a wrong path is an error, not a silent CPU-only build.
+    [[ -x "$NVCC" ]] || die "NVCC=$NVCC is not an executable file (unset NVCC to search PATH, or EQC_OPS_CUDA=0 for a CPU-only build)"
+    nvcc="$NVCC" with_cuda=ON
+  elif nvcc="$(find_nvcc)"; then
     with_cuda=ON
   else
     echo "eqc ops: nvcc not found; building the CPU kernel only (set NVCC=/path/to/nvcc for the CUDA kernel)"

@@ -59,8 +59,13 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     art = art_mod.resolve_artifact(model)
     model_path = art_mod.model_file(art)
     recipe = override_pass_options(load_recipe(recipe_name), dict(pass_overrides or {}))
+    # A compiled artifact can be compiled again: `--recipe none --target ort-cpu` lowers a portable QDQ
+    # artifact without quantizing it again, so the target must see the passes that made the graph.
+    parent = art.manifest.get("quantization")
+    target = _effective_target(art.manifest.get("target", "portable") if parent else "portable", target, model_path)
     target_warnings: list[str] = []
-    extra_steps = list(extra_steps or []) + target_steps(target, target_warnings, recipe)
+    made_by = {"passes": list((parent or {}).get("passes", [])) + list(recipe["passes"])}
+    extra_steps = list(extra_steps or []) + target_steps(target, target_warnings, made_by)
     if extra_steps:
         recipe = {**recipe, "passes": list(recipe["passes"]) + list(extra_steps)}
     out = pathlib.Path(out)
@@ -105,18 +110,38 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
         if art.manifest:
             art_mod.copy_carried_files(art.folder, stage)
         manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
-        manifest["quantization"] = {
-            "recipe": recipe["name"],
-            "passes": recipe["passes"],
-            "calibration": stats.meta if stats is not None else None,
-            "report": context.report,
-            "warnings": context.warnings,
-            "parent_fingerprint": art_mod.model_fingerprint(model_path),
-        }
+        manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
         manifest["target"] = target
-        needs = runtime_requirements(target, [step["pass"] for step in recipe["passes"]])
+        needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
         if needs is not None:
             manifest["runtime_requirements"] = needs
         manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
         art_mod.write_manifest(stage, manifest)
     return manifest
+
+
+def _effective_target(parent_target: str, target: str, model_path: pathlib.Path) -> str:
+    """The target of a recompiled artifact: a lowered (ort-*) artifact keeps its target and takes no other."""
+    from eqcompiler.targets import TARGETS
+
+    if target not in TARGETS or parent_target in ("portable", "tensorrt") or target in ("portable", parent_target):
+        return target if target != "portable" else parent_target
+    raise EqcError(f"'{model_path}' was compiled for --target {parent_target}; compile its portable parent "
+                   f"for --target {target} instead")
+
+
+def _merged_quantization(parent: dict[str, Any] | None, recipe: dict[str, Any], stats: CalibrationStats | None,
+                         context: CompileContext, model_path: pathlib.Path) -> dict[str, Any]:
+    """The manifest's quantization record; a recompiled artifact keeps what its parent's compile did."""
+    parent = parent or {}
+    name = recipe["name"]
+    if parent.get("recipe"):
+        name = parent["recipe"] if name == "none" else f"{parent['recipe']}+{name}"
+    return {
+        "recipe": name,
+        "passes": list(parent.get("passes", [])) + list(recipe["passes"]),
+        "calibration": stats.meta if stats is not None else parent.get("calibration"),
+        "report": {**parent.get("report", {}), **context.report},
+        "warnings": list(parent.get("warnings", [])) + list(context.warnings),
+        "parent_fingerprint": art_mod.model_fingerprint(model_path),
+    }

@@ -74,9 +74,7 @@ class LowerInt8WeightGemmPass(EqcPass):
             lowered.append(site.name)
         if lowered:
             model.opset_imports.setdefault(DOMAIN, OP_VERSION)
-            common_passes.RemoveUnusedNodesPass()(model)
-            for name in [n for n, v in graph.initializers.items() if not list(v.uses()) and not v.is_graph_output()]:
-                graph.initializers.pop(name)  # the [K, N] originals now read by nothing
+            common_passes.RemoveUnusedNodesPass()(model)  # also drops the [K, N] originals now read by nothing
         if skipped:  # stays correct (QDQ), but slow: say so instead of leaving it silent
             name, why = next(iter(skipped.items()))
             self.context.warn(f"{self.name}: {len(skipped)} int8 weight-only layer(s) stay QDQ (dequantized every run), "

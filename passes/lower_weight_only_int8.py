@@ -104,9 +104,7 @@ class LowerWeightOnlyInt8Pass(EqcPass):
             lowered.append(site.name)
         if lowered:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            common_passes.RemoveUnusedNodesPass()(model)
-            for name in [n for n, v in graph.initializers.items() if not list(v.uses())]:
-                graph.initializers.pop(name)  # the int8 originals now read by nothing
+            common_passes.RemoveUnusedNodesPass()(model)  # also drops the int8 originals now read by nothing
         self.report({"lowered": len(lowered), "op": f"{MS_DOMAIN}::MatMulNBits(bits=8)"})
         return ir.passes.PassResult(model, modified=bool(lowered))
 

@@ -131,3 +131,13 @@ def smollm2_stats(smollm2_artifact, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("smollm2-stats") / "stats.npz"
     calibrate(smollm2_artifact, WIKI_VALID, samples=8, seq_len=512, out=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_w8a8_dynamic(smollm2_artifact, smollm2_stats, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """SmolLM2 compiled with w8a8-dynamic (portable QDQ) once per test session (about 2 min)."""
+    from eqcompiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("smollm2-w8a8-dynamic") / "qdq"
+    compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats))
+    return out

@@ -223,6 +223,46 @@ def test_bad_library_path_raises_one_line_error(tmp_path):
     assert "\n" not in str(info.value) and "libfake.so" in str(info.value)
 
 
+def test_older_onnxruntime_is_refused_with_a_status_not_a_crash(lib):
+    """RegisterCustomOps against a runtime that lacks our API version: ORT's real GetApi(1) (which every
+    runtime has) behind a fake OrtApiBase that offers nothing newer and calls itself 1.16.3. The library
+    must return an error status naming both versions, the way an old onnxruntime would report it."""
+    ort_capi = pathlib.Path(ort.__file__).parent / "capi"
+    runtime = ctypes.CDLL(str(next(ort_capi.glob("libonnxruntime.so*"))))
+    runtime.OrtGetApiBase.restype = ctypes.c_void_p
+    get_api_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+    version_t = ctypes.CFUNCTYPE(ctypes.c_void_p)
+
+    class ApiBase(ctypes.Structure):
+        _fields_ = [("GetApi", get_api_t), ("GetVersionString", version_t)]
+
+    real = ApiBase.from_address(runtime.OrtGetApiBase())
+    api_v1 = real.GetApi(1)
+    asked: list[int] = []
+    old_version = ctypes.create_string_buffer(b"1.16.3")
+
+    def get_api(version: int) -> int | None:
+        asked.append(version)
+        return api_v1 if version == 1 else None
+
+    fake = ApiBase(get_api_t(get_api), version_t(lambda: ctypes.addressof(old_version)))
+    eqc_ops = ctypes.CDLL(str(lib))
+    eqc_ops.RegisterCustomOps.restype = ctypes.c_void_p
+    eqc_ops.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.POINTER(ApiBase)]
+    status = eqc_ops.RegisterCustomOps(None, ctypes.byref(fake))  # no options: it must stop before using them
+    assert status, "an unusable runtime must be reported, not accepted"
+    # OrtApi v1 layout: CreateStatus, GetErrorCode, GetErrorMessage, ...
+    table = ctypes.cast(api_v1, ctypes.POINTER(ctypes.c_void_p))
+    error_code = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(table[1])
+    error_message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(table[2])
+    eqc_ops.eqc_ops_build_info.restype = ctypes.c_char_p
+    built_for = int(eqc_ops.eqc_ops_build_info().decode().split("ort_api=")[1].split()[0])
+    assert asked[0] == built_for and 1 in asked
+    assert error_code(status) == 1  # ORT_FAIL
+    assert error_message(status).decode() == (f"eqc_ops needs onnxruntime API version {built_for} "
+                                              f"(onnxruntime >= 1.{built_for}); this runtime is 1.16.3")
+
+
 def test_env_var_overrides_search(lib, monkeypatch, tmp_path):
     monkeypatch.setenv(custom_ops.ENV_VAR, str(lib))
     assert custom_ops.find_library() == lib.resolve()
@@ -312,7 +352,8 @@ def test_session_options_for_paths(lib, tmp_path):
 def _nvcc() -> str | None:
     if os.environ.get("EQC_OPS_CUDA") == "0":
         return None
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), f"{cuda_home}/bin/nvcc"):
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
@@ -396,6 +437,74 @@ def test_rebuild_is_a_no_op():
     run = subprocess.run(["bash", str(REPO / "cuda_ops" / "build.sh")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert {p: p.stat().st_mtime_ns for p in libs} == before
+
+
+def _build_tree(tmp_path: pathlib.Path, with_headers: bool) -> pathlib.Path:
+    """A copy of cuda_ops/ for build.sh to build into <copy>/build/cuda_ops (headers cached or not)."""
+    root = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("third_party") if not with_headers else None
+    shutil.copytree(REPO / "cuda_ops", root / "cuda_ops", ignore=ignore)
+    return root
+
+
+def _run_build(root: pathlib.Path, path: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in {"NVCC", "CUDA_HOME", "EQC_OPS_CUDA"}}
+    return subprocess.run(["bash", str(root / "cuda_ops" / "build.sh")], capture_output=True, text=True,
+                          timeout=600, env=clean | {"PATH": path, "JOBS": "2"} | env)
+
+
+def test_build_without_nvcc_gives_a_working_cpu_library(tmp_path):
+    """No nvcc anywhere (PATH without it, CUDA_HOME empty): a message, then the CPU library, which runs."""
+    root = _build_tree(tmp_path, with_headers=True)
+    no_nvcc = ":".join(d for d in os.environ["PATH"].split(":") if not (pathlib.Path(d) / "nvcc").exists())
+    run = _run_build(root, no_nvcc, CUDA_HOME=str(tmp_path / "no-cuda"))
+    assert run.returncode == 0, run.stderr
+    assert "nvcc not found; building the CPU kernel only" in run.stdout
+    out = root / "build" / "cuda_ops"
+    assert json.loads((out / "build_info.json").read_text())["cuda"] is False
+    assert not (out / "libeqc_ops_cuda.so").exists()
+    rng = np.random.default_rng(9)
+    a, b, scale, bias = random_problem(rng, (3, 21), 5)
+    (y,) = cpu_session(fused_model(21, 5, bias=True), out / "libeqc_ops.so").run(
+        None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
+    np.testing.assert_array_equal(y, reference(a, b, scale, bias))
+
+
+def test_build_with_a_wrong_nvcc_path_is_an_error(tmp_path):
+    root = _build_tree(tmp_path, with_headers=True)
+    run = _run_build(root, os.environ["PATH"], NVCC=str(tmp_path / "nvcc-missing"))
+    assert run.returncode == 1 and not run.stdout.strip()
+    assert run.stderr.strip().splitlines() == [
+        f"eqc ops: error: NVCC={tmp_path / 'nvcc-missing'} is not an executable file "
+        "(unset NVCC to search PATH, or EQC_OPS_CUDA=0 for a CPU-only build)"]
+    assert not (root / "build").exists()
+
+
+@pytest.mark.parametrize("npm", ["missing", "fails", "wrong-tarball"])
+def test_header_download_failures_are_one_line_errors(tmp_path, npm):
+    """No cached headers and no usable `npm pack`: one clear line, exit 1, no partial cache left."""
+    root = _build_tree(tmp_path, with_headers=False)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for tool in ("bash", "cat", "cp", "cut", "dirname", "grep", "mkdir", "mktemp", "mv", "rm", "sha1sum", "tail", "tar"):
+        (fake_bin / tool).symlink_to(shutil.which(tool))
+    if npm != "missing":
+        body = {"fails": "echo 'npm ERR! code E404' >&2; exit 1",
+                "wrong-tarball": "echo tampered > com.github.asus4.onnxruntime-0.4.9.tgz"}[npm]
+        (fake_bin / "npm").write_text(f"#!/bin/bash\n{body}\n")
+        (fake_bin / "npm").chmod(0o755)
+    run = _run_build(root, str(fake_bin))
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eqc ops: error: "), run.stderr
+    want = {"missing": "npm not found; needed once to fetch onnxruntime headers",
+            "fails": "failed to download onnxruntime headers with 'npm pack com.github.asus4.onnxruntime@0.4.9' "
+                     "(npm ERR! code E404)",
+            "wrong-tarball": "sha1 mismatch for com.github.asus4.onnxruntime-0.4.9.tgz"}[npm]
+    assert want in lines[0]
+    third_party = root / "cuda_ops" / "third_party"
+    assert not third_party.exists() or not any(third_party.iterdir()), list(third_party.iterdir())
+    assert not (root / "build").exists()
 
 
 # --------------------------------------------------------------------------- GPU
