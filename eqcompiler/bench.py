@@ -104,7 +104,7 @@ def bench(models: list[str], prefill: int = 512, past: int = 512, warmup: int = 
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")  # the child's CLI line
             raise EqcError(f"benchmark of '{model}' failed: {last}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return results

@@ -136,6 +136,21 @@ def test_a_compiled_artifact_is_lowered_later_without_requantizing(tiny_artifact
     assert not (tmp_path / "cuda").exists()
 
 
+def test_lowered_artifact_without_the_op_library_is_a_one_line_error(tiny_artifact, tmp_path, monkeypatch):
+    """eval and bench on an ai.eqc artifact when the library cannot be found: one line, exit status != 0."""
+    run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8", "--target", "ort-cpu", "-o", tmp_path / "cpu")
+    monkeypatch.setenv("EQC_OPS_LIB", str(tmp_path / "missing.so"))
+    from conftest import WIKI_TEST
+
+    for args in (("eval", tmp_path / "cpu", "--ppl", WIKI_TEST, "--max-tokens", "300", "--no-latency"),
+                 ("bench", tmp_path / "cpu", "--runs", "1", "--warmup", "0")):
+        proc = run_eqc(*args, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: ") and line.count("error:") == 1, line
+        assert line.endswith(f"EQC_OPS_LIB={tmp_path / 'missing.so'} does not point to a file"), line
+
+
 def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_path):
     """Per-channel int8 weight-only -> MatMulNBits(bits=8) on request, ai.eqc::Int8WeightGemm for
     --target ort-cpu; tied table stored once, same logits."""
