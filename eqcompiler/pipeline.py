@@ -135,7 +135,7 @@ def _merged_quantization(parent: dict[str, Any] | None, recipe: dict[str, Any], 
     """The manifest's quantization record; a recompiled artifact keeps what its parent's compile did."""
     parent = parent or {}
     name = recipe["name"]
-    if parent.get("recipe"):
+    if parent.get("recipe") not in (None, "none"):
         name = parent["recipe"] if name == "none" else f"{parent['recipe']}+{name}"
     return {
         "recipe": name,
