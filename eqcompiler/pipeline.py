@@ -62,6 +62,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     # A compiled artifact can be compiled again: `--recipe none --target ort-cpu` lowers a portable QDQ
     # artifact without quantizing it again, so the target must see the passes that made the graph.
     parent = art.manifest.get("quantization")
+    _refuse_requantizing(parent, recipe, model_path)
     target = _effective_target(art.manifest.get("target", "portable") if parent else "portable", target, model_path)
     target_warnings: list[str] = []
     made_by = {"passes": list((parent or {}).get("passes", [])) + list(recipe["passes"])}
@@ -118,6 +119,21 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
         manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
         art_mod.write_manifest(stage, manifest)
     return manifest
+
+
+# Passes after which the weights are still float: a recipe may run on an artifact they made.
+_WEIGHTS_STAY_FLOAT = {"quantize_kv_cache", "check_tensorrt_placement"}
+
+
+def _refuse_requantizing(parent: dict[str, Any] | None, recipe: dict[str, Any], model_path: pathlib.Path) -> None:
+    """A quantizing recipe on an artifact whose weights are already quantized: say so, before a pass
+    trips over an int8 weight."""
+    if not parent or not recipe["passes"]:
+        return
+    if any(step["pass"] not in _WEIGHTS_STAY_FLOAT for step in parent.get("passes", [])):
+        raise EqcError(f"'{model_path}' is already quantized (recipe '{parent.get('recipe')}'): compile its fp32 "
+                       f"parent with recipe '{recipe['name']}'; a compiled artifact takes only --recipe none "
+                       "(with --target or --kv-bits)")
 
 
 def _effective_target(parent_target: str, target: str, model_path: pathlib.Path) -> str:

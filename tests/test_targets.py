@@ -134,6 +134,11 @@ def test_a_compiled_artifact_is_lowered_later_without_requantizing(tiny_artifact
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "was compiled for --target ort-cpu; compile its portable parent for --target ort-cuda" in proc.stderr
     assert not (tmp_path / "cuda").exists()
+    # Quantizing an already quantized artifact again is refused up front, naming what to do instead.
+    proc = run_eqc("compile", tmp_path / "qdq", "--recipe", "w4-rtn", "-o", tmp_path / "again", check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "is already quantized (recipe 'w8'): compile its fp32 parent with recipe 'w4-rtn'" in proc.stderr
+    assert not (tmp_path / "again").exists()
 
 
 def test_lowered_artifact_without_the_op_library_is_a_one_line_error(tiny_artifact, tmp_path, monkeypatch):
