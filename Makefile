@@ -22,18 +22,23 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 # A non-editable install every time: the tests import eqcompiler (and eqcompiler.passes)
 # from site-packages, which proves the package-dir mapping ships passes/ inside the namespace.
+# The op libraries, when built, ship inside the wheel (copied into eqcompiler/, git-ignored) so an
+# install away from this checkout still finds them.
 install: $(STAMP)
+	rm -f eqcompiler/libeqc_ops*.so
+	if ls build/cuda_ops/libeqc_ops*.so >/dev/null 2>&1; then cp build/cuda_ops/libeqc_ops*.so eqcompiler/; fi
 	$(PIP) install --quiet --no-deps --force-reinstall --no-build-isolation .
 
-ops: install
+ops:
 	bash cuda_ops/build.sh
 
 # EQC_REQUIRE_INSTALLED makes the packaging test check that eqcompiler came from site-packages.
-test: install ops
+test: ops
+	$(MAKE) install
 	cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q --durations=20 -p no:cacheprovider .
 
 demo: install
 	$(PY) tools/demo.py
 
 clean:
-	rm -rf build dist *.egg-info demo_out
+	rm -rf build dist *.egg-info demo_out eqcompiler/libeqc_ops*.so

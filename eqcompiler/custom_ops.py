@@ -1,6 +1,7 @@
 """Locating and registering eqc's ONNX Runtime custom-op library (domain `ai.eqc`).
 
-The library is built by `make ops` (cuda_ops/build.sh) into build/cuda_ops/:
+The library is built by `make ops` (cuda_ops/build.sh) into build/cuda_ops/, and `make install` ships
+a copy inside the package (beside this module):
 - libeqc_ops.so: CPU kernels of ai.eqc::FusedInt8Gemm and ai.eqc::Int8WeightGemm, no CUDA
   dependency (the default);
 - libeqc_ops_cuda.so: the same CPU kernels plus a CUDAExecutionProvider kernel of FusedInt8Gemm
@@ -46,8 +47,14 @@ def _repo_build_dirs() -> Iterator[pathlib.Path]:
                 yield candidate
 
 
+def bundled_library_dir() -> pathlib.Path:
+    """Where an installed eqc keeps the copy of the libraries it was built with."""
+    return pathlib.Path(__file__).resolve().parent
+
+
 def find_library(cuda: bool = False) -> pathlib.Path:
-    """Path of the op library: $EQC_OPS_LIB, else the package directory, else the repo's build/cuda_ops/.
+    """Path of the op library: $EQC_OPS_LIB, else a checkout's build/cuda_ops/ (the freshest build while
+    developing), else the copy shipped in the package (an install away from any checkout).
 
     `cuda=True` looks for libeqc_ops_cuda.so instead (ignored when $EQC_OPS_LIB is set).
     """
@@ -58,7 +65,7 @@ def find_library(cuda: bool = False) -> pathlib.Path:
             raise EqcOpsError(f"{ENV_VAR}={env} does not point to a file")
         return path.resolve()
     name = CUDA_LIBRARY if cuda else CPU_LIBRARY
-    searched = [pathlib.Path(__file__).resolve().parent, *_repo_build_dirs()]
+    searched = [*_repo_build_dirs(), bundled_library_dir()]
     for folder in searched:
         if (folder / name).is_file():
             return (folder / name).resolve()

@@ -30,3 +30,29 @@ def test_builtin_recipes_are_packaged() -> None:
     from eqcompiler.recipes import builtin_recipes
 
     assert {"w8", "w8a8"} <= set(builtin_recipes())
+
+
+def test_wheel_ships_the_op_libraries_and_falls_back_to_them(monkeypatch) -> None:
+    """`make install` builds the wheel after `make ops`: the installed package carries the libraries it was
+    built with, and an install away from any checkout (no build/cuda_ops above it) finds and runs them."""
+    if os.environ.get("EQC_REQUIRE_INSTALLED") != "1":
+        return
+    import numpy as np
+
+    from eqcompiler import custom_ops
+    from test_cuda_ops import BUILD, cpu_session, fused_model
+    from op_reference import random_problem, reference
+
+    built = sorted(p.name for p in BUILD.glob("libeqc_ops*.so"))
+    shipped = sorted(p.name for p in custom_ops.bundled_library_dir().glob("libeqc_ops*.so"))
+    assert "site-packages" in custom_ops.bundled_library_dir().parts
+    assert shipped == built and custom_ops.CPU_LIBRARY in shipped, (shipped, built)
+    for name in shipped:
+        assert (custom_ops.bundled_library_dir() / name).read_bytes() == (BUILD / name).read_bytes(), name
+    monkeypatch.delenv(custom_ops.ENV_VAR, raising=False)
+    monkeypatch.setattr(custom_ops, "_repo_build_dirs", lambda: iter(()))  # as if installed elsewhere
+    lib = custom_ops.find_library()
+    assert lib == custom_ops.bundled_library_dir() / custom_ops.CPU_LIBRARY
+    a, b, scale, bias = random_problem(np.random.default_rng(11), (4, 19), 6)
+    (y,) = cpu_session(fused_model(19, 6, bias=True), lib).run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
+    np.testing.assert_array_equal(y, reference(a, b, scale, bias))
