@@ -62,10 +62,13 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     # A compiled artifact can be compiled again: `--recipe none --target ort-cpu` lowers a portable QDQ
     # artifact without quantizing it again, so the target must see the passes that made the graph.
     parent = art.manifest.get("quantization")
+    if parent is not None and not isinstance(parent, dict):
+        raise EqcError(f"'{art.folder / art_mod.MANIFEST_FILE}': 'quantization' is not an object; re-export or "
+                       "recompile that artifact")
     _refuse_requantizing(parent, recipe, model_path)
     target = _effective_target(art.manifest.get("target", "portable") if parent else "portable", target, model_path)
     target_warnings: list[str] = []
-    made_by = {"passes": list((parent or {}).get("passes", [])) + list(recipe["passes"])}
+    made_by = {"passes": list((parent or {}).get("passes") or []) + list(recipe["passes"])}
     extra_steps = list(extra_steps or []) + target_steps(target, target_warnings, made_by)
     if extra_steps:
         recipe = {**recipe, "passes": list(recipe["passes"]) + list(extra_steps)}
@@ -130,7 +133,7 @@ def _refuse_requantizing(parent: dict[str, Any] | None, recipe: dict[str, Any], 
     trips over an int8 weight."""
     if not parent or not recipe["passes"]:
         return
-    if any(step["pass"] not in _WEIGHTS_STAY_FLOAT for step in parent.get("passes", [])):
+    if any(step["pass"] not in _WEIGHTS_STAY_FLOAT for step in parent.get("passes") or []):
         raise EqcError(f"'{model_path}' is already quantized (recipe '{parent.get('recipe')}'): compile its fp32 "
                        f"parent with recipe '{recipe['name']}'; a compiled artifact takes only --recipe none "
                        "(with --target or --kv-bits)")
@@ -155,9 +158,9 @@ def _merged_quantization(parent: dict[str, Any] | None, recipe: dict[str, Any], 
         name = parent["recipe"] if name == "none" else f"{parent['recipe']}+{name}"
     return {
         "recipe": name,
-        "passes": list(parent.get("passes", [])) + list(recipe["passes"]),
+        "passes": list(parent.get("passes") or []) + list(recipe["passes"]),
         "calibration": stats.meta if stats is not None else parent.get("calibration"),
-        "report": {**parent.get("report", {}), **context.report},
-        "warnings": list(parent.get("warnings", [])) + list(context.warnings),
+        "report": {**(parent.get("report") or {}), **context.report},
+        "warnings": list(parent.get("warnings") or []) + list(context.warnings),
         "parent_fingerprint": art_mod.model_fingerprint(model_path),
     }

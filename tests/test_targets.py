@@ -139,6 +139,12 @@ def test_a_compiled_artifact_is_lowered_later_without_requantizing(tiny_artifact
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "is already quantized (recipe 'w8'): compile its fp32 parent with recipe 'w4-rtn'" in proc.stderr
     assert not (tmp_path / "again").exists()
+    manifest_path = tmp_path / "qdq" / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "quantization": "w8"}))
+    proc = run_eqc("compile", tmp_path / "qdq", "--recipe", "none", "--target", "ort-cpu", "-o", tmp_path / "bad",
+                   check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "'quantization' is not an object" in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_lowered_artifact_without_the_op_library_is_a_one_line_error(tiny_artifact, tmp_path, monkeypatch):
