@@ -143,8 +143,9 @@ def _effective_target(parent_target: str, target: str, model_path: pathlib.Path)
     """The target of a recompiled artifact: a lowered (ort-*) artifact keeps its target and takes no other."""
     from eqcompiler.targets import TARGETS
 
-    if target not in TARGETS or parent_target in ("portable", "tensorrt") or target in ("portable", parent_target):
-        return target if target != "portable" else parent_target
+    lowered = parent_target not in ("portable", "tensorrt")  # its graph holds runtime-specific ops
+    if not lowered or target not in TARGETS or target in ("portable", parent_target):  # unknown: target_steps says so
+        return parent_target if target == "portable" else target
     raise EqcError(f"'{model_path}' was compiled for --target {parent_target}; compile its portable parent "
                    f"for --target {target} instead")
 
