@@ -9,22 +9,21 @@ import numpy as np
 
 from eqcompiler.errors import EqcError
 
-DEFAULT_DATA_DIRS = ("../shared/data/wikitext-2", "shared/data/wikitext-2", "../../shared/data/wikitext-2")
+# WikiText-2 ships inside the package (CC BY-SA 3.0; licence and attribution beside the files).
+BUNDLED_WIKITEXT = pathlib.Path(__file__).resolve().parent / "datasets" / "wikitext-2"
 
 
 def find_wikitext(split: str) -> pathlib.Path:
-    """The bundled WikiText-2 split, searched beside the repo (EQC_WIKITEXT overrides)."""
+    """The bundled WikiText-2 split ('valid' or 'test'); EQC_WIKITEXT names another folder holding it."""
     import os
 
     env = os.environ.get("EQC_WIKITEXT")
-    candidates = [pathlib.Path(env)] if env else []
-    here = pathlib.Path(__file__).resolve()
-    for base in (pathlib.Path.cwd(), *here.parents):
-        candidates += [base / d for d in DEFAULT_DATA_DIRS]
-    for folder in candidates:
-        if (folder / f"{split}.txt").is_file():
-            return folder / f"{split}.txt"
-    raise EqcError(f"WikiText-2 '{split}.txt' not found (set EQC_WIKITEXT to the folder holding it)")
+    folder = pathlib.Path(env) if env else BUNDLED_WIKITEXT
+    path = folder / f"{split}.txt"
+    if not path.is_file():
+        where = "EQC_WIKITEXT" if env else "the installed eqc package (reinstall it)"
+        raise EqcError(f"WikiText-2 '{split}.txt' not found in {folder} (from {where})")
+    return path
 
 
 def read_text(path: str | pathlib.Path) -> tuple[str, str]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from eqcompiler import bitwidth as bw
 from eqcompiler.artifact import load_ir, model_file, resolve_artifact, size_bytes
+from eqcompiler.data import find_wikitext
 from eqcompiler.evaluate import perplexity
 from eqcompiler.pass_base import CompileContext
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
@@ -40,7 +41,7 @@ from eqcompiler.stats import CalibrationStats
 
 HERE = pathlib.Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench_bitwidth:begin -->", "<!-- bench_bitwidth:end -->"
-TEST = "/work/shared/data/wikitext-2/test.txt"
+TEST = str(find_wikitext("test"))
 
 
 def spearman(a: list[float], b: list[float]) -> float:

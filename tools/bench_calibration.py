@@ -17,9 +17,11 @@ import sys
 import tempfile
 import time
 
+from eqcompiler.data import find_wikitext
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EQC = pathlib.Path(sys.executable).parent / "eqc"
-DATA = REPO.parent / "shared/data/wikitext-2/valid.txt"
+DATA = find_wikitext("valid")
 
 
 def run(model: str, samples: int, seq_len: int, workers: int, threads: int, observers: str) -> dict:

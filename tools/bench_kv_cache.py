@@ -17,6 +17,7 @@ import platform
 import time
 
 from eqcompiler.artifact import resolve_artifact
+from eqcompiler.data import find_wikitext
 from eqcompiler.decode import chunked_perplexity
 from eqcompiler.passes.quantize_kv_cache import kv_step
 from eqcompiler.pipeline import compile_model
@@ -53,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fp32", required=True, help="exported SmolLM2 artifact")
     ap.add_argument("--calib", required=True, help="stats with the kv observer")
-    ap.add_argument("--text", default="/work/shared/data/wikitext-2/test.txt")
+    ap.add_argument("--text", default=str(find_wikitext("test")))
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--work", default="/tmp/bench_kv_cache")

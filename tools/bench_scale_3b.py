@@ -27,10 +27,12 @@ import subprocess
 import sys
 import time
 
+from eqcompiler.data import find_wikitext
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
 EQC = pathlib.Path(sys.executable).parent / "eqc"
-WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKI_VALID = find_wikitext("valid")
 RSS_LIMIT_GB = 6.0
 
 SPEC_3B = dict(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192, vocab=32000, norm="rms", act="silu",

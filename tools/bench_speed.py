@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from eqcompiler.data import find_wikitext
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
 W8_NBITS_RECIPE = {"name": "w8+nbits", "description": "w8, then per-channel int8 -> MatMulNBits bits=8 (bench only)",
@@ -89,7 +91,7 @@ def main() -> None:
         models[name] = out
     if "ort_qdyn" not in skip:
         models["ort_qdyn"] = ort_quantize_dynamic(args.fp32, work / "ort_qdyn")
-    text = "/work/shared/data/wikitext-2/test.txt"
+    text = str(find_wikitext("test"))
     cache = work / f"ppl_{args.ppl_tokens}.json"  # perplexity does not change between bench reruns
     ppl = json.loads(cache.read_text()) if cache.exists() else {}
     for name, path in models.items():

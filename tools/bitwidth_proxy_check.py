@@ -19,7 +19,7 @@ import torch
 
 from eqcompiler import bitwidth as bw
 from eqcompiler.artifact import load_ir, model_file, resolve_artifact
-from eqcompiler.data import tokenize, windows
+from eqcompiler.data import find_wikitext, tokenize, windows
 from eqcompiler.pass_base import CompileContext
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
 from eqcompiler.passes.gptq import weight_only_sites
@@ -64,7 +64,7 @@ def main() -> None:
 
     loaded = load_source(args.source)
     model, tok = loaded.model, loaded.tokenizer
-    text = pathlib.Path("/work/shared/data/wikitext-2/test.txt").read_text()
+    text = find_wikitext("test").read_text()
     ids = tokenize(tok, text, max_tokens=args.windows * args.seq)
     batch = torch.from_numpy(np.concatenate(list(windows(ids, args.seq, args.windows))))
     with torch.no_grad():
