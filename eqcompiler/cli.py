@@ -100,8 +100,11 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path), help="Statistics file (.npz).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing statistics file.")
 @click.option("--skip-nonfinite", is_flag=True, help="Treat NaN/Inf activations as 0 instead of failing.")
-@click.option("--observers", default="minmax,absmax_channel,abssum", show_default=True,
-              help="Comma-separated statistics to record: minmax (per-tensor min/max/count, always on); "
+@click.option("--for", "for_recipes", default=None, metavar="RECIPE[,RECIPE...]",
+              help="Collect every observer these recipes read (names or .json files; 'kv' for --kv-bits), added "
+                   "to --observers: e.g. --for w8a8-smooth,w4-gptq,kv calibrates once for all three.")
+@click.option("--observers", default=None,
+              help="Comma-separated statistics to record [default: minmax,absmax_channel,abssum]: minmax (per-tensor min/max/count, always on); "
                    "absmax_channel (per-channel max |x|); abssum (per-channel float64 sum |x|); hist (2048-bin |x| "
                    "histogram, power-of-two range: percentile/entropy/mse methods); gram (float64 X^T X per linear "
                    "input: GPTQ); sample (up to 512 token rows per linear input: SmoothQuant's alpha search without a model "
@@ -117,7 +120,7 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
-              skip_nonfinite: bool, observers: str, decode_steps: int, workers: int, threads: int | None,
+              skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, workers: int, threads: int | None,
               stream_layers: bool | None, as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
     from eqcompiler.calibrate import calibrate as do_calibrate, tqdm_progress
@@ -125,7 +128,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
 
     if out.exists() and not overwrite:
         raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
-    parse_observers(observers)  # fail on a bad name before starting anything
+    observers = ",".join(_observers_to_collect(observers, for_recipes))  # a bad name fails before any work
     reason = "--stream-layers" if stream_layers else ""
     if stream_layers is None:  # decided here (for every rank) and said in the summary
         from eqcompiler.artifact import model_file, resolve_artifact
@@ -152,6 +155,16 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
                                       f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "
                                       f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"])
+
+
+def _observers_to_collect(observers: str | None, for_recipes: str | None) -> tuple[str, ...]:
+    from eqcompiler.observers import DEFAULT_OBSERVERS, parse_observers
+    from eqcompiler.recipes import observers_for
+
+    chosen = parse_observers(observers if observers is not None else DEFAULT_OBSERVERS)
+    if not for_recipes:
+        return chosen
+    return parse_observers([*chosen, *observers_for(for_recipes)])
 
 
 def _streamed(summary: dict[str, Any]) -> str:

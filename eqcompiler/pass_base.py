@@ -34,6 +34,23 @@ class NoOptions:
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class ObserverNeeds:
+    """Calibration observers a pass reads: `required` ones it cannot run without (compile refuses statistics
+    that lack them before any pass runs), `helpful` ones it uses when present (a better result, or a
+    per-layer fallback without them). `eqc calibrate --for RECIPE` collects both."""
+
+    required: frozenset[str] = frozenset()
+    helpful: frozenset[str] = frozenset()
+
+    def __or__(self, other: "ObserverNeeds") -> "ObserverNeeds":
+        return ObserverNeeds(self.required | other.required, (self.helpful | other.helpful) - (self.required | other.required))
+
+    @property
+    def all(self) -> frozenset[str]:
+        return self.required | self.helpful
+
+
 class EqcPass(ir.passes.InPlacePass):
     """Subclasses set `name`, `Options` (a dataclass) and implement `call(model)`."""
 
@@ -58,6 +75,11 @@ class EqcPass(ir.passes.InPlacePass):
             check()
         if self.requires_stats and self.context.stats is None:
             raise EqcError(f"pass '{self.name}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
+
+    @classmethod
+    def observers_needed(cls, options: Any) -> ObserverNeeds:
+        """The calibration observers this pass reads when configured with `options` (an `Options`)."""
+        return ObserverNeeds()
 
     def report(self, data: dict[str, Any]) -> None:
         self.context.report.setdefault(self.name, {}).update(data)

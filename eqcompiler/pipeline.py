@@ -44,6 +44,21 @@ def override_pass_options(recipe: dict[str, Any], overrides: dict[str, Any]) -> 
     return {**recipe, "passes": steps}
 
 
+def _refuse_missing_observers(stats: CalibrationStats, recipe: dict[str, Any], recipe_name: str, calib: str,
+                              model: str | pathlib.Path) -> None:
+    """Statistics that lack an observer a pass cannot run without are refused before any pass runs, with
+    the calibrate flag that collects everything the recipe reads."""
+    from eqcompiler.recipes import KV_CACHE_TARGET, recipe_observers
+
+    missing = sorted(recipe_observers(recipe).required - set(stats.observers))
+    if missing:
+        kv = any(step["pass"] == "quantize_kv_cache" for step in recipe["passes"])
+        for_flag = recipe_name + (f",{KV_CACHE_TARGET}" if kv else "")
+        raise EqcError(f"statistics '{calib}' lack the observer{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} "
+                       f"that recipe '{recipe['name']}' reads; recalibrate with `eqc calibrate {model} --for {for_flag} "
+                       "--data TEXT -o STATS`")
+
+
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
                   overwrite: bool = False, options: dict[str, Any] | None = None,
                   extra_steps: list[dict[str, Any]] | None = None, target: str = "portable",
@@ -79,6 +94,7 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     if calib:
         stats = CalibrationStats.load(calib)
         stats.check_model(art_mod.model_fingerprint(model_path), f"'{model_path}'")
+        _refuse_missing_observers(stats, recipe, recipe_name, calib, model)
     elif recipe.get("requires_calibration"):
         raise EqcError(f"recipe '{recipe['name']}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
     ir_model = art_mod.load_ir(model_path)

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import pathlib
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eqcompiler.errors import EqcError
+
+if TYPE_CHECKING:
+    from eqcompiler.pass_base import ObserverNeeds
 
 RECIPE_KEYS = {"name", "description", "requires_calibration", "passes"}
 STEP_KEYS = {"pass", "options"}
@@ -61,3 +64,41 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
     if path.suffix == ".json" or path.exists():
         return validate_recipe(read_json_file(path, "recipe file"), f"'{path}'")
     raise EqcError(f"unknown recipe '{name_or_file}' (built-in: {', '.join(sorted(builtins))}; or give a .json file)")
+
+
+KV_CACHE_TARGET = "kv"  # `eqc calibrate --for ...,kv`: the observers --kv-bits reads
+
+
+def recipe_observers(recipe: dict[str, Any]) -> ObserverNeeds:
+    """The calibration observers a recipe's passes read, with the options the recipe gives them."""
+    from eqcompiler.pass_base import ObserverNeeds, available_passes
+
+    passes = available_passes()
+    needs = ObserverNeeds(required=frozenset({"minmax"}))
+    for step in recipe["passes"]:
+        cls = passes.get(step["pass"])
+        if cls is None:
+            raise EqcError(f"recipe '{recipe.get('name')}': unknown pass '{step['pass']}' (known: {', '.join(sorted(passes))})")
+        try:
+            options = cls.Options(**(step.get("options") or {}))
+        except (TypeError, ValueError) as exc:
+            raise EqcError(f"recipe '{recipe.get('name')}': pass '{step['pass']}': bad options: {exc}") from None
+        needs = needs | cls.observers_needed(options)
+    return needs
+
+
+def observers_for(targets: str) -> tuple[str, ...]:
+    """Observers to collect so that statistics serve every recipe in `targets` ("w8a8-smooth,w4-gptq", recipe
+    files too; "kv" for --kv-bits): each recipe's required and helpful observers, sorted."""
+    from eqcompiler.pass_base import available_passes
+
+    wanted: set[str] = {"minmax"}
+    for item in (t.strip() for t in targets.split(",")):
+        if not item:
+            continue
+        if item == KV_CACHE_TARGET:
+            kv_pass = available_passes()["quantize_kv_cache"]
+            wanted |= kv_pass.observers_needed(kv_pass.Options()).all
+        else:
+            wanted |= recipe_observers(load_recipe(item)).all
+    return tuple(sorted(wanted))

@@ -37,7 +37,7 @@ from eqcompiler import bitwidth as bw
 from eqcompiler import sensitivity as sens
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
-from eqcompiler.pass_base import CompileContext, EqcPass
+from eqcompiler.pass_base import CompileContext, EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import gram_of, site_matrix, weight_only_sites
 from eqcompiler.passes.quantize_activations import QuantizeActivationsPass, activation_range
 from eqcompiler.passes.quantize_weights import (QuantizeWeightsPass, _checked_weight, _describe, _group_gathers,
@@ -76,6 +76,11 @@ class ApplyPrecisionPlanOptions:
 class ApplyPrecisionPlanPass(EqcPass):
     name = "apply_precision_plan"
     Options = ApplyPrecisionPlanOptions
+
+    @classmethod
+    def observers_needed(cls, options: ApplyPrecisionPlanOptions) -> ObserverNeeds:
+        # The proxy sensitivity reads Gram matrices; a given --plan or --sensitivity kl does without them.
+        return ObserverNeeds(helpful=frozenset({"gram"} if options.sensitivity == "proxy" else set()))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import LinearSite, new_initializer, node_order
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import (WeightOnlyOptions, describe, gram_of, output_error, quantize_kn, replace_weight,
                                     site_matrix, stored_bytes, weight_only_sites)
 from eqcompiler.qdq import QuantizedWeight
@@ -134,6 +134,10 @@ def _error(wp: np.ndarray, s: np.ndarray, gram: np.ndarray, opts: AwqOptions, cl
 class AwqPass(EqcPass):
     name = "awq"
     Options = AwqOptions
+
+    @classmethod
+    def observers_needed(cls, options: AwqOptions) -> ObserverNeeds:
+        return ObserverNeeds(required=frozenset({"gram", "abssum"}))  # output error; mean |x| per channel
     requires_stats = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

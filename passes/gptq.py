@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import LinearSite, embedding_gathers, find_linear_sites, node_order, weight_array
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, quantize_channelwise
 
 SUB = 16  # rows per inner sub-block of a lazy block (block sizes are powers of two >= 16)
@@ -256,6 +256,11 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, rows: int, bits: int = 4, sym
 class GptqPass(EqcPass):
     name = "gptq"
     Options = GptqOptions
+
+    @classmethod
+    def observers_needed(cls, options: GptqOptions) -> ObserverNeeds:
+        gram = frozenset({"gram"})  # the Hessian; missing_gram="skip" rounds such layers to nearest instead
+        return ObserverNeeds(required=gram) if options.missing_gram == "error" else ObserverNeeds(helpful=gram)
     requires_stats = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import new_initializer, node_order, sites_by_activation
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.qdq import activation_scale, step_ratio
 from eqcompiler.passes.quantize_activations_dynamic import emit_per_token
 from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
@@ -103,6 +103,12 @@ def activation_range(stats: object, name: str, method: str, percentile: float = 
 class QuantizeActivationsPass(EqcPass):
     name = "quantize_activations"
     Options = QuantizeActivationsOptions
+
+    @classmethod
+    def observers_needed(cls, options: QuantizeActivationsOptions) -> ObserverNeeds:
+        required = {"hist"} if options.method != "minmax" else set()  # percentile, entropy, mse
+        # dynamic_above reads mean |x| from abssum, or from the sample rows when those are there
+        return ObserverNeeds(frozenset(required), frozenset({"abssum"} if options.dynamic_above > 0 else set()))
     requires_stats = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

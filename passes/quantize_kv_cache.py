@@ -43,7 +43,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import new_initializer
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import EqcPass, ObserverNeeds
 
 PAST = "past_key_values."
 # The cache tensors (and, once quantized, their scales and zero points); other carried state, e.g.
@@ -180,6 +180,11 @@ class _Builder:
 class QuantizeKVCachePass(EqcPass):
     name = "quantize_kv_cache"
     Options = QuantizeKVCacheOptions
+
+    @classmethod
+    def observers_needed(cls, options: QuantizeKVCacheOptions) -> ObserverNeeds:
+        frozen = "channel" in (options.key_granularity, options.value_granularity)
+        return ObserverNeeds(required=frozenset({"kv"} if frozen else set()))
 
     def __init__(self, context: Any = None, **options: Any) -> None:
         super().__init__(context, **options)

@@ -66,7 +66,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.qdq import quantize_channelwise, step_ratio
 from eqcompiler.stats import TensorStats
 
@@ -706,6 +706,13 @@ def _head_info(context_manifest: dict[str, Any]) -> tuple[int, int] | None:
 class SmoothQuantPass(EqcPass):
     name = "smooth_quant"
     Options = SmoothQuantOptions
+
+    @classmethod
+    def observers_needed(cls, options: SmoothQuantOptions) -> ObserverNeeds:
+        required = {"absmax_channel"} | ({options.search} & {"gram", "sample"})
+        # dynamic_above's step ratio reads mean |x| (abssum, or the sample rows when those are there)
+        helpful = {"abssum"} if options.activation_granularity == "auto" else set()
+        return ObserverNeeds(frozenset(required), frozenset(helpful))
     requires_stats = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -218,3 +218,45 @@ def test_entropy_recipe_compiles_and_runs(tiny_artifact, wiki_valid, tmp_path):
             continue
         lo, hi = activation_range(loaded, name, "entropy")
         assert loaded.get(name).min <= lo <= 0 <= hi <= loaded.get(name).max
+
+
+def test_recipes_declare_the_observers_they_read():
+    """Each built-in recipe's observer needs, derived from its passes' options (what `--for` collects)."""
+    from eqcompiler.recipes import builtin_recipes, observers_for, recipe_observers
+
+    needs = {name: recipe_observers(r) for name, r in builtin_recipes().items()}
+    assert needs["w4-gptq"].required == {"minmax", "gram"}
+    assert needs["w4-awq"].required >= {"gram", "abssum"}
+    assert needs["w4-rtn"].required == {"minmax"} and not needs["w4-rtn"].helpful
+    # w8a8-smooth's GPTQ falls back to round-to-nearest without gram (missing_gram "skip"): helpful, not required
+    assert needs["w8a8-smooth"].required == {"minmax", "absmax_channel"}
+    assert needs["w8a8-smooth"].helpful == {"gram", "abssum"}
+    assert needs["mixed"].helpful == {"gram"}
+    assert observers_for("w8a8-smooth,w4-gptq,kv") == ("absmax_channel", "abssum", "gram", "kv", "minmax")
+    with pytest.raises(EqcError, match="unknown recipe 'w5'"):
+        observers_for("w8,w5")
+
+
+def test_calibrate_for_collects_what_the_recipes_need(tiny_artifact, wiki_valid, tmp_path):
+    art = tiny_artifact("llama")
+    plain, full = tmp_path / "plain.npz", tmp_path / "for.npz"
+    run_eqc("calibrate", art, "--data", wiki_valid, "--samples", "2", "--seq-len", "32", "-o", plain)
+    assert CalibrationStats.load(plain).observers == ["minmax", "absmax_channel", "abssum"]
+    # A compile whose recipe cannot run on these statistics is refused before any pass, naming --for.
+    out = tmp_path / "gptq"
+    proc = run_eqc("compile", art, "--recipe", "w4-gptq", "--calib", plain, "-o", out, check=False)
+    assert proc.returncode == 2 and not out.exists()
+    assert "lack the observer 'gram'" in proc.stderr and f"--for w4-gptq" in proc.stderr
+    proc = run_eqc("compile", art, "--recipe", "w8", "--kv-bits", "8", "--calib", plain, "-o", out, check=False)
+    assert proc.returncode == 2 and "'kv'" in proc.stderr and "--for w8,kv" in proc.stderr and not out.exists()
+    # One calibration serves every recipe named in --for (added to --observers, here the default set).
+    summary = json.loads(run_eqc("calibrate", art, "--data", wiki_valid, "--samples", "2", "--seq-len", "32",
+                                 "-o", full, "--for", "w8a8-smooth,w4-gptq,kv", "--json").stdout)
+    assert summary["observers"] == ["minmax", "absmax_channel", "abssum", "gram", "kv"]
+    for recipe, extra in (("w4-gptq", []), ("w8a8-smooth", []), ("w8", ["--kv-bits", "8"])):
+        run_eqc("compile", art, "--recipe", recipe, "--calib", full, "-o", tmp_path / recipe, *extra)
+        manifest = json.loads((tmp_path / recipe / "manifest.json").read_text())
+        assert not any("gram" in w for w in manifest["quantization"].get("warnings", [])), recipe
+    proc = run_eqc("calibrate", art, "--data", wiki_valid, "--samples", "2", "--seq-len", "32", "-o", tmp_path / "x.npz",
+                   "--for", "w9", check=False)
+    assert proc.returncode == 2 and "unknown recipe 'w9'" in proc.stderr and not (tmp_path / "x.npz").exists()
