@@ -8,13 +8,13 @@
   kernel, so QDQ graphs dequantize every weight on every run and are 4-16x slower than fp32.
   Preference, per pattern (each pass leaves layers it does not match untouched, so the
   order below is the per-recipe choice):
-    * per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm (eqc's op library; skipped with a warning
-      when the library is not built)
+    * per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm (eqc's op library; without the built library
+      the compile is refused, exit 4, naming `make ops`)
     * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
     * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
     * per-channel int8 weight-only (w8; the tied lm_head/embedding table of every recipe that keeps it int8)
       -> ai.eqc::Int8WeightGemm (float math on int8 weights; passes/lower_int8_weight_gemm.py). MatMulNBits
-      bits=8 (lower_weight_only_int8) was slower than QDQ; skipped with a warning without the library
+      bits=8 (lower_weight_only_int8) was slower than QDQ; refused like FusedInt8Gemm without the library
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
   cuda_ops/src/fused_int8_gemm.cu) lives in libeqc_ops_cuda.so; every other layer stays QDQ, which the
   CUDA provider runs as is. The artifact's manifest names the provider and library it needs. The
@@ -36,14 +36,17 @@ EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lowe
 # it stays available to recipes and `extra_steps`.
 
 
-def _eqc_library_available() -> bool:
-    try:
-        from eqcompiler import custom_ops
+def _require_eqc_library(what: str) -> None:
+    """ort-cpu without the op library would leave those layers as QDQ graphs that dequantize every weight
+    on every run (measured 10.8x slower than fp32 for w8a8-dynamic): refuse instead of warning."""
+    from eqcompiler import custom_ops
+    from eqcompiler.errors import EnvironmentProblem
 
+    try:
         custom_ops.find_library()
-        return True
-    except Exception:
-        return False
+    except custom_ops.EqcOpsError as exc:
+        raise EnvironmentProblem(f"--target ort-cpu lowers {what} to eqc's op library, which is not built ({exc}); "
+                                 "run `make ops` (C++ compiler, CMake and npm), or compile with --target portable") from None
 
 
 def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
@@ -82,10 +85,8 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
     for name in ORT_CPU_LOWERINGS:
         if name not in known or name not in needs:
             continue
-        if name in EQC_LIBRARY_LOWERINGS and not _eqc_library_available():
-            if warnings is not None:
-                warnings.append(f"ort-cpu: eqc op library not built (`make ops`); {EQC_LIBRARY_LOWERINGS[name]} stay QDQ")
-            continue
+        if name in EQC_LIBRARY_LOWERINGS:
+            _require_eqc_library(EQC_LIBRARY_LOWERINGS[name])
         steps.append({"pass": name, "options": {}})
     if not steps and warnings is not None:
         warnings.append("ort-cpu: no ONNX Runtime CPU lowering applies to this recipe; the graph stays QDQ")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import onnx
@@ -306,3 +307,27 @@ def test_smollm2_ort_cpu_lowering_matches_qdq_layer_by_layer(smollm2_w8a8_dynami
     assert worst["FusedInt8Gemm"] < 2e-6 and worst["Int8WeightGemm"] < 1e-5, worst
     base, got = perplexity(qdq, WIKI_TEST, max_tokens=1024), perplexity(lowered, WIKI_TEST, max_tokens=1024)
     assert abs(got["ppl"] / base["ppl"] - 1) < 5e-3, (got["ppl"], base["ppl"])
+
+
+def test_ort_cpu_without_the_op_library_is_an_environment_error(tiny_artifact, tiny_llama_stats, tmp_path):
+    """Without libeqc_ops the ort-cpu artifact would keep QDQ layers that dequantize every weight on every
+    run; compile refuses (exit 4) before any pass, naming `make ops`, and writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    eqc = pathlib.Path(sys.executable).parent / "eqc"
+    env = {**os.environ, "EQC_OPS_LIB": str(tmp_path / "missing" / "libeqc_ops.so")}
+    for recipe in ("w8", "w8a8-dynamic"):
+        out = tmp_path / recipe
+        proc = subprocess.run([str(eqc), "compile", str(tiny_artifact("llama")), "--recipe", recipe, "--calib",
+                               str(tiny_llama_stats), "--target", "ort-cpu", "-o", str(out)],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 4, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "make ops" in line and "--target portable" in line and "not built" in line
+        assert not out.exists() and not list(tmp_path.glob(f".{recipe}*"))
+    # The portable artifact needs no library.
+    proc = subprocess.run([str(eqc), "compile", str(tiny_artifact("llama")), "--recipe", "w8", "-o",
+                           str(tmp_path / "portable")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and (tmp_path / "portable" / "model.onnx").is_file()
