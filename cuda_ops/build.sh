@@ -17,7 +17,9 @@ CACHE="$SRC/third_party"
 
 ORT_NPM_PKG="com.github.asus4.onnxruntime"
 ORT_NPM_VER="0.4.9"  # ships the official onnxruntime 1.29 headers (ORT_API_VERSION 29)
-ORT_NPM_SHA1="3659f34012db8208ffb7f67d704204cb08792fed"  # `npm view $PKG@$VER dist.shasum`
+# The exact tarball, pinned by the registry's integrity hash (`npm view $PKG@$VER dist.integrity`); a download
+# whose sha512 differs is refused before anything is extracted.
+ORT_NPM_INTEGRITY="sha512-BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
 # The tarball is a Unity plugin; the only copy of the C/C++ headers is inside the iOS framework.
 ORT_HDR_IN_TGZ="package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64/onnxruntime.framework/Headers"
 ORT_INC="$CACHE/onnxruntime-$ORT_NPM_VER/include"
@@ -26,13 +28,18 @@ ARCHS="${EQC_CUDA_ARCHS:-80;90a}"
 FETCH_TMP=""
 die() { echo "eqc ops: error: $*" >&2; exit 1; }
 
-sha1_of() { sha1sum "$1" | cut -d' ' -f1; }
+sha512_hex() { sha512sum "$1" | cut -d' ' -f1; }
+# An npm integrity string ("sha512-<base64>") as the hex digest sha512sum prints.
+integrity_hex() { echo "${1#sha512-}" | base64 -d | od -An -tx1 | tr -d ' \n'; }
 
-# Download (npm pack), verify the pinned sha1, extract only the headers; cached by a stamp file.
+# Download (npm pack), verify the pinned integrity, extract only the headers. The cache keeps the sha256 of
+# every header it extracted (.sha256) and is checked on every build: an edited header is an error.
 fetch_ort_headers() {
   local tmp
-  local stamp="$ORT_INC/.sha1"
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$ORT_NPM_SHA1" && -f "$ORT_INC/onnxruntime_cxx_api.h" ]]; then
+  local stamp="$ORT_INC/.sha256"
+  if [[ -f "$stamp" && -f "$ORT_INC/.integrity" && "$(cat "$ORT_INC/.integrity")" == "$ORT_NPM_INTEGRITY" ]]; then
+    (cd "$ORT_INC" && sha256sum --quiet --strict -c .sha256 >/dev/null 2>&1) ||
+      die "cached onnxruntime headers in $ORT_INC differ from the verified download; delete $CACHE to fetch them again"
     return 0
   fi
   command -v npm >/dev/null 2>&1 || die "npm not found; needed once to fetch onnxruntime headers ($ORT_NPM_PKG@$ORT_NPM_VER)"
@@ -48,13 +55,15 @@ fetch_ort_headers() {
   fi
   local tgz="$tmp/$ORT_NPM_PKG-$ORT_NPM_VER.tgz"
   [[ -f "$tgz" ]] || die "npm pack produced no $ORT_NPM_PKG-$ORT_NPM_VER.tgz"
-  local got
-  got="$(sha1_of "$tgz")"
-  [[ "$got" == "$ORT_NPM_SHA1" ]] || die "sha1 mismatch for $ORT_NPM_PKG-$ORT_NPM_VER.tgz: got $got, expected $ORT_NPM_SHA1"
+  local got want
+  got="$(sha512_hex "$tgz")"
+  want="$(integrity_hex "$ORT_NPM_INTEGRITY")"
+  [[ "$got" == "$want" ]] || die "integrity mismatch for $ORT_NPM_PKG-$ORT_NPM_VER.tgz: sha512 ${got:0:16}..., pinned ${want:0:16}... ($ORT_NPM_INTEGRITY)"
   tar -xzf "$tgz" -C "$tmp" "$ORT_HDR_IN_TGZ" 2>"$tmp/tar.log" || die "headers not found in tarball at $ORT_HDR_IN_TGZ"
   mkdir -p "$tmp/stage/include"
   cp "$tmp/$ORT_HDR_IN_TGZ"/*.h "$tmp/stage/include/"
-  echo "$ORT_NPM_SHA1" >"$tmp/stage/include/.sha1"
+  (cd "$tmp/stage/include" && sha256sum -- *.h >.sha256)
+  echo "$ORT_NPM_INTEGRITY" >"$tmp/stage/include/.integrity"
   rm -rf "$CACHE/onnxruntime-$ORT_NPM_VER"
   mv "$tmp/stage" "$CACHE/onnxruntime-$ORT_NPM_VER"
   rm -rf "$tmp"

@@ -3,9 +3,11 @@ its Python loader, and the pass that lowers eqc's W8A8-dynamic QDQ pattern to it
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -486,7 +488,8 @@ def test_header_download_failures_are_one_line_errors(tmp_path, npm):
     root = _build_tree(tmp_path, with_headers=False)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    for tool in ("bash", "cat", "cp", "cut", "dirname", "grep", "mkdir", "mktemp", "mv", "rm", "sha1sum", "tail", "tar"):
+    for tool in ("base64", "bash", "cat", "cp", "cut", "dirname", "grep", "mkdir", "mktemp", "mv", "od", "rm",
+                 "sha256sum", "sha512sum", "tail", "tar", "tr"):
         (fake_bin / tool).symlink_to(shutil.which(tool))
     if npm != "missing":
         body = {"fails": "echo 'npm ERR! code E404' >&2; exit 1",
@@ -500,11 +503,35 @@ def test_header_download_failures_are_one_line_errors(tmp_path, npm):
     want = {"missing": "npm not found; needed once to fetch onnxruntime headers",
             "fails": "failed to download onnxruntime headers with 'npm pack com.github.asus4.onnxruntime@0.4.9' "
                      "(npm ERR! code E404)",
-            "wrong-tarball": "sha1 mismatch for com.github.asus4.onnxruntime-0.4.9.tgz"}[npm]
+            "wrong-tarball": "integrity mismatch for com.github.asus4.onnxruntime-0.4.9.tgz: sha512 "}[npm]
     assert want in lines[0]
     third_party = root / "cuda_ops" / "third_party"
     assert not third_party.exists() or not any(third_party.iterdir()), list(third_party.iterdir())
     assert not (root / "build").exists()
+
+
+def test_an_edited_cached_header_is_refused(tmp_path):
+    """The header cache is checked against the sha256 of what was extracted from the verified tarball."""
+    root = _build_tree(tmp_path, with_headers=True)
+    (header,) = root.glob("cuda_ops/third_party/onnxruntime-*/include/onnxruntime_c_api.h")
+    header.write_text(header.read_text() + "\n#define ORT_API_VERSION_TAMPERED 1\n")
+    run = _run_build(root, os.environ["PATH"], EQC_OPS_CUDA="0")
+    assert run.returncode == 1
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("eqc ops: error: cached onnxruntime headers in ") and "differ from the verified download" in line
+    assert not (root / "build" / "cuda_ops" / "libeqc_ops.so").exists()
+
+
+def test_pinned_integrity_matches_the_cached_headers():
+    """build.sh pins npm's sha512 integrity string; the cache it built records that pin beside its header hashes."""
+    script = (REPO / "cuda_ops" / "build.sh").read_text()
+    (pin,) = re.findall(r'^ORT_NPM_INTEGRITY="(sha512-[A-Za-z0-9+/=]{88})"$', script, flags=re.M)
+    (cache,) = (REPO / "cuda_ops" / "third_party").glob("onnxruntime-*/include")
+    assert (cache / ".integrity").read_text().strip() == pin
+    listed = dict(line.split()[::-1] for line in (cache / ".sha256").read_text().splitlines())
+    assert "onnxruntime_c_api.h" in listed
+    for name, digest in listed.items():
+        assert hashlib.sha256((cache / name).read_bytes()).hexdigest() == digest
 
 
 # --------------------------------------------------------------------------- GPU
