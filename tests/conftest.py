@@ -18,16 +18,14 @@ os.environ.setdefault("EQC_THREADS", "2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _wikitext_dir() -> pathlib.Path:
-    for cand in (os.environ.get("EQC_WIKITEXT"), REPO.parent / "shared/data/wikitext-2", REPO / "shared/data/wikitext-2"):
-        if cand and (pathlib.Path(cand) / "test.txt").is_file():
-            return pathlib.Path(cand)
-    raise RuntimeError("WikiText-2 not found: set EQC_WIKITEXT")
+def _wikitext(split: str) -> pathlib.Path:
+    from eqcompiler.data import find_wikitext  # the copy shipped inside the installed package
+
+    return find_wikitext(split)
 
 
-WIKI = _wikitext_dir()
-WIKI_VALID = WIKI / "valid.txt"
-WIKI_TEST = WIKI / "test.txt"
+WIKI_VALID = _wikitext("valid")
+WIKI_TEST = _wikitext("test")
 
 
 def causal_logits_at_level(folder: pathlib.Path, fused_int8: bool) -> "np.ndarray":
@@ -47,6 +45,24 @@ def causal_logits_at_level(folder: pathlib.Path, fused_int8: bool) -> "np.ndarra
                                 providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
     ids = np.random.default_rng(1).integers(4, 500, (2, 33))
     return sess.run(["logits"], causal_feed(sess, ids))[0]
+
+
+# Test tiers (Makefile): `make test` runs everything; `make test-fast` deselects "slow" (the real SmolLM2 /
+# MiniLM) and "e2e" (a tiny Hugging Face model exported through torch, or the eqc CLI in a subprocess).
+REAL_MODEL_FIXTURES = {"smollm2_artifact", "smollm2_stats", "smollm2_w8a8_dynamic"}
+TINY_MODEL_FIXTURES = {"tiny_hf", "tiny_artifact", "tiny_llama_stats"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REAL_MODEL_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+            # Under pytest-xdist (make test), every SmolLM2 test runs on one worker: one export, one calibration.
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+        code = getattr(getattr(item, "function", None), "__code__", None)
+        if fixtures & TINY_MODEL_FIXTURES or (code is not None and "run_eqc" in code.co_names):
+            item.add_marker(pytest.mark.e2e)
 
 
 def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -43,6 +43,7 @@ def test_smollm2_w8_and_w8a8(smollm2_artifact, smollm2_stats, smollm2_fp32_ppl, 
     assert base < w8a8["ppl"] < 3 * base
 
 
+@pytest.mark.slow
 def test_minilm_w8a8_cosine(tmp_path: pathlib.Path) -> None:
     """Issue 4's MiniLM bar: w8a8-smooth >= 0.999 mean cosine on 200 sentences (0.9993 measured), from
     sentence-length calibration windows (framed by [CLS]/[SEP]); plain static w8a8 >= 0.99."""
