@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.eqc-installed
 
-.PHONY: demo test test-fast install venv ops ops-or-skip clean
+.PHONY: demo test test-fast install venv ops ops-or-skip web-deps clean
 
 venv: $(VENV)/bin/python
 $(VENV)/bin/python:
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 # The op libraries, when built, ship inside the wheel (copied into eqcompiler/, git-ignored) so an
 # install away from this checkout still finds them.
 install: $(STAMP)
-	rm -f eqcompiler/libeqc_ops*.so
+	rm -rf build/lib build/bdist.* eqcompiler/libeqc_ops*.so  # setuptools reuses build/lib: no stale modules in the wheel
 	if ls build/cuda_ops/libeqc_ops*.so >/dev/null 2>&1; then cp build/cuda_ops/libeqc_ops*.so eqcompiler/; fi
 	$(PIP) install --quiet --no-deps --force-reinstall --no-build-isolation .
 
@@ -37,8 +37,17 @@ ops:
 # so the real model is exported and calibrated once (tests/conftest.py groups them).
 PYTEST := cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
+# The browser page's packages (onnxruntime-web, tokenizer, puppeteer-core; never a browser download), installed
+# once per lock file before pytest so parallel workers never run npm. Without npm the browser tests skip.
+WEB_STAMP := tools/web/node_modules/.package-lock.json
+web-deps:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(WEB_STAMP); \
+	else echo "npm not found: the browser tests (tests/test_web_runtime.py) will skip"; fi
+$(WEB_STAMP): tools/web/package-lock.json
+	cd tools/web && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
+
 # Everything: what CI runs.
-test: ops
+test: ops web-deps
 	$(MAKE) install
 	$(PYTEST) --durations=20 .
 

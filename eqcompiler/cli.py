@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
 from typing import Any, Callable
 
@@ -36,18 +37,27 @@ def _progress(label: str, enabled: bool) -> Callable[[int, int], None] | None:
     return show
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn EqcError and other failures into one line on stderr and a documented exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # SIGTERM unwinds like Ctrl-C, so staging folders are removed (its default would kill at once).
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
         except EqcError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
+            from eqcompiler.artifact.atomic import COMMITTED
+
+            done = f"; {', '.join(map(str, COMMITTED))} had been written completely" if COMMITTED else "; no output was written"
+            click.echo(f"error: interrupted{done}", err=True)
             sys.exit(130)
         except MemoryError:
             click.echo("error: out of memory", err=True)
@@ -82,7 +92,7 @@ def main() -> None:
 @guarded
 def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_remote_code: bool, as_json: bool) -> None:
     """Export SRC (HF folder, .gguf file, or alias such as smollm2) to an ONNX artifact folder."""
-    from eqcompiler.export import export as do_export
+    from eqcompiler.export.hf import export as do_export
 
     manifest = do_export(src, out, overwrite=overwrite, check=not no_parity, trust_remote_code=trust_remote_code)
     _emit(manifest, as_json, lambda m: [
@@ -123,20 +133,20 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
               skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, workers: int, threads: int | None,
               stream_layers: bool | None, as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
-    from eqcompiler.calibrate import calibrate as do_calibrate, tqdm_progress
-    from eqcompiler.observers import parse_observers
+    from eqcompiler.calibration.calibrate import calibrate as do_calibrate, tqdm_progress
+    from eqcompiler.calibration.observers import parse_observers
 
     if out.exists() and not overwrite:
         raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
     observers = ",".join(_observers_to_collect(observers, for_recipes))  # a bad name fails before any work
     reason = "--stream-layers" if stream_layers else ""
     if stream_layers is None:  # decided here (for every rank) and said in the summary
-        from eqcompiler.artifact import model_file, resolve_artifact
-        from eqcompiler.layer_stream import auto_stream
+        from eqcompiler.artifact.folder import model_file, resolve_artifact
+        from eqcompiler.calibration.layer_stream import auto_stream
 
         stream_layers, reason = auto_stream(model_file(resolve_artifact(model)))
     if workers > 1:
-        from eqcompiler.distributed import launch_local
+        from eqcompiler.calibration.distributed import launch_local
 
         args = [model, "--data", text, "--samples", str(samples), "--seq-len", str(seq_len), "-o", str(out),
                 "--observers", observers, "--decode-steps", str(decode_steps)]
@@ -158,8 +168,8 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
 
 
 def _observers_to_collect(observers: str | None, for_recipes: str | None) -> tuple[str, ...]:
-    from eqcompiler.observers import DEFAULT_OBSERVERS, parse_observers
-    from eqcompiler.recipes import observers_for
+    from eqcompiler.calibration.observers import DEFAULT_OBSERVERS, parse_observers
+    from eqcompiler.compile.recipes import observers_for
 
     chosen = parse_observers(observers if observers is not None else DEFAULT_OBSERVERS)
     if not for_recipes:
@@ -172,27 +182,6 @@ def _streamed(summary: dict[str, Any]) -> str:
         return ""
     reason = summary.get("stream_reason", "")
     return "; layer-streamed" + (f": {reason}" if reason and reason != "--stream-layers" else "")
-
-
-def _plan_options(recipe: str, budget: str | None, plan_file: str | None,
-                  save_plan_file: pathlib.Path | None) -> dict[str, Any]:
-    """Check --budget/--plan/--save-plan before compiling: only recipes with apply_precision_plan take them."""
-    if budget is None and plan_file is None and save_plan_file is None:
-        return {}
-    from eqcompiler import bitwidth
-    from eqcompiler.recipes import load_recipe
-
-    if not any(step["pass"] == "apply_precision_plan" for step in load_recipe(recipe)["passes"]):
-        raise EqcError("--budget/--plan/--save-plan apply to recipe 'mixed' (a recipe with apply_precision_plan)")
-    if budget is not None and plan_file is not None:
-        raise EqcError("give --budget or --plan, not both")
-    if budget is not None:
-        bitwidth.parse_budget(budget)
-        return {"budget": budget}
-    if plan_file is not None:
-        bitwidth.load_plan(plan_file)
-        return {"plan": plan_file}
-    return {}
 
 
 @main.command(name="compile")
@@ -241,46 +230,21 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
                 sensitivity: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
-    from eqcompiler.artifact import size_bytes
-    from eqcompiler.pipeline import compile_model
-    from eqcompiler.recipes import load_recipe
+    from eqcompiler.compile.request import CompileRequest, KvCacheRequest, PrecisionRequest, run
 
-    extra = []
-    if kv_bits:
-        from eqcompiler.passes.quantize_kv_cache import kv_step
+    request = CompileRequest(
+        model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
+        reduce_range=reduce_range, uint8_encoding=uint8_encoding,
+        kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
+        precision=PrecisionRequest(budget=budget, plan_file=plan_file, save_plan_file=save_plan_file,
+                                   ppl_windows=ppl_windows, sensitivity=sensitivity, solver=solver))
+    result = run(request)
 
-        extra.append(kv_step(int(kv_bits), kv_keys, kv_values, calib))
-    options = _plan_options(recipe, budget, plan_file, save_plan_file)
-    if ppl_windows is not None:
-        if ppl_windows < 1 or not str(budget or "").strip().lower().startswith("ppl"):
-            raise EqcError("--ppl-windows must be >= 1 and goes with --budget ppl+X%")
-        options["ppl_windows"] = ppl_windows
-    for key, value in (("sensitivity", sensitivity), ("solver", solver)):
-        if value is not None:
-            if budget is None:
-                raise EqcError(f"--{key} goes with --budget (recipe mixed)")
-            options[key] = value
-    overrides: dict[str, object] = {}
-    if reduce_range is not None:
-        overrides["reduce_range"] = reduce_range
-    if uint8_encoding is not None:
-        overrides["when"] = "always" if uint8_encoding else "never"
-    elif reduce_range and "encode_int8_as_uint8" in {s["pass"] for s in load_recipe(recipe)["passes"]}:
-        overrides["when"] = "never"  # 7-bit int8 weights were asked for: keep them int8
-    manifest = compile_model(model, recipe, out, calib=calib, overwrite=overwrite, target=target, extra_steps=extra,
-                             options=options, pass_overrides=overrides or None)
-    q = manifest["quantization"]
-    if save_plan_file is not None:
-        from eqcompiler.bitwidth import save_plan
-
-        save_plan(save_plan_file, q["report"]["apply_precision_plan"]["plan"])
-    result = {"output": str(out), "recipe": q["recipe"], "size_bytes": size_bytes(out), "warnings": q["warnings"],
-              "report": q["report"], "seconds": manifest["compile_seconds"]}
     def lines(r: dict[str, Any]) -> list[str]:
         out_lines = [f"compiled with recipe '{r['recipe']}' -> {out} ({r['size_bytes'] / 1e6:.1f} MB, {r['seconds']} s)"]
         out_lines += [f"warning: {w}" for w in r["warnings"]]
         if "apply_precision_plan" in r["report"]:  # recipe mixed: the per-layer table (and ppl probes)
-            from eqcompiler.bitwidth import plan_table
+            from eqcompiler.compile.bitwidth import plan_table
 
             out_lines += plan_table(r["report"]["apply_precision_plan"])
         return out_lines
@@ -307,9 +271,10 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
              n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, ort_config: tuple[str, ...],
              as_json: bool) -> None:
     """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
-    from eqcompiler import evaluate, runtime
-    from eqcompiler.artifact import resolve_artifact, size_bytes
-    from eqcompiler.cpu_features import saturation_warning
+    from eqcompiler.analysis import evaluate
+    from eqcompiler.runtime import session as runtime
+    from eqcompiler.artifact.folder import resolve_artifact, size_bytes
+    from eqcompiler.lowering.cpu_features import saturation_warning
 
     if ort_config:
         os.environ[runtime.ORT_CONFIG_ENV] = ";".join(ort_config)
@@ -319,7 +284,7 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
                               "warnings": [w for w in [saturation_warning(art.manifest or {})] if w],
                               "ort_config": runtime.ort_config_entries()}
     if ppl_text and chunk:
-        from eqcompiler.decode import chunked_perplexity
+        from eqcompiler.runtime.decode import chunked_perplexity
 
         result.update(chunked_perplexity(model, ppl_text, chunk=chunk, max_tokens=max_tokens, window=window,
                                          progress=_progress("perplexity", not as_json)))
@@ -353,7 +318,7 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
 @guarded
 def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> None:
     """Greedy generation from MODEL through its (possibly quantized) KV cache."""
-    from eqcompiler.decode import generate as do_generate
+    from eqcompiler.runtime.decode import generate as do_generate
 
     result = do_generate(model, prompt, max_new_tokens=max_new_tokens)
     _emit(result, as_json, lambda r: [r["prompt"] + r["text"],
@@ -372,7 +337,7 @@ def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> Non
 @guarded
 def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, runs: int, threads: int, as_json: bool) -> None:
     """Prefill/decode latency, throughput, peak memory, size and KV bytes/token of MODELS, side by side."""
-    from eqcompiler.bench import bench, table
+    from eqcompiler.analysis.bench import bench, table
 
     if min(prefill, past, runs) < 1 or warmup < 0:
         raise EqcError("--prefill, --past and --runs must be >= 1, --warmup >= 0")
@@ -390,7 +355,7 @@ def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, run
 @guarded
 def inspect_cmd(model: str, as_json: bool) -> None:
     """Op counts, quantized MatMuls (bits, granularity, activation kind), KV-cache format, size by precision."""
-    from eqcompiler.inspect_model import inspect, lines
+    from eqcompiler.analysis.inspect_model import inspect, lines
 
     _emit(inspect(model), as_json, lines)
 
@@ -414,7 +379,7 @@ def report_cmd(out: pathlib.Path, models: tuple[str, ...], ppl_text: str | None,
                layers: str | None, tensors: str | None, speed: bool, prefill: int, past: int, runs: int,
                overwrite: bool, as_json: bool) -> None:
     """Write OUT.html: accuracy/size/speed table, weight histograms, per-layer error, calibration ranges."""
-    from eqcompiler.report import DEFAULT_LAYERS, build_report
+    from eqcompiler.analysis.report import DEFAULT_LAYERS, build_report
 
     names = [m for item in models for m in item.split(",") if m]
     result = build_report(out, names, ppl_text=ppl_text, ppl_tokens=ppl_tokens, calib=calib,

@@ -8,7 +8,7 @@ Two uses:
   (tools/bench_scale_3b.py). This is how the 3B benchmark model is made: no HF checkpoint exists
   offline and instantiating one in PyTorch would need 12 GB of RAM.
 
-The graphs follow the export conventions (eqcompiler/export.py): inputs input_ids, attention_mask,
+The graphs follow the export conventions (eqcompiler/export/hf.py): inputs input_ids, attention_mask,
 position_ids, past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]; outputs logits and
 present.{i}.key/value; linear weights named `<layer>.weight_t` ([K, N], MatMul layout) or
 `<layer>.weight` ([N, K], Gemm transB=1); node names `/model/model/layers.{i}/mlp/up_proj/MatMul` so
@@ -315,7 +315,7 @@ def save_artifact(spec: SynthSpec, folder: str | os.PathLike, text: str | None =
     With `external`, each weight is appended to model.onnx.data as soon as it is drawn and the graph
     only references it, so peak memory is one weight matrix whatever the model size.
     """
-    from eqcompiler import artifact as art_mod
+    from eqcompiler.artifact import folder as art_mod
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """Mixed precision: give each linear layer its own weight precision, from a plan or a budget.
 
 A plan maps every linear layer (by name) to one of int4-g128, int4-g64, int8, w8a8 or float
-(eqcompiler.bitwidth.PRECISIONS). Without a plan, one is solved from the calibration Gram
-matrices under a budget (see eqcompiler.bitwidth for the proxy and the solvers). Quantization
+(eqcompiler.compile.bitwidth.PRECISIONS). Without a plan, one is solved from the calibration Gram
+matrices under a budget (see eqcompiler.compile.bitwidth for the proxy and the solvers). Quantization
 is the same round-to-nearest as quantize_weights, and token-embedding tables (and a tied lm_head)
 are int8 per row as quantize_weights stores them; w8a8 layers also get quantize_activations'
 static int8 per-tensor QDQ on their input (minmax range from the statistics). The plan used is
 reported in full so that `eqc compile --save-plan` can write it and `--plan` re-apply it byte for byte.
 
 Option sensitivity "kl" (or `eqc compile --sensitivity kl`) ranks layers by MEASURED logits KL
-instead of the Gram proxy (eqcompiler.sensitivity: one ORT forward per layer and quantized
+instead of the Gram proxy (eqcompiler.calibration.sensitivity: one ORT forward per layer and quantized
 precision, kl_windows x kl_tokens held-out calibration tokens; no 'gram' observer needed). The
 table is cached by model fingerprint + calibration text + options (sensitivity_cache), so changing
 only the budget does not re-measure; the plan records how it was obtained ("sensitivity").
@@ -19,7 +19,7 @@ the plan, saves it to a temporary folder and runs ONNX Runtime over `ppl_windows
 statistics' calibration text that FOLLOW the windows calibration used (held out from the Gram
 statistics; never the test split). Cost per probe: one RTN quantization of the planned layers
 (cached across probes), one save, one session and ppl_windows forward passes; at most
-4 + ppl_steps probes plus the float reference (eqcompiler.bitwidth.search_ppl). On SmolLM2-135M
+4 + ppl_steps probes plus the float reference (eqcompiler.compile.bitwidth.search_ppl). On SmolLM2-135M
 (shared 2-core CPU, 4 windows of 512) about 25 s per probe: ~5-6 minutes for a whole compile.
 """
 from __future__ import annotations
@@ -28,21 +28,21 @@ import dataclasses
 import pathlib
 import tempfile
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler import bitwidth as bw
-from eqcompiler import sensitivity as sens
+from eqcompiler.compile import bitwidth as bw
+from eqcompiler.calibration import sensitivity as sens
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
-from eqcompiler.pass_base import CompileContext, EqcPass, ObserverNeeds
+from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
+from eqcompiler.compile.pass_base import CompileContext, EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import gram_of, site_matrix, weight_only_sites
 from eqcompiler.passes.quantize_activations import QuantizeActivationsPass, activation_range
 from eqcompiler.passes.quantize_weights import (QuantizeWeightsPass, _checked_weight, _describe, _group_gathers,
                                                 _release, _stored_bytes, quantize_site_weight)
-from eqcompiler.qdq import QuantizedWeight, activation_scale, emit_dequantize
+from eqcompiler.compile.qdq import QuantizedWeight, activation_scale, emit_dequantize
 
 
 @dataclasses.dataclass
@@ -57,6 +57,10 @@ class ApplyPrecisionPlanOptions:
     kl_windows: int = sens.KL_WINDOWS  # sensitivity kl: held-out calibration windows per probe
     kl_tokens: int = sens.KL_TOKENS  # sensitivity kl: tokens scored per window
     sensitivity_cache: str | None = None  # kl table cache file/folder; None: $XDG_CACHE_HOME/eqc/sensitivity; "none": off
+    probe: bool = False  # internal: applying a candidate plan for a perplexity probe (no sensitivity table)
+
+    # `eqc compile --plan` replaces the recipe's default budget and `--budget` its plan (pass overrides).
+    REPLACES: ClassVar[dict[str, tuple[str, ...]]] = {"plan": ("budget",), "budget": ("plan",)}
 
     def validate(self) -> None:
         if self.solver not in bw.SOLVERS:
@@ -122,22 +126,17 @@ class ApplyPrecisionPlanPass(EqcPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _plan(self, model: ir.Model, by_name: dict[str, list[LinearSite]]) -> dict[str, Any]:
-        # The compile's --budget/--plan (context options) override the recipe's own default.
-        ctx_plan, ctx_budget = self.context.options.get("plan"), self.context.options.get("budget")
-        if ctx_plan is not None and ctx_budget is not None:
-            raise EqcError("apply_precision_plan: give a budget or a plan, not both")
-        plan = ctx_plan if ctx_plan is not None else (self.options.plan if ctx_budget is None else None)
-        budget = ctx_budget if ctx_budget is not None else (self.options.budget if plan is None else None)
+        plan, budget = self.options.plan, self.options.budget
         if plan is not None and budget is not None:
             raise EqcError("apply_precision_plan: give a budget or a plan, not both")
         if plan is not None:
             plan = bw.validate_plan(plan, "(inline)") if isinstance(plan, dict) else bw.load_plan(plan)
-            if not self.context.options.get("probe"):  # a perplexity probe needs no table
+            if not self.options.probe:  # a perplexity probe needs no table
                 self._table_if_possible(by_name, plan)
             return plan
         if budget is None:
             raise EqcError("recipe 'mixed' needs --budget (e.g. 6bits, 120MB) or --plan FILE")
-        method = str(self.context.options.get("sensitivity") or self.options.sensitivity)
+        method = str(self.options.sensitivity)
         if method not in bw.SENSITIVITIES:
             raise EqcError(f"sensitivity must be one of {', '.join(bw.SENSITIVITIES)}, got {method!r}")
         if self.context.stats is None:
@@ -162,24 +161,24 @@ class ApplyPrecisionPlanPass(EqcPass):
 
     def _solver(self) -> str:
         """The compile's --solver (context option) overrides the recipe's."""
-        solver = str(self.context.options.get("solver") or self.options.solver)
+        solver = str(self.options.solver)
         if solver not in bw.SOLVERS:
             raise EqcError(f"unknown solver '{solver}' (known: {', '.join(bw.SOLVERS)})")
         return solver
 
     def kl_table(self, model: ir.Model, by_name: dict[str, list[LinearSite]], choices: tuple[str, ...]) -> list[bw.Layer]:
-        """Measured sensitivity: mean logits KL with one layer fake-quantized (eqcompiler.sensitivity), cached."""
+        """Measured sensitivity: mean logits KL with one layer fake-quantized (eqcompiler.calibration.sensitivity), cached."""
         act = [c for c in choices if c in bw.ACTIVATION_QUANTIZED]
         if act:
             raise EqcError(f"sensitivity kl measures weight quantization only; drop {act[0]} from the choices "
                            "(or use sensitivity proxy)")
-        windows = int(self.context.options.get("kl_windows") or self.options.kl_windows)
+        windows = int(self.options.kl_windows)
         ids, window, _ = self._heldout_tokens(windows)
-        tokens = min(int(self.context.options.get("kl_tokens") or self.options.kl_tokens), window)
+        tokens = min(int(self.options.kl_tokens), window)
         wins = [ids[i * window:i * window + tokens][None, :] for i in range(windows)]
         names = list(by_name)
         key = sens.cache_key(self.context.stats.meta or {}, choices, windows, tokens)
-        path = sens.cache_path(self.context.options.get("sensitivity_cache", self.options.sensitivity_cache), key)
+        path = sens.cache_path(self.options.sensitivity_cache, key)
         record = sens.load_cached(path, key, names)
         if record is None:
             start = time.perf_counter()
@@ -257,7 +256,7 @@ class ApplyPrecisionPlanPass(EqcPass):
         from eqcompiler.data import load_tokenizer, read_text, tokenize
 
         data = (self.context.stats.meta or {}).get("data") or {}
-        source = self.context.options.get("source_folder")
+        source = self.context.source_folder
         if not data.get("path") or not data.get("seq_len") or source is None:
             raise EqcError("a ppl+X% budget needs statistics that record their calibration text (eqc calibrate) "
                            "and the source artifact's tokenizer")
@@ -266,7 +265,7 @@ class ApplyPrecisionPlanPass(EqcPass):
             raise EqcError(f"calibration text '{data['path']}' changed since calibration (sha256 differs)")
         window = int(data["seq_len"])
         if count is None:
-            count = int(self.context.options.get("ppl_windows") or self.options.ppl_windows)
+            count = int(self.options.ppl_windows)
         if count < 1:
             raise EqcError(f"ppl windows must be >= 1, got {count}")
         skip = int(data.get("samples", 0)) * window + int(data.get("decode_steps", 0))
@@ -280,13 +279,13 @@ class ApplyPrecisionPlanPass(EqcPass):
         """Perplexity of `model` with `plan` applied (None: as it is), through ONNX Runtime."""
         from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-        from eqcompiler.artifact import MODEL_FILE, save_ir
-        from eqcompiler.evaluate import score_windows
-        from eqcompiler.runtime import causal_feed, make_session
+        from eqcompiler.artifact.folder import MODEL_FILE, save_ir
+        from eqcompiler.analysis.evaluate import score_windows
+        from eqcompiler.runtime.session import causal_feed, make_session
 
         probe = model.clone()
         if plan is not None:
-            inner = ApplyPrecisionPlanPass(CompileContext(stats=self.context.stats, options={"plan": plan, "probe": True}))
+            inner = ApplyPrecisionPlanPass(CompileContext(stats=self.context.stats), plan=plan, probe=True)
             inner.quantized = self.quantized
             inner.call(probe)
             RemoveUnusedNodesPass()(probe)

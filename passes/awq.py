@@ -29,11 +29,11 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import LinearSite, new_initializer, node_order
-from eqcompiler.pass_base import EqcPass, ObserverNeeds
+from eqcompiler.compile.graph import LinearSite, new_initializer, node_order
+from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import (WeightOnlyOptions, describe, gram_of, output_error, quantize_kn, replace_weight,
                                     site_matrix, stored_bytes, weight_only_sites)
-from eqcompiler.qdq import QuantizedWeight
+from eqcompiler.compile.qdq import QuantizedWeight
 
 
 @dataclasses.dataclass

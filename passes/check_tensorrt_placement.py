@@ -31,8 +31,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import const_array, find_linear_sites, is_constant
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import const_array, find_linear_sites, is_constant
+from eqcompiler.compile.pass_base import EqcPass
 
 ALLOWED_TYPES = {ir.DataType.INT8, ir.DataType.INT4, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT4E2M1}
 MASK_INPUTS = ("attention_mask",)

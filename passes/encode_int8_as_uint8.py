@@ -26,11 +26,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.cpu_features import int8_gemm_saturates
+from eqcompiler.lowering.cpu_features import int8_gemm_saturates
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import (const_array, find_linear_sites, is_constant, new_initializer, static_activation_quantize,
+from eqcompiler.compile.graph import (const_array, find_linear_sites, is_constant, new_initializer, static_activation_quantize,
                               weight_dequantize_node)
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.pass_base import EqcPass
 
 WHEN = ("auto", "always", "never")
 
@@ -135,7 +135,7 @@ class EncodeInt8AsUint8Pass(EqcPass):
 
     def _applies(self) -> tuple[bool, str]:
         when = self.options.when
-        target = self.context.options.get("target", "portable")
+        target = self.context.target
         if when == "always" and target in ("tensorrt", "ort-cpu"):
             raise EqcError(f"encode_int8_as_uint8: --target {target} needs int8 weights (TensorRT: int8 with zero point 0; "
                            "ort-cpu: MatMulIntegerToFloat lowering); use --reduce-range there, or --target portable")

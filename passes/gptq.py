@@ -23,9 +23,9 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import LinearSite, embedding_gathers, find_linear_sites, node_order, weight_array
-from eqcompiler.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, quantize_channelwise
+from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order, weight_array
+from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
+from eqcompiler.compile.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, quantize_channelwise
 
 SUB = 16  # rows per inner sub-block of a lazy block (block sizes are powers of two >= 16)
 CLIP_GRID = tuple(np.round(np.arange(1.0, 0.69, -0.025), 3))  # shrink ratios tried by the clip search

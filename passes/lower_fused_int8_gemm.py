@@ -13,7 +13,7 @@ Replacement: y = ai.eqc::FusedInt8Gemm(x, Wq^T [N,K] (new initializer), w_scale[
 `absmax_floor` / `scale_floor` = eps for the two Max variants, so the op computes the very same
 scale. The activation chain may be shared by several MatMuls (q/k/v): matched nodes are not
 removed by the rewriter; whatever becomes dead is dropped by RemoveUnusedNodesPass afterwards.
-Running the result needs the op library (eqcompiler.custom_ops).
+Running the result needs the op library (eqcompiler.runtime.custom_ops).
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from eqcompiler.graph import const_array
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import const_array
+from eqcompiler.compile.pass_base import EqcPass
 
 DOMAIN = "ai.eqc"
 OP_TYPE = "FusedInt8Gemm"

@@ -24,8 +24,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import find_linear_sites, new_initializer, substitute_output
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import find_linear_sites, new_initializer, substitute_output
+from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_fused_int8_gemm import DOMAIN, OP_VERSION, foldable_bias
 from eqcompiler.passes.lower_weight_only_int8 import weight_only_dq
 

@@ -24,8 +24,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import is_constant, layer_name, new_initializer, substitute_output
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import is_constant, layer_name, new_initializer, substitute_output
+from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
 _BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),

@@ -22,9 +22,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
+from eqcompiler.compile.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
                               static_activation_quantize, substitute_output, weight_dequantize_node)
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
 

@@ -23,8 +23,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.graph import find_linear_sites, int_constant, is_constant, new_initializer, substitute_output
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import find_linear_sites, int_constant, is_constant, new_initializer, substitute_output
+from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_matmul_nbits import to_matmul_nbits
 
 MS_DOMAIN = "com.microsoft"

@@ -13,7 +13,7 @@ mean |x|, from the "abssum" observer, or the "sample" observer's rows; after smo
 the inputs above the threshold per-token dynamic int8 instead (the quantize_activations_dynamic
 chain), so every linear stays int8 W8A8. The report lists each tensor's score and which fell back.
 Inputs smooth_quant already smoothed for per-token quantization (its activation_granularity "auto",
-recorded in context.options["per_token_inputs"]) get per-token int8 whatever dynamic_above says, so the
+recorded in context.per_token_inputs) get per-token int8 whatever dynamic_above says, so the
 quantizer is the one their smoothing was scored for; the report lists them as per_token_from_smooth_quant.
 `dynamic_symmetric: "auto"` quantizes one-sided per-token inputs (GELU outputs: calibrated min > -one_sided * max)
 around each token's centre in portable artifacts, twice the resolution of int8 around 0 (all-MiniLM-L6-v2 w8a8-smooth
@@ -27,13 +27,12 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import new_initializer, node_order, sites_by_activation
-from eqcompiler.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.qdq import activation_scale, step_ratio
+from eqcompiler.compile.graph import new_initializer, node_order, sites_by_activation
+from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
+from eqcompiler.compile.qdq import activation_scale, step_ratio
 from eqcompiler.passes.quantize_activations_dynamic import emit_per_token
-from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
 
-# Range selection (see eqcompiler/range_methods.py): minmax uses the observed range; percentile,
+# Range selection (see eqcompiler/compile/range_methods.py): minmax uses the observed range; percentile,
 # entropy (TensorRT KL) and mse clip outliers using the calibration histogram (`--observers hist`).
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
@@ -80,7 +79,7 @@ def static_step_ratio(stats: object, name: str, scale: float) -> float:
 
 def activation_range(stats: object, name: str, method: str, percentile: float = 99.99) -> tuple[float, float]:
     """The (lo, hi) range a method picks for one tensor's statistics."""
-    from eqcompiler import range_methods
+    from eqcompiler.compile import range_methods
 
     t = stats.get(name)  # type: ignore[attr-defined]
     if method == "minmax":
@@ -120,7 +119,7 @@ class QuantizeActivationsPass(EqcPass):
         scores: dict[str, float] = {}
         dynamic: list[str] = []
         asymmetric: list[str] = []
-        per_token = set(self.context.options.get(PER_TOKEN_KEY, []))
+        per_token = set(self.context.per_token_inputs)
         for group in groups:
             x = group[0].activation
             if x.name is None:
@@ -169,7 +168,7 @@ class QuantizeActivationsPass(EqcPass):
         choice = self.options.dynamic_symmetric
         if choice != "auto":
             return bool(choice)
-        if self.context.options.get("target", "portable") != "portable":
+        if self.context.target != "portable":
             return True  # TensorRT and the fused int8 kernels take symmetric int8 only
         lo, hi = activation_range(self.context.stats, name, "minmax")
         return not (hi > 0 and lo > -self.options.one_sided * hi)

@@ -25,8 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import int_constant, node_order, scalar_initializer, sites_by_activation
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import int_constant, node_order, scalar_initializer, sites_by_activation
+from eqcompiler.compile.pass_base import EqcPass
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ scale per batch row) with a running absmax m that the graph carries from step to
 Values above 127 * s_t saturate: the EMA trades the step's own outliers for a scale that does not
 jump with every token. The state is a graph input `past_key_values.act_ema.{n}` [batch, 1, P, 1] (P = 0
 at prefill, 1 afterwards) and output `present.act_ema.{n}` [batch, 1, 1, 1], so the KV-cache loop
-(eqcompiler.decode.CacheRunner: `eqc eval --chunk`, generation) carries it like the
+(eqcompiler.runtime.decode.CacheRunner: `eqc eval --chunk`, generation) carries it like the
 cache itself: present.* feeds past_key_values.* of the next step. A caller that runs the graph without
 the cache loop (each window as a prefill) gets per-row dynamic per-tensor scales, m_t = a_t.
 
@@ -29,8 +29,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import int_constant, node_order, scalar_initializer, sites_by_activation
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import int_constant, node_order, scalar_initializer, sites_by_activation
+from eqcompiler.compile.pass_base import EqcPass
 
 STATE_PAST, STATE_PRESENT = "past_key_values.act_ema.", "present.act_ema."
 

@@ -42,8 +42,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import new_initializer
-from eqcompiler.pass_base import EqcPass, ObserverNeeds
+from eqcompiler.compile.graph import new_initializer
+from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 
 PAST = "past_key_values."
 # The cache tensors (and, once quantized, their scales and zero points); other carried state, e.g.
@@ -350,7 +350,7 @@ class QuantizeKVCachePass(EqcPass):
     # -- manifest ----------------------------------------------------------------------------------
 
     def _update_manifest(self, graph: ir.Graph, layers: list[int]) -> None:
-        from eqcompiler.export import _io_spec
+        from eqcompiler.export.hf import _io_spec
 
         manifest = self.context.manifest
         manifest["inputs"] = _io_spec(graph.inputs)

@@ -11,12 +11,12 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.cpu_features import REDUCED_MARK, int8_gemm_saturates
+from eqcompiler.lowering.cpu_features import REDUCED_MARK, int8_gemm_saturates
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
+from eqcompiler.compile.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
                               release_mapping, weight_array)
-from eqcompiler.pass_base import EqcPass
-from eqcompiler.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
+from eqcompiler.compile.pass_base import EqcPass
+from eqcompiler.compile.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
 
 
 @dataclasses.dataclass
@@ -127,8 +127,8 @@ class QuantizeWeightsPass(EqcPass):
         opts = self.options
         if opts.reduce_range != "auto":
             return bool(opts.reduce_range)
-        target = self.context.options.get("target", "portable")
-        recipe = self.context.options.get("recipe_options", {})
+        target = self.context.target
+        recipe = self.context.recipe_options
         static = "quantize_activations" in recipe
         # encode_int8_as_uint8 (when auto/always) re-encodes portable artifacts for ORT's exact uint8 kernels
         encode = recipe.get("encode_int8_as_uint8")
@@ -212,7 +212,7 @@ def _group_gathers(gathers: list[ir.Node]) -> dict[int, list[ir.Node]]:
 
 
 def _gather_name(node: ir.Node) -> str:
-    from eqcompiler.graph import node_order, layer_name
+    from eqcompiler.compile.graph import node_order, layer_name
 
     return layer_name(node)
 

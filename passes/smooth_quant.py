@@ -33,14 +33,14 @@ Alpha is chosen per site from `alpha_grid` by the error of the site's int8 outpu
 ||XW - Qa(X/s) Qw(sW)||^2 / ||XW||^2 (Qa: static per-tensor from the calibrated range, Qw: per-channel
 or blocked as `weight_block_size`), where X is either
 - search="ort": a few calibration windows run here through ONNX Runtime on the source artifact
-  (context.options["source_folder"], the text in the statistics' metadata), rows sub-sampled; or
+  (context.source_folder, the text in the statistics' metadata), rows sub-sampled; or
 - search="gram": the calibration Gram matrix extra ("gram"/"gram_rows"): weight error is exact,
   tr(dW^T G dW), activation rounding is modelled as uniform noise (step^2/12 per element);
 - search="sample": the rows the calibration 'sample' observer stored (extra "sample_rows", a uniform
   random subset of the calibration tokens), scored exactly like "ort" but without any model session;
 - search="auto": gram when every site has it (and the score is per-tensor/total), else sample when
   every site has it, else ort when the model is small enough for one whole-graph session; on a model
-  whose weights exceed eqcompiler.layer_stream.AUTO_FRACTION of available memory it fails, naming the
+  whose weights exceed eqcompiler.calibration.layer_stream.AUTO_FRACTION of available memory it fails, naming the
   observer to add (a silent fixed alpha would hide a worse model); search="none": `alpha` for every site.
 Big models: smoothed weights of memory-mapped (external) sources stay lazy (computed when the next pass
 reads them, their source mapping released after), and the source weights a site scored are released,
@@ -65,16 +65,15 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
-from eqcompiler.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.qdq import quantize_channelwise, step_ratio
-from eqcompiler.stats import TensorStats
+from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
+from eqcompiler.compile.qdq import quantize_channelwise, step_ratio
+from eqcompiler.calibration.stats import TensorStats
 
 SEARCHES = ("auto", "ort", "gram", "sample", "none")
 GRANULARITIES = ("tensor", "token", "auto")  # how the score models activation quantization
 # Where smooth_quant records the inputs it smoothed for per-token quantization (granularity "auto"):
 # quantize_activations gives exactly these per-token int8, so the quantizer matches the smoothing.
-PER_TOKEN_KEY = "per_token_inputs"
 NORMS = ("total", "row")
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Concat"}
 
@@ -96,7 +95,7 @@ class SmoothQuantOptions:
     # the wrong alpha: per-token rows already absorb token outliers, only channel outliers remain.
     # "auto": per site, the static choice unless its static step stays coarse after smoothing
     # (step / median channel mean|x| > dynamic_above, as quantize_activations measures it): then the
-    # site is re-scored per token and recorded for per-token quantization (context.options[PER_TOKEN_KEY]).
+    # site is re-scored per token and recorded for per-token quantization (context.per_token_inputs).
     # Smoothing a per-token input for a static range pushes its outliers into the weight rows for nothing
     # (SmolLM2 layer 11 down_proj: alpha 0.85 on a 2000x channel, measured +0.4% ppl from weights alone).
     activation_granularity: str = "tensor"
@@ -548,10 +547,10 @@ def stored_samples(t: TensorStats, opts: SmoothQuantOptions) -> np.ndarray:
 def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[str, Any], opts: SmoothQuantOptions
                        ) -> dict[str, np.ndarray]:
     """Rows [R, K] of each activation from a few windows of the calibration text run through ORT."""
-    from eqcompiler import artifact as art_mod
-    from eqcompiler.calibrate import _encoder_feed, instrumented_session
+    from eqcompiler.artifact import folder as art_mod
+    from eqcompiler.calibration.calibrate import _encoder_feed, instrumented_session
     from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.runtime.session import causal_feed
 
     art = art_mod.resolve_artifact(source)
     data = opts.data or (stats_meta.get("data") or {}).get("path")
@@ -730,7 +729,7 @@ class SmoothQuantPass(EqcPass):
         method = self._method(sites)
         samples = {}
         if method == "ort":
-            source = self.context.options.get("source_folder")
+            source = self.context.source_folder
             if not source:
                 raise EqcError("smooth_quant search='ort' needs the source artifact (compile option source_folder)")
             samples = sample_activations(pathlib.Path(source), [s.activation.name for s in sites], stats.meta, opts)
@@ -743,7 +742,7 @@ class SmoothQuantPass(EqcPass):
             read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
             apply_smoothing(graph, site, s)  # an "explicit" site's activation becomes the inserted Mul's output
             if granularity == "token" and opts.activation_granularity == "auto":
-                self.context.options.setdefault(PER_TOKEN_KEY, []).append(site.activation.name)
+                self.context.per_token_inputs.append(site.activation.name)
             for tensor in read:
                 release_mapping(tensor)  # pages the score touched; lazy smoothed copies re-map when read
             stats.tensors[site.activation.name] = adjusted_stats(t, s)
@@ -757,7 +756,7 @@ class SmoothQuantPass(EqcPass):
         if attn:
             self.context.manifest.setdefault("smoothing", {})["kv_value_divided_by_scale"] = True
         self.report({"method": method, "sites": chosen, "skipped": skipped,
-                     "per_token_inputs": list(self.context.options.get(PER_TOKEN_KEY, [])),
+                     "per_token_inputs": list(self.context.per_token_inputs),
                      "stats_adjusted": sorted(s.activation.name for s in sites),
                      "note": ("present.*.value hold V/s for smoothed attention sites (consistent within this model)"
                               if attn else "")})
@@ -776,10 +775,10 @@ class SmoothQuantPass(EqcPass):
         """search='auto' without gram: stored sample rows, else an ORT session if the model is small."""
         if all("sample_rows" in self.context.stats.get(s.activation.name).extra for s in sites):
             return "sample"
-        source = self.context.options.get("source_folder")
+        source = self.context.source_folder
         if source:
-            from eqcompiler import artifact as art_mod
-            from eqcompiler.layer_stream import auto_stream
+            from eqcompiler.artifact import folder as art_mod
+            from eqcompiler.calibration.layer_stream import auto_stream
 
             big, why = auto_stream(art_mod.model_file(art_mod.resolve_artifact(source)))
             if big:

@@ -18,8 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import embedding_gathers, find_linear_sites, new_initializer, weight_array
-from eqcompiler.pass_base import EqcPass
+from eqcompiler.compile.graph import embedding_gathers, find_linear_sites, new_initializer, weight_array
+from eqcompiler.compile.pass_base import EqcPass
 
 
 @dataclasses.dataclass

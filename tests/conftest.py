@@ -34,8 +34,8 @@ def causal_logits_at_level(folder: pathlib.Path, fused_int8: bool) -> "np.ndarra
     import numpy as np
     import onnxruntime as ort
 
-    from eqcompiler import artifact as am
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.artifact import folder as am
+    from eqcompiler.runtime.session import causal_feed
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fused_int8
@@ -107,7 +107,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory):
     """Factory: tiny_artifact('llama') -> exported eqc artifact folder (cached per family)."""
-    from eqcompiler.export import export
+    from eqcompiler.export.hf import export
 
     cache: dict[str, pathlib.Path] = {}
 
@@ -123,7 +123,7 @@ def tiny_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_llama_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    from eqcompiler.calibrate import calibrate
+    from eqcompiler.calibration.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("stats") / "tiny_llama.npz"
     calibrate(tiny_artifact("llama"), WIKI_VALID, samples=4, seq_len=64, out=out)
@@ -133,7 +133,7 @@ def tiny_llama_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The real SmolLM2-135M exported once per test session (about 40 s)."""
-    from eqcompiler.export import export
+    from eqcompiler.export.hf import export
 
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export("smollm2", out)
@@ -142,7 +142,7 @@ def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smollm2_stats(smollm2_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    from eqcompiler.calibrate import calibrate
+    from eqcompiler.calibration.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("smollm2-stats") / "stats.npz"
     calibrate(smollm2_artifact, WIKI_VALID, samples=8, seq_len=512, out=out)
@@ -152,7 +152,7 @@ def smollm2_stats(smollm2_artifact, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def smollm2_w8a8_dynamic(smollm2_artifact, smollm2_stats, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """SmolLM2 compiled with w8a8-dynamic (portable QDQ) once per test session (about 2 min)."""
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     out = tmp_path_factory.mktemp("smollm2-w8a8-dynamic") / "qdq"
     compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats))

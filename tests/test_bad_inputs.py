@@ -78,7 +78,7 @@ def stats(tiny_llama_stats) -> pathlib.Path:
 
 def synthetic(folder: pathlib.Path, mutate=None, **spec_kw) -> pathlib.Path:
     """A small synthetic decoder artifact (no tokenizer), optionally edited before saving."""
-    from eqcompiler import artifact as art_mod
+    from eqcompiler.artifact import folder as art_mod
     from eqcompiler.models.synthetic import SynthSpec, build_model
 
     model = build_model(SynthSpec(**spec_kw))
@@ -426,8 +426,9 @@ def test_file_size_limit(llama, tmp_path):
     assert_refused(proc, "cannot write", "too large", out=out)
 
 
-def test_interrupt_mid_write(tmp_path):
-    """SIGINT while the artifact is being written: exit 130, nothing left behind."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_mid_write(tmp_path, signum):
+    """SIGINT or SIGTERM while the artifact is being written: exit 130, nothing left behind."""
     from eqcompiler.models.synthetic import SynthSpec, save_artifact
 
     src = save_artifact(SynthSpec(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=2048, vocab=8192),
@@ -447,15 +448,33 @@ def test_interrupt_mid_write(tmp_path):
                 break
             time.sleep(0.002)
         assert proc.poll() is None, "compile finished before the staging folder appeared"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
-        if proc.returncode == 0:
+        if proc.returncode == 0 or "had been written completely" in stderr:  # the signal landed after the rename
             shutil.rmtree(out)
             continue
         result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert_refused(result, "interrupted", code=130, out=out)
         return
     pytest.fail("the compile finished before SIGINT arrived in every attempt")
+
+
+def test_staging_left_by_a_dead_writer_is_swept(tmp_path):
+    """A staging folder whose writer died without cleaning up (SIGKILL) is removed by the next write to the
+    same output; one whose writer still runs is left alone."""
+    from eqcompiler.artifact.atomic import staged_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}-abc123"
+    live = tmp_path / f".out.tmp-{os.getppid()}-def456"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "model.onnx.data").write_bytes(b"x" * 1024)
+    with staged_dir(tmp_path / "out") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert not stale.exists() and live.is_dir()
 
 
 def test_input_is_output(llama, tmp_path):

@@ -12,7 +12,7 @@ from conftest import run_eqc
 
 @pytest.fixture(scope="module")
 def tiny_set(tiny_artifact, tiny_llama_stats, tmp_path_factory):
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     root = tmp_path_factory.mktemp("bench")
     fp32 = tiny_artifact("llama")

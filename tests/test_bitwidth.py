@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from eqcompiler import bitwidth as bw
+from eqcompiler.compile import bitwidth as bw
 from eqcompiler.errors import EqcError
 
 from conftest import WIKI_TEST, WIKI_VALID, run_eqc
@@ -146,7 +146,7 @@ def test_plan_round_trip_and_validation(tmp_path: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def gram_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    from eqcompiler.calibrate import calibrate
+    from eqcompiler.calibration.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("bw-stats") / "gram.npz"
     calibrate(tiny_artifact("llama"), WIKI_VALID, samples=4, seq_len=64, out=out, observers=["minmax", "gram"])
@@ -154,7 +154,7 @@ def gram_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathl
 
 
 def _logits(folder: pathlib.Path, batches: list[np.ndarray]) -> np.ndarray:
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     sess = make_session(folder / "model.onnx")
     return np.concatenate([sess.run(["logits"], causal_feed(sess, ids))[0][0] for ids in batches])
@@ -187,7 +187,7 @@ def test_proxy_against_measured_kl(tiny_artifact, gram_stats, tmp_path: pathlib.
     SmolLM2 check (tools/results/bitwidth_smollm2.md) finds joint 0.85, within int4-g128 0.48.
     """
     from eqcompiler.data import load_tokenizer, tokenize, windows
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     art = tiny_artifact("llama")
     table = _sensitivity_table(art, gram_stats)
@@ -195,14 +195,14 @@ def test_proxy_against_measured_kl(tiny_artifact, gram_stats, tmp_path: pathlib.
     ids = tokenize(load_tokenizer(art), WIKI_TEST.read_text()[:20000], max_tokens=256)
     batches = list(windows(ids, 64, 4))
     base_plan = {"version": 1, "layers": {n: "float" for n in names}}
-    compile_model(art, "mixed", tmp_path / "float", options={"plan": base_plan})
+    compile_model(art, "mixed", tmp_path / "float", pass_overrides={"plan": base_plan})
     ref = _logits(tmp_path / "float", batches)
     proxy: dict[str, list[float]] = {"int8": [], "int4-g64": []}
     kl: dict[str, list[float]] = {"int8": [], "int4-g64": []}
     for i, name in enumerate(names):
         for precision in proxy:
             out = tmp_path / f"one{i}-{precision}"
-            compile_model(art, "mixed", out, options={"plan": {"version": 1, "layers": {**base_plan["layers"], name: precision}}})
+            compile_model(art, "mixed", out, pass_overrides={"plan": {"version": 1, "layers": {**base_plan["layers"], name: precision}}})
             kl[precision].append(_kl(ref, _logits(out, batches)))
             proxy[precision].append(table[name].error[table[name].choices.index(precision)])
     joint = _spearman(proxy["int8"] + proxy["int4-g64"], kl["int8"] + kl["int4-g64"])
@@ -223,11 +223,11 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 
 def _sensitivity_table(art: pathlib.Path, stats_path: pathlib.Path) -> dict[str, bw.Layer]:
-    from eqcompiler.artifact import load_ir, model_file, resolve_artifact
-    from eqcompiler.pass_base import CompileContext
+    from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact
+    from eqcompiler.compile.pass_base import CompileContext
     from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
     from eqcompiler.passes.gptq import weight_only_sites
-    from eqcompiler.stats import CalibrationStats
+    from eqcompiler.calibration.stats import CalibrationStats
 
     model = load_ir(model_file(resolve_artifact(art)))
     p = ApplyPrecisionPlanPass(CompileContext(stats=CalibrationStats.load(stats_path)))
@@ -242,7 +242,7 @@ def test_sensitivity_orders_precisions(tiny_artifact, gram_stats) -> None:
 
 
 def test_cli_mixed_6bits_end_to_end_and_plan_is_reproducible(tiny_artifact, gram_stats, tmp_path: pathlib.Path) -> None:
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     art = tiny_artifact("llama")
     plan_path = tmp_path / "plan.json"
@@ -270,25 +270,25 @@ def test_cli_mixed_6bits_end_to_end_and_plan_is_reproducible(tiny_artifact, gram
 
 def test_bytes_budget_counts_all_weights(tiny_artifact, gram_stats, tmp_path: pathlib.Path) -> None:
     """A size budget covers every stored weight (model.onnx.data), embeddings included."""
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     art = tiny_artifact("llama")
     data = lambda name: (tmp_path / name / "model.onnx.data").stat().st_size  # noqa: E731
-    compile_model(art, "mixed", tmp_path / "w4", options={"plan": _uniform(art, "int4-g128")})
-    compile_model(art, "mixed", tmp_path / "w8", options={"plan": _uniform(art, "int8")})
+    compile_model(art, "mixed", tmp_path / "w4", pass_overrides={"plan": _uniform(art, "int4-g128")})
+    compile_model(art, "mixed", tmp_path / "w8", pass_overrides={"plan": _uniform(art, "int8")})
     lo, hi = data("w4"), data("w8")
     budget = (lo + hi) // 2
-    manifest = compile_model(art, "mixed", tmp_path / "mid", calib=str(gram_stats), options={"budget": f"{budget}B"})
+    manifest = compile_model(art, "mixed", tmp_path / "mid", calib=str(gram_stats), pass_overrides={"budget": f"{budget}B"})
     est = manifest["quantization"]["report"]["apply_precision_plan"]["plan"]["estimated"]
     assert lo < data("mid") <= budget
     assert est["fixed_bytes"] + est["linear_bytes"] == pytest.approx(data("mid"), rel=0.05)  # small tensors stay inline in model.onnx
     assert budget - data("mid") < 0.1 * (hi - lo)  # the budget is used, not wasted
     with pytest.raises(EqcError, match="budget too small"):
-        compile_model(art, "mixed", tmp_path / "tiny", calib=str(gram_stats), options={"budget": f"{lo // 2}B"})
+        compile_model(art, "mixed", tmp_path / "tiny", calib=str(gram_stats), pass_overrides={"budget": f"{lo // 2}B"})
 
 
 def _uniform(art: pathlib.Path, precision: str) -> dict:
-    from eqcompiler.artifact import load_ir, model_file, resolve_artifact
+    from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact
     from eqcompiler.passes.gptq import weight_only_sites
 
     graph = load_ir(model_file(resolve_artifact(art))).graph
@@ -318,11 +318,11 @@ def test_mixed_refusals(tiny_artifact, tiny_llama_stats, tmp_path: pathlib.Path)
 @pytest.mark.parametrize("precision,recipe", [("int8", "w8"), ("int4-g128", "w4-rtn")])
 def test_uniform_plan_equals_the_uniform_recipe(tiny_artifact, tmp_path: pathlib.Path, precision: str, recipe: str) -> None:
     """A plan giving every layer one precision writes exactly what the matching RTN recipe writes."""
-    from eqcompiler.pipeline import compile_model
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     art = tiny_artifact("llama")
-    compile_model(art, "mixed", tmp_path / "plan", options={"plan": _uniform(art, precision)})
+    compile_model(art, "mixed", tmp_path / "plan", pass_overrides={"plan": _uniform(art, precision)})
     compile_model(art, recipe, tmp_path / "ref")
     assert (tmp_path / "plan" / "model.onnx.data").read_bytes() == (tmp_path / "ref" / "model.onnx.data").read_bytes()
     onnx.checker.check_model(str(tmp_path / "plan" / "model.onnx"))
@@ -384,7 +384,7 @@ def test_search_ppl_unreachable_bound_is_a_clear_error() -> None:
 def _heldout(art: pathlib.Path, stats: pathlib.Path, windows: int) -> tuple[np.ndarray, int]:
     """The tokens apply_precision_plan scores: the calibration text right after the calibrated windows."""
     from eqcompiler.data import load_tokenizer, tokenize
-    from eqcompiler.stats import CalibrationStats
+    from eqcompiler.calibration.stats import CalibrationStats
 
     data = CalibrationStats.load(stats).meta["data"]
     skip, seq = data["samples"] * data["seq_len"], data["seq_len"]
@@ -393,8 +393,8 @@ def _heldout(art: pathlib.Path, stats: pathlib.Path, windows: int) -> tuple[np.n
 
 
 def _ppl_on(folder: pathlib.Path, ids: np.ndarray, seq: int) -> float:
-    from eqcompiler.evaluate import score_windows
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.analysis.evaluate import score_windows
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     sess = make_session(folder / "model.onnx")
     return score_windows(ids, seq, lambda w: sess.run(["logits"], causal_feed(sess, w))[0][0])["ppl"]
@@ -403,7 +403,7 @@ def _ppl_on(folder: pathlib.Path, ids: np.ndarray, seq: int) -> float:
 def test_ppl_budget_on_tiny_llama(tiny_artifact, gram_stats, tmp_path: pathlib.Path) -> None:
     """The chosen plan meets its bound on the probe data (re-measured on the written artifact), a
     looser bound never gives a bigger artifact, and the probes are reported (CLI table included)."""
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     art = tiny_artifact("llama")
     ids, seq = _heldout(art, gram_stats, 8)
@@ -411,7 +411,7 @@ def test_ppl_budget_on_tiny_llama(tiny_artifact, gram_stats, tmp_path: pathlib.P
     sizes = {}
     for rise in (0.0, 0.01, 0.05, 1.0):
         out = tmp_path / f"ppl{rise}"
-        manifest = compile_model(art, "mixed", out, calib=str(gram_stats), options={"budget": f"ppl+{rise}%", "ppl_windows": 8})
+        manifest = compile_model(art, "mixed", out, calib=str(gram_stats), pass_overrides={"budget": f"ppl+{rise}%", "ppl_windows": 8})
         report = manifest["quantization"]["report"]["apply_precision_plan"]
         search = report["plan"]["search"]
         assert search["ref_ppl"] == pytest.approx(ref, rel=1e-9)
@@ -451,7 +451,7 @@ def test_ppl_budget_unreachable_without_float(tiny_artifact, gram_stats, tmp_pat
 def test_w8a8_proxy_matches_measured_activation_noise() -> None:
     """The w8a8 proxy minus the int8 one is the output error of int8-rounding the input (s^2/12 model)."""
     from eqcompiler.passes.quantize_weights import quantize_site_weight
-    from eqcompiler.qdq import activation_scale
+    from eqcompiler.compile.qdq import activation_scale
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4096, 96)).astype(np.float32) * rng.uniform(0.2, 3.0, 96).astype(np.float32)
@@ -471,8 +471,8 @@ def test_w8a8_proxy_matches_measured_activation_noise() -> None:
 def test_w8a8_plan_equals_static_int8_recipe(tiny_artifact, gram_stats, tmp_path: pathlib.Path) -> None:
     """An all-w8a8 plan computes exactly what quantize_weights int8 + quantize_activations minmax int8
     compute on the same layers; a mixed plan quantizes only its w8a8 layers' inputs."""
-    from eqcompiler.pipeline import compile_model
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     art = tiny_artifact("llama")
     ref_recipe = tmp_path / "ref.json"
@@ -482,7 +482,7 @@ def test_w8a8_plan_equals_static_int8_recipe(tiny_artifact, gram_stats, tmp_path
                                                      "exclude": "lm_head"}}]}))
     compile_model(art, str(ref_recipe), tmp_path / "ref", calib=str(gram_stats))
     plan = _uniform(art, "w8a8")
-    manifest = compile_model(art, "mixed", tmp_path / "all", calib=str(gram_stats), options={"plan": plan})
+    manifest = compile_model(art, "mixed", tmp_path / "all", calib=str(gram_stats), pass_overrides={"plan": plan})
     report = manifest["quantization"]["report"]["apply_precision_plan"]
     assert len(report["activation_ranges"]) == 8  # per decoder layer: q/k/v's shared input, o, gate/up's, down
     assert all(r["proxy"] is not None and r["precision"] == "w8a8" for r in report["table"])
@@ -495,7 +495,7 @@ def test_w8a8_plan_equals_static_int8_recipe(tiny_artifact, gram_stats, tmp_path
     np.testing.assert_allclose(outs["all"], outs["ref"], rtol=0, atol=1e-5)
     one = "model.layers.1.self_attn.q_proj"
     mixed = {**_uniform(art, "int8"), "layers": {**_uniform(art, "int8")["layers"], one: "w8a8"}}
-    compile_model(art, "mixed", tmp_path / "one", calib=str(gram_stats), options={"plan": mixed})
+    compile_model(art, "mixed", tmp_path / "one", calib=str(gram_stats), pass_overrides={"plan": mixed})
     graph = onnx.load(str(tmp_path / "one" / "model.onnx"))
     q_nodes = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
     assert len(q_nodes) == 1
@@ -503,15 +503,15 @@ def test_w8a8_plan_equals_static_int8_recipe(tiny_artifact, gram_stats, tmp_path
                                                           for i in n.input)]
     assert len(consumers) == 1 and "q_proj" in consumers[0]  # k_proj/v_proj read the same input unquantized
     with pytest.raises(EqcError, match="quantizes its input: pass --calib"):
-        compile_model(art, "mixed", tmp_path / "nocalib", options={"plan": mixed})
+        compile_model(art, "mixed", tmp_path / "nocalib", pass_overrides={"plan": mixed})
 
 
 def test_report_has_the_plan_section(tiny_artifact, gram_stats, tmp_path: pathlib.Path) -> None:
-    from eqcompiler.pipeline import compile_model
-    from eqcompiler.report import build_report
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.analysis.report import build_report
 
     art = tiny_artifact("llama")
-    compile_model(art, "mixed", tmp_path / "m", calib=str(gram_stats), options={"budget": "6bits"})
+    compile_model(art, "mixed", tmp_path / "m", calib=str(gram_stats), pass_overrides={"budget": "6bits"})
     result = build_report(tmp_path / "r.html", [str(art), str(tmp_path / "m")], speed=False)
     page = (tmp_path / "r.html").read_text()
     assert "Mixed-precision plans" in page and "budget 6bits" in page
@@ -523,10 +523,10 @@ def test_report_has_the_plan_section(tiny_artifact, gram_stats, tmp_path: pathli
 
 def _kl_compile(art: pathlib.Path, stats: pathlib.Path, out: pathlib.Path, cache: pathlib.Path, budget: str,
                 **extra) -> dict:
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     manifest = compile_model(art, "mixed", out, calib=str(stats), overwrite=True,
-                             options={"budget": budget, "sensitivity": "kl", "sensitivity_cache": str(cache), **extra})
+                             pass_overrides={"budget": budget, "sensitivity": "kl", "sensitivity_cache": str(cache), **extra})
     return manifest["quantization"]["report"]["apply_precision_plan"]
 
 
@@ -572,12 +572,12 @@ def test_weight_input_session_equals_compiled_one_layer_plan(tiny_artifact, tmp_
     """
     import onnxruntime as ort
 
-    from eqcompiler.runtime import causal_feed
-    from eqcompiler import sensitivity as sens
-    from eqcompiler.artifact import load_ir, model_file, resolve_artifact
+    from eqcompiler.runtime.session import causal_feed
+    from eqcompiler.calibration import sensitivity as sens
+    from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact
     from eqcompiler.passes.gptq import weight_only_sites
     from eqcompiler.passes.quantize_weights import quantize_site_weight
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     art = tiny_artifact("llama")
     model = load_ir(model_file(resolve_artifact(art)))
@@ -587,7 +587,7 @@ def test_weight_input_session_equals_compiled_one_layer_plan(tiny_artifact, tmp_
     base = {g[0].name: "float" for g in groups}
     for group, precision in ((groups[2], "int4-g64"), (groups[6], "int8"), (groups[9], "int4-g128")):
         site = group[0]
-        compile_model(art, "mixed", tmp_path / precision, options={"plan": {"version": 1, "layers": {**base, site.name: precision}}})
+        compile_model(art, "mixed", tmp_path / precision, pass_overrides={"plan": {"version": 1, "layers": {**base, site.name: precision}}})
         bits, block, sym = bw.PRECISIONS[precision]
         fake = quantize_site_weight(session.weights[str(site.weight.name)], site.transposed, bits, sym, block).dequantize()
         probe = session.logits(ids, {str(site.weight.name): fake})
@@ -633,7 +633,7 @@ def test_entropy_solver_gives_more_bits_to_higher_entropy() -> None:
 
 
 def test_weight_entropy() -> None:
-    from eqcompiler.sensitivity import weight_entropy
+    from eqcompiler.calibration.sensitivity import weight_entropy
 
     rng = np.random.default_rng(0)
     assert weight_entropy(np.ones((4, 4))) == 0.0

@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 from conftest import run_eqc
-from eqcompiler.calibrate import calibrate
+from eqcompiler.calibration.calibrate import calibrate
 from eqcompiler.errors import EqcError
-from eqcompiler.observers import HIST_BINS, hist_range_for, merge_extra, observe_activation, parse_observers
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.calibration.observers import HIST_BINS, hist_range_for, merge_extra, observe_activation, parse_observers
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 from eqcompiler.passes.quantize_activations import METHODS, activation_range
 
 ALL = ("minmax", "absmax_channel", "abssum", "hist", "gram")
@@ -193,7 +193,7 @@ def test_nonfinite_activation(tiny_artifact, wiki_valid, tmp_path):
 
 
 def test_entropy_recipe_compiles_and_runs(tiny_artifact, wiki_valid, tmp_path):
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     art = tiny_artifact("llama")
     stats = tmp_path / "s.npz"
@@ -222,7 +222,7 @@ def test_entropy_recipe_compiles_and_runs(tiny_artifact, wiki_valid, tmp_path):
 
 def test_recipes_declare_the_observers_they_read():
     """Each built-in recipe's observer needs, derived from its passes' options (what `--for` collects)."""
-    from eqcompiler.recipes import builtin_recipes, observers_for, recipe_observers
+    from eqcompiler.compile.recipes import builtin_recipes, observers_for, recipe_observers
 
     needs = {name: recipe_observers(r) for name, r in builtin_recipes().items()}
     assert needs["w4-gptq"].required == {"minmax", "gram"}

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext
-from eqcompiler.qdq import quantize_channelwise
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.compile.pass_base import CompileContext
+from eqcompiler.compile.qdq import quantize_channelwise
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 RNG = np.random.default_rng(0)
 
@@ -119,8 +119,8 @@ def test_activation_pass_needs_stats() -> None:
 
 def test_activation_qdq_only_on_linear_inputs(tiny_artifact, tiny_llama_stats) -> None:
     """QDQ sits on the inputs of linear layers; attention scores, mask and softmax stay float."""
-    from eqcompiler.artifact import load_ir
-    from eqcompiler.graph import find_linear_sites
+    from eqcompiler.artifact.folder import load_ir
+    from eqcompiler.compile.graph import find_linear_sites
     from eqcompiler.passes.quantize_activations import QuantizeActivationsPass
     from eqcompiler.passes.quantize_weights import QuantizeWeightsPass
 

@@ -20,8 +20,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from eqcompiler import custom_ops
-from eqcompiler.custom_ops import EqcOpsError
+from eqcompiler.runtime import custom_ops
+from eqcompiler.runtime.custom_ops import EqcOpsError
 from eqcompiler.passes.lower_fused_int8_gemm import LowerFusedInt8GemmPass
 from op_reference import random_problem, reference
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import run_eqc
-from eqcompiler.calibrate import calibrate
-from eqcompiler.distributed import shard
-from eqcompiler.stats import CalibrationStats
+from eqcompiler.calibration.calibrate import calibrate
+from eqcompiler.calibration.distributed import shard
+from eqcompiler.calibration.stats import CalibrationStats
 
 ARGS = ("--samples", "4", "--seq-len", "32", "--observers", "all", "--decode-steps", "2", "--threads", "1")
 
@@ -83,7 +83,7 @@ def test_torchrun_entry_point(tiny_artifact, wiki_valid, tmp_path):
         pytest.skip("torchrun not installed")
     out = tmp_path / "torchrun.npz"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
-                           "eqcompiler.distributed_calibrate", str(tiny_artifact("llama")), "--data", str(wiki_valid),
+                           "eqcompiler.calibration.distributed_calibrate", str(tiny_artifact("llama")), "--data", str(wiki_valid),
                            "--samples", "4", "--seq-len", "32", "--observers", "minmax,hist", "-o", str(out), "--json"],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]

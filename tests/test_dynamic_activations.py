@@ -8,12 +8,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eqcompiler import artifact as am
-from eqcompiler.evaluate import perplexity
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.artifact import folder as am
+from eqcompiler.analysis.evaluate import perplexity
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.quantize_activations_dynamic import QuantizeActivationsDynamicPass, per_token_reference
-from eqcompiler.pipeline import compile_model
-from eqcompiler.runtime import causal_feed, make_session
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.runtime.session import causal_feed, make_session
 
 from conftest import WIKI_TEST
 
@@ -59,7 +59,7 @@ def test_dynamic_pattern_matches_numpy_per_token_reference():
 @pytest.fixture(scope="module")
 def tiny_llama_abssum_stats(tiny_artifact, tmp_path_factory):
     """w8a8-smooth's dynamic fallback reads the abssum observer."""
-    from eqcompiler.calibrate import calibrate
+    from eqcompiler.calibration.calibrate import calibrate
     from conftest import WIKI_VALID
 
     out = tmp_path_factory.mktemp("abssum") / "stats.npz"

@@ -8,13 +8,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eqcompiler import artifact as am
-from eqcompiler.decode import CacheRunner
+from eqcompiler.artifact import folder as am
+from eqcompiler.runtime.decode import CacheRunner
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.quantize_activations_ema import QuantizeActivationsEmaPass, ema_reference
-from eqcompiler.pipeline import compile_model
-from eqcompiler.runtime import causal_feed, make_session
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.runtime.session import causal_feed, make_session
 
 
 def _linear(k: int = 16, n: int = 6) -> tuple[ir.Model, np.ndarray]:

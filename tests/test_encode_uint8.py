@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from conftest import causal_logits_at_level, run_eqc
-from eqcompiler.cpu_features import int8_gemm_saturates, saturation_warning
-from eqcompiler.pipeline import compile_model
+from eqcompiler.lowering.cpu_features import int8_gemm_saturates, saturation_warning
+from eqcompiler.compile.pipeline import compile_model
 
 
 def _qdq_numerics(folder: pathlib.Path) -> np.ndarray:
@@ -66,7 +66,7 @@ def _run(model, x: np.ndarray, level: ort.GraphOptimizationLevel) -> np.ndarray:
 
 @pytest.mark.parametrize("activation_zp", [np.array(0, np.int8), np.array(131, np.uint8)])
 def test_synthetic_linear_exact_after_encoding(activation_zp):
-    from eqcompiler.pass_base import CompileContext
+    from eqcompiler.compile.pass_base import CompileContext
     from eqcompiler.passes.encode_int8_as_uint8 import EncodeInt8AsUint8Pass
 
     x = (np.random.default_rng(1).normal(size=(8, 256)) * 3).astype(np.float32)
@@ -93,11 +93,11 @@ def ir_uint8(dtype) -> bool:
 
 
 def test_never_and_auto_off_leave_the_graph():
-    from eqcompiler.pass_base import CompileContext
+    from eqcompiler.compile.pass_base import CompileContext
     from eqcompiler.passes.encode_int8_as_uint8 import EncodeInt8AsUint8Pass
 
     model = _linear_graph(np.array(0, np.int8))
-    context = CompileContext(options={"target": "tensorrt"})
+    context = CompileContext(target="tensorrt")
     assert not EncodeInt8AsUint8Pass(context, when="auto")(model).modified
     assert context.report["encode_int8_as_uint8"]["why"].startswith("auto: target tensorrt")
     assert not EncodeInt8AsUint8Pass(CompileContext(), when="never")(model).modified
@@ -105,7 +105,7 @@ def test_never_and_auto_off_leave_the_graph():
     with pytest.raises(EqcError, match="when must be one of"):
         EncodeInt8AsUint8Pass(CompileContext(), when="sometimes")
     with pytest.raises(EqcError, match="needs int8 weights"):
-        EncodeInt8AsUint8Pass(CompileContext(options={"target": "ort-cpu"}), when="always")(model)
+        EncodeInt8AsUint8Pass(CompileContext(target="ort-cpu"), when="always")(model)
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-smooth"])

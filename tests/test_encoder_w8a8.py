@@ -11,19 +11,19 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eqcompiler import artifact as am
-from eqcompiler.calibrate import calibrate
+from eqcompiler.artifact import folder as am
+from eqcompiler.calibration.calibrate import calibrate
 from eqcompiler.data import calibration_ids, framed_windows, load_tokenizer, special_frame, windows
 from eqcompiler.errors import EqcError
-from eqcompiler.inspect_model import inspect
-from eqcompiler.observers import observe_activation
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.analysis.inspect_model import inspect
+from eqcompiler.calibration.observers import observe_activation
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.quantize_activations import QuantizeActivationsOptions, QuantizeActivationsPass
 from eqcompiler.passes.quantize_activations_dynamic import QuantizeActivationsDynamicPass
-from eqcompiler.pipeline import compile_model
-from eqcompiler.recipes import load_recipe
-from eqcompiler.runtime import make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.compile.recipes import load_recipe
+from eqcompiler.runtime.session import make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 from conftest import WIKI_VALID
 
@@ -167,7 +167,7 @@ def _stats_for(x: np.ndarray) -> CalibrationStats:
 def test_auto_centres_one_sided_inputs_for_portable_only(target, one_sided, centred):
     x = _gelu_like() if one_sided else np.random.default_rng(2).normal(size=(2, 5, 32)).astype(np.float32)
     model, _ = _linear()
-    context = CompileContext(stats=_stats_for(x), options={"target": target})
+    context = CompileContext(stats=_stats_for(x), target=target)
     QuantizeActivationsPass(context, dynamic_above=1e-9, dynamic_symmetric="auto")(model)
     report = context.report["quantize_activations"]
     assert report["dynamic_tensors"] == ["x"]

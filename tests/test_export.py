@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from eqcompiler.export import causal_example, torch_reference
+from eqcompiler.export.hf import causal_example, torch_reference
 from eqcompiler.models.loaders import load_source
-from eqcompiler.runtime import make_session
+from eqcompiler.runtime.session import make_session
 
 CAUSAL = ["llama", "gpt2", "mistral", "qwen2", "qwen3"]
 
@@ -50,7 +50,7 @@ def test_manifest_describes_kv_cache(family: str, tiny_artifact) -> None:
 
 def test_one_graph_serves_prefill_and_decode(tiny_artifact) -> None:
     """Prefill 6 tokens at once == prefill 5 then decode 1 through present->past."""
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.runtime.session import causal_feed
 
     session = make_session(tiny_artifact("llama") / "model.onnx")
     ids = np.array([[5, 17, 42, 7, 99, 3]], dtype=np.int64)
@@ -79,8 +79,8 @@ def test_encoder_parity(tiny_hf, tiny_artifact) -> None:
 
 def test_tied_lm_head_is_stored_once(tiny_artifact) -> None:
     """The tracer duplicates a tied table; export reads the embedding through a Transpose instead."""
-    from eqcompiler.artifact import load_ir
-    from eqcompiler.graph import find_linear_sites
+    from eqcompiler.artifact.folder import load_ir
+    from eqcompiler.compile.graph import find_linear_sites
 
     model = load_ir(tiny_artifact("llama"))
     sites = find_linear_sites(model.graph)

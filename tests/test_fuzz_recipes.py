@@ -55,7 +55,7 @@ def test_recipes_on_random_graphs(spec: SynthSpec, external: bool) -> None:
 
 def test_fuzz_covered_every_recipe() -> None:
     """The run above compiled (not only refused) every recipe at least once, with a real error figure."""
-    from eqcompiler.recipes import builtin_recipes
+    from eqcompiler.compile.recipes import builtin_recipes
 
     if not SEEN:
         pytest.skip("run together with test_recipes_on_random_graphs")

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eqcompiler.passes.lower_int8_weight_gemm import LowerInt8WeightGemmPass
-from eqcompiler.targets import target_steps
+from eqcompiler.lowering.targets import target_steps
 from test_cuda_ops import cpu_session as session
 from test_cuda_ops import fused_model, lib  # noqa: F401  (lib: the op-library fixture)
 

@@ -1,4 +1,4 @@
-"""Quantized KV cache (passes/quantize_kv_cache.py) and cache-path decoding (eqcompiler/decode.py)."""
+"""Quantized KV cache (passes/quantize_kv_cache.py) and cache-path decoding (eqcompiler/runtime/decode.py)."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,14 @@ import onnx_ir as ir
 import pytest
 
 from conftest import run_eqc
-from eqcompiler.artifact import load_ir, resolve_artifact, save_ir
-from eqcompiler.decode import CacheRunner, chunked_perplexity
+from eqcompiler.artifact.folder import load_ir, resolve_artifact, save_ir
+from eqcompiler.runtime.decode import CacheRunner, chunked_perplexity
 from eqcompiler.errors import EqcError
-from eqcompiler.evaluate import perplexity
-from eqcompiler.pass_base import CompileContext, make_pass
+from eqcompiler.analysis.evaluate import perplexity
+from eqcompiler.compile.pass_base import CompileContext, make_pass
 from eqcompiler.passes import quantize_kv_cache as kvq
-from eqcompiler.runtime import make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.runtime.session import make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 RNG = np.random.default_rng(0)
 
@@ -196,7 +196,7 @@ def test_clip_ratios_shrink_frozen_ranges_in_the_graph(tmp_path: pathlib.Path) -
 def _kv_stats_of(artifact: pathlib.Path, text: str) -> CalibrationStats:
     """kv_min/max_channel of every present.* output over one prefill of real text."""
     from eqcompiler.data import load_tokenizer, tokenize
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.runtime.session import causal_feed
 
     sess = make_session(artifact / "model.onnx")
     ids = tokenize(load_tokenizer(artifact), text, max_tokens=256)[None]

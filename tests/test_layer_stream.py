@@ -9,13 +9,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eqcompiler import layer_stream
-from eqcompiler.calibrate import Calibrator, calibrate
+from eqcompiler.calibration import layer_stream
+from eqcompiler.calibration.calibrate import Calibrator, calibrate
 from eqcompiler.errors import EqcError
-from eqcompiler.observers import SAMPLE_ROWS
-from eqcompiler.pipeline import compile_model
-from eqcompiler.runtime import causal_feed, make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.calibration.observers import SAMPLE_ROWS
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.runtime.session import causal_feed, make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 from conftest import WIKI_VALID, run_eqc
 
@@ -71,7 +71,7 @@ def test_stages_follow_layers_and_only_read_earlier_stages(tiny_artifact, tmp_pa
 
 
 def test_all_observers_leave_out_sample_unless_named():
-    from eqcompiler.observers import parse_observers
+    from eqcompiler.calibration.observers import parse_observers
 
     assert "sample" not in parse_observers("all")
     assert parse_observers("all,sample") == (*parse_observers("all"), "sample")
@@ -175,8 +175,8 @@ def test_smooth_quant_auto_refuses_big_model_without_samples(tiny_artifact, tiny
 
 def test_smoothing_external_weights_stays_lazy(tmp_path):
     """Smoothed copies of memory-mapped weights are LazyTensors equal to the eager product."""
-    from eqcompiler import artifact as am
-    from eqcompiler.pass_base import CompileContext
+    from eqcompiler.artifact import folder as am
+    from eqcompiler.compile.pass_base import CompileContext
     from eqcompiler.passes.smooth_quant import SmoothQuantPass
 
     art = _synthetic(tmp_path, "rms-matmul")

@@ -29,7 +29,7 @@ def test_installed_non_editable_when_required() -> None:
 
 
 def test_builtin_recipes_are_packaged() -> None:
-    from eqcompiler.recipes import builtin_recipes
+    from eqcompiler.compile.recipes import builtin_recipes
 
     assert {"w8", "w8a8"} <= set(builtin_recipes())
 
@@ -41,7 +41,7 @@ def test_wheel_ships_the_op_libraries_and_falls_back_to_them(monkeypatch) -> Non
         pytest.skip("EQC_REQUIRE_INSTALLED is not 1: only `make install` copies the op libraries into the package")
     import numpy as np
 
-    from eqcompiler import custom_ops
+    from eqcompiler.runtime import custom_ops
     from test_cuda_ops import BUILD, cpu_session, fused_model
     from op_reference import random_problem, reference
 
@@ -58,3 +58,27 @@ def test_wheel_ships_the_op_libraries_and_falls_back_to_them(monkeypatch) -> Non
     a, b, scale, bias = random_problem(np.random.default_rng(11), (4, 19), 6)
     (y,) = cpu_session(fused_model(19, 6, bias=True), lib).run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
     np.testing.assert_array_equal(y, reference(a, b, scale, bias))
+
+
+def test_installed_modules_are_exactly_the_sources() -> None:
+    """The wheel carries every source module and no stale one (setuptools reuses build/lib between builds, so
+    a module moved or deleted in the checkout could otherwise still ship, and still be imported)."""
+    if os.environ.get("EQC_REQUIRE_INSTALLED") != "1":
+        pytest.skip("EQC_REQUIRE_INSTALLED is not 1: the package is not the installed wheel")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    roots = {"eqcompiler": repo / "eqcompiler", "eqcompiler/passes": repo / "passes", "eqcompiler/models": repo / "models"}
+
+    def source_of(relative: pathlib.PurePosixPath) -> pathlib.Path:
+        for prefix in ("eqcompiler/passes", "eqcompiler/models"):
+            if str(relative).startswith(prefix + "/"):
+                return roots[prefix] / relative.relative_to(prefix)
+        return repo / relative
+
+    installed_root = pathlib.Path(eqcompiler.__file__).resolve().parent
+    installed = {pathlib.PurePosixPath("eqcompiler") / p.relative_to(installed_root).as_posix()
+                 for p in installed_root.rglob("*.py") if "__pycache__" not in p.parts}
+    stale = sorted(str(p) for p in installed if not source_of(p).is_file())
+    expected = {pathlib.PurePosixPath("eqcompiler") / p.relative_to(repo / "eqcompiler").as_posix()
+                for p in (repo / "eqcompiler").rglob("*.py") if "__pycache__" not in p.parts}
+    missing = sorted(str(p) for p in expected - installed)
+    assert stale == [] and missing == [], (stale, missing)

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from conftest import WIKI_TEST, WIKI_VALID, run_eqc
-from eqcompiler.evaluate import perplexity
+from eqcompiler.analysis.evaluate import perplexity
 
 TOKENS = 1024  # 2 windows of 512: enough to separate a working quantizer from a broken one
 

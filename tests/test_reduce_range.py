@@ -10,11 +10,11 @@ import onnx
 import pytest
 
 from conftest import WIKI_TEST, causal_logits_at_level, run_eqc
-from eqcompiler.cpu_features import full_range_int8_layers, int8_gemm_saturates, saturation_warning
+from eqcompiler.lowering.cpu_features import full_range_int8_layers, int8_gemm_saturates, saturation_warning
 from eqcompiler.errors import EqcError
-from eqcompiler.pipeline import compile_model, override_pass_options
-from eqcompiler.qdq import quantize_channelwise
-from eqcompiler.recipes import load_recipe
+from eqcompiler.compile.pipeline import compile_model, override_pass_options
+from eqcompiler.compile.qdq import quantize_channelwise
+from eqcompiler.compile.recipes import load_recipe
 
 
 def test_reduced_codes_stay_in_seven_bits():

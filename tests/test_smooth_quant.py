@@ -9,12 +9,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from eqcompiler import artifact as am
-from eqcompiler.calibrate import calibrate
-from eqcompiler.pass_base import CompileContext
-from eqcompiler.pipeline import compile_model
-from eqcompiler.runtime import causal_feed, make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.artifact import folder as am
+from eqcompiler.calibration.calibrate import calibrate
+from eqcompiler.compile.pass_base import CompileContext
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.runtime.session import causal_feed, make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 from eqcompiler.passes.smooth_quant import SmoothQuantPass
 
 from conftest import WIKI_VALID
@@ -74,8 +74,7 @@ def test_adjusted_stats_match_smoothed_model(tiny_artifact, tiny_llama_stats, tm
     src = tiny_artifact("llama")
     stats = CalibrationStats.load(tiny_llama_stats)
     before = {n: t.absmax_channel.copy() for n, t in stats.tensors.items()}
-    context = CompileContext(stats=stats, manifest=dict(am.resolve_artifact(src).manifest),
-                             options={"source_folder": str(src)})
+    context = CompileContext(stats=stats, manifest=dict(am.resolve_artifact(src).manifest), source_folder=str(src))
     model = am.load_ir(am.model_file(am.resolve_artifact(src)))
     SmoothQuantPass(context, search="none", alpha=0.5)(model)
     out = tmp_path / "smoothed"
@@ -330,7 +329,6 @@ def test_auto_granularity_scores_for_the_quantizer_the_input_gets(token_outlier)
     its range) is re-scored per token and handed to quantize_activations as per-token; an ordinary input
     stays static. The smoothed float graph stays exact and the quantized one runs in ORT."""
     from eqcompiler.passes.quantize_activations import QuantizeActivationsPass
-    from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(256, 8)).astype(np.float32)
@@ -345,7 +343,7 @@ def test_auto_granularity_scores_for_the_quantizer_the_input_gets(token_outlier)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     (site,) = context.report["smooth_quant"]["sites"].values()
     assert site["scored_for"] == ("token" if token_outlier else "tensor")
-    assert context.options.get(PER_TOKEN_KEY, []) == (["normed"] if token_outlier else [])
+    assert context.per_token_inputs == (["normed"] if token_outlier else [])
     QuantizeActivationsPass(context, bits=8, symmetric=True)(model)  # dynamic_above off: only smooth_quant's choice
     report = context.report["quantize_activations"]
     assert report["dynamic_fallback" if token_outlier else "static"] == 1
@@ -359,7 +357,6 @@ def test_static_tolerance_takes_per_token_where_static_costs_a_multiple():
     """With the step criterion out of the way (dynamic_above huge), static_tolerance alone decides: a
     massive-token input goes per token (its static score is many times the per-token one), an ordinary
     input stays static under a loose tolerance."""
-    from eqcompiler.passes.smooth_quant import PER_TOKEN_KEY
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(256, 8)).astype(np.float32)
@@ -371,7 +368,7 @@ def test_static_tolerance_takes_per_token_where_static_costs_a_multiple():
                         static_tolerance=tolerance)(_synthetic(residual=False))
         (site,) = context.report["smooth_quant"]["sites"].values()
         assert site["scored_for"] == expected
-        assert context.options.get(PER_TOKEN_KEY, []) == (["normed"] if expected == "token" else [])
+        assert context.per_token_inputs == (["normed"] if expected == "token" else [])
     x[0] /= 500.0
     context = CompileContext(stats=_sampled_stats(x))
     SmoothQuantPass(context, search="sample", activation_granularity="auto", dynamic_above=1e9,

@@ -16,7 +16,7 @@ def _logits(folder, ids: np.ndarray, optimize: bool = True) -> np.ndarray:
     ORT's own optimizer rewrites a QDQ weight-only graph with ~2e-3 relative deviation)."""
     import onnxruntime as ort
 
-    from eqcompiler.runtime import causal_feed, make_session
+    from eqcompiler.runtime.session import causal_feed, make_session
 
     if optimize:
         sess = make_session(folder / "model.onnx", threads=2)
@@ -39,7 +39,7 @@ def _op_counts(folder) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def w8a8_pair(tiny_artifact, tiny_llama_stats, tmp_path_factory):
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     root = tmp_path_factory.mktemp("targets")
     src = tiny_artifact("llama")
@@ -103,7 +103,7 @@ def test_unknown_target_is_refused(tiny_artifact, tmp_path):
     proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8", "-o", tmp_path / "x", "--target", "tpu", check=False)
     assert proc.returncode == 2 and "tpu" in proc.stderr
     from eqcompiler.errors import EqcError
-    from eqcompiler.targets import target_steps
+    from eqcompiler.lowering.targets import target_steps
 
     with pytest.raises(EqcError, match="unknown target"):
         target_steps("tpu")
@@ -166,7 +166,7 @@ def test_lowered_artifact_without_the_op_library_is_a_one_line_error(tiny_artifa
 def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_path):
     """Per-channel int8 weight-only -> MatMulNBits(bits=8) on request, ai.eqc::Int8WeightGemm for
     --target ort-cpu; tied table stored once, same logits."""
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     src = tiny_artifact("llama")
     compile_model(src, "w8", tmp_path / "qdq")
@@ -198,8 +198,8 @@ def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_
 def test_ort_cuda_lowers_per_token_w8a8_to_the_fused_op(tiny_artifact, tiny_llama_stats, tmp_path):
     """--target ort-cuda: every per-token W8A8 linear becomes ai.eqc::FusedInt8Gemm; the manifest names
     the CUDA provider and library; the graph runs (CPU kernel of the same op) with the QDQ numerics."""
-    from eqcompiler import custom_ops
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.runtime import custom_ops
+    from eqcompiler.compile.pipeline import compile_model
 
     custom_ops.find_library()  # `make test` builds it first; a missing library is a failure, not a skip
     src = tiny_artifact("llama")
@@ -220,7 +220,7 @@ def test_ort_cuda_lowers_per_token_w8a8_to_the_fused_op(tiny_artifact, tiny_llam
 
 
 def test_ort_cuda_warns_when_nothing_lowers(tiny_artifact, tmp_path):
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     manifest = compile_model(tiny_artifact("llama"), "w8", tmp_path / "w8", target="ort-cuda")
     assert [p["pass"] for p in manifest["quantization"]["passes"]] == ["quantize_weights"]
@@ -261,10 +261,10 @@ def test_smollm2_ort_cpu_lowering_matches_qdq_layer_by_layer(smollm2_w8a8_dynami
     ORT's own graph optimizer moves the QDQ graph (20.575 unoptimized vs 20.518 optimized, 0.28%; lowered 20.489)."""
     import onnxruntime as ort
 
-    from eqcompiler import custom_ops
+    from eqcompiler.runtime import custom_ops
     from eqcompiler.data import load_tokenizer, read_text, tokenize
-    from eqcompiler.evaluate import perplexity
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.analysis.evaluate import perplexity
+    from eqcompiler.runtime.session import causal_feed
     from conftest import WIKI_TEST
 
     qdq, lowered = smollm2_w8a8_dynamic, tmp_path / "ort-cpu"

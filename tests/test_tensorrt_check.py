@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.check_tensorrt_placement import CheckTensorrtPlacementPass
 
 K, N = 16, 8
@@ -93,7 +93,7 @@ def test_weight_only_int8_is_not_a_violation():
 
 
 def test_eqc_w8a8_int8_on_tiny_llama_passes(tiny_artifact, tiny_llama_stats, tmp_path):
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.compile.pipeline import compile_model
 
     manifest = compile_model(tiny_artifact("llama"), "w8a8-int8", tmp_path / "q", calib=str(tiny_llama_stats),
                              target="tensorrt")

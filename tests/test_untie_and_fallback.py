@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from eqcompiler import artifact as am
-from eqcompiler.calibrate import calibrate
+from eqcompiler.artifact import folder as am
+from eqcompiler.calibration.calibrate import calibrate
 from eqcompiler.errors import EqcError
-from eqcompiler.pipeline import compile_model
-from eqcompiler.runtime import causal_feed, make_session
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.runtime.session import causal_feed, make_session
 
 from conftest import WIKI_VALID
 

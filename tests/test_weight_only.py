@@ -10,12 +10,12 @@ import onnxruntime as ort
 import pytest
 
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.awq import AwqPass
 from eqcompiler.passes.gptq import GptqPass, gptq_quantize, output_error, quantize_kn
 from eqcompiler.passes.lower_matmul_nbits import LowerMatMulNBitsPass, to_matmul_nbits
 from eqcompiler.passes.quantize_weights import QuantizeWeightsPass
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 K, N, T = 192, 48, 1024
 
@@ -238,7 +238,7 @@ def test_lower_matmul_nbits_refuses_graph_without_blocked_weights():
 
 @pytest.fixture(scope="module")
 def tiny_gram_stats(tiny_artifact, wiki_valid, tmp_path_factory) -> pathlib.Path:
-    from eqcompiler.calibrate import calibrate
+    from eqcompiler.calibration.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("wo-stats") / "tiny_gram.npz"
     calibrate(tiny_artifact("llama"), wiki_valid, samples=4, seq_len=64, out=out, observers="minmax,gram,abssum")
@@ -247,8 +247,8 @@ def tiny_gram_stats(tiny_artifact, wiki_valid, tmp_path_factory) -> pathlib.Path
 
 @pytest.mark.parametrize("recipe", ["w4-rtn", "w4-awq", "w4-gptq"])
 def test_w4_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_gram_stats, wiki_test, tmp_path):
-    from eqcompiler.evaluate import perplexity
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.analysis.evaluate import perplexity
+    from eqcompiler.compile.pipeline import compile_model
 
     src = tiny_artifact("llama")
     out = tmp_path / recipe
@@ -269,9 +269,9 @@ def test_w4_recipes_compile_tiny_llama(recipe, tiny_artifact, tiny_gram_stats, w
 def test_w8a8_smooth_uses_gptq_when_grams_exist(tiny_artifact, wiki_valid, wiki_test, tmp_path):
     """w8a8-smooth's GPTQ step quantizes every smoothed linear from the (smoothing-adjusted) Grams; the
     quantize_weights step then has only the embedding table left."""
-    from eqcompiler.calibrate import calibrate
-    from eqcompiler.evaluate import perplexity
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.calibration.calibrate import calibrate
+    from eqcompiler.analysis.evaluate import perplexity
+    from eqcompiler.compile.pipeline import compile_model
 
     src = tiny_artifact("llama")
     stats = tmp_path / "stats.npz"
@@ -288,8 +288,8 @@ def test_w8a8_smooth_uses_gptq_when_grams_exist(tiny_artifact, wiki_valid, wiki_
 
 
 def test_w4_gptq_lowered_to_matmul_nbits_tiny_llama(tiny_artifact, tiny_gram_stats, tmp_path):
-    from eqcompiler import runtime
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.runtime import session as runtime
+    from eqcompiler.compile.pipeline import compile_model
 
     src = tiny_artifact("llama")
     qdq, low = tmp_path / "qdq", tmp_path / "nbits"
@@ -316,9 +316,9 @@ def test_smollm2_gptq_beats_rtn(smollm2_artifact, wiki_valid, wiki_test, tmp_pat
     """
     import json
 
-    from eqcompiler.calibrate import calibrate
-    from eqcompiler.evaluate import perplexity
-    from eqcompiler.pipeline import compile_model
+    from eqcompiler.calibration.calibrate import calibrate
+    from eqcompiler.analysis.evaluate import perplexity
+    from eqcompiler.compile.pipeline import compile_model
 
     base = tmp_path_factory.mktemp("smol-w4")
     stats = base / "gram.npz"

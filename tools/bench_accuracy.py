@@ -5,7 +5,7 @@ all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings vs fp32 on --sentences W
 
 Every method starts from the eqc fp32 artifact's model.onnx. ONNX Runtime's quantizers write a new
 model.onnx (+ model.onnx.data) into a copy of the artifact folder (tokenizer, manifest), so
-eqcompiler.evaluate scores all of them the same way, in ORT's default CPU session:
+eqcompiler.analysis.evaluate scores all of them the same way, in ORT's default CPU session:
 - ort-dynamic / ort-dynamic-rr: quantize_dynamic (int8 weights, dynamic uint8 activations; reduce_range).
 - ort-static-qdq: quantize_static, QDQ, MinMax over --ort-calib-windows WikiText valid windows.
 - ort-nbits-rtn-{asym,sym}: MatMulNBitsQuantizer 4-bit g128 (RTN); ort-nbits-hqq: its HQQ config;
@@ -72,7 +72,7 @@ class TextReader(_reader_base()):  # type: ignore[misc]
 
     def __init__(self, art: pathlib.Path, valid: pathlib.Path, windows: int, seq_len: int, causal: bool) -> None:
         from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows as cut
-        from eqcompiler.runtime import causal_feed, make_session
+        from eqcompiler.runtime.session import causal_feed, make_session
 
         # The windows eqc calibrates on (an encoder's framed by its special tokens).
         ids, _ = calibration_ids(load_tokenizer(art), read_text(valid)[0], seq_len, windows, causal)
@@ -152,11 +152,11 @@ def lower_recipe(work: pathlib.Path) -> pathlib.Path:
 
 def bench_model(kind: str, args: argparse.Namespace, work: pathlib.Path,
                 checkpoint: Callable[[dict[str, Any]], None], prior: dict[str, Any] | None = None) -> dict[str, Any]:
-    from eqcompiler.calibrate import calibrate
-    from eqcompiler.evaluate import decode_latency, embedding_similarity, perplexity
-    from eqcompiler.export import export
-    from eqcompiler.pipeline import compile_model
-    from eqcompiler.recipes import builtin_recipes
+    from eqcompiler.calibration.calibrate import calibrate
+    from eqcompiler.analysis.evaluate import decode_latency, embedding_similarity, perplexity
+    from eqcompiler.export.hf import export
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.compile.recipes import builtin_recipes
 
     causal = kind == "smollm2"
     src = work / f"{kind}-fp32"

@@ -12,7 +12,7 @@ tokens as the existing table in tools/results/bitwidth_smollm2.md.
 Writes tools/results/bitwidth_<name>.json and the "Perplexity budgets" section of
 tools/results/bitwidth_<name>.md (the rest of that file is kept).
 
-With --sensitivity kl the table is the measured logits KL (eqcompiler.sensitivity; cached in
+With --sensitivity kl the table is the measured logits KL (eqcompiler.calibration.sensitivity; cached in
 --cache), and the Spearman correlation of KL vs the Gram proxy is reported. --bits 6 --solvers
 dp,entropy adds rows for plain bits budgets solved by each solver from the same table:
 
@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from eqcompiler import bitwidth as bw
-from eqcompiler.artifact import load_ir, model_file, resolve_artifact, size_bytes
+from eqcompiler.compile import bitwidth as bw
+from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact, size_bytes
 from eqcompiler.data import find_wikitext
-from eqcompiler.evaluate import perplexity
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.analysis.evaluate import perplexity
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
 from eqcompiler.passes.gptq import weight_only_sites
-from eqcompiler.pipeline import compile_model
-from eqcompiler.stats import CalibrationStats
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.calibration.stats import CalibrationStats
 
 HERE = pathlib.Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench_bitwidth:begin -->", "<!-- bench_bitwidth:end -->"
@@ -68,10 +68,8 @@ def choose_plans(artifact: pathlib.Path, stats_path: str, rises: list[float], wi
     """The plan apply_precision_plan would pick for each ppl+X%, with probes shared between bounds."""
     stats = CalibrationStats.load(stats_path)
     model = load_ir(model_file(resolve_artifact(artifact)))
-    p = ApplyPrecisionPlanPass(CompileContext(stats=stats, options={"source_folder": str(artifact),
-                                                                     "ppl_windows": windows,
-                                                                     "sensitivity_cache": cache,
-                                                                     "kl_tokens": kl_tokens}))
+    p = ApplyPrecisionPlanPass(CompileContext(stats=stats, source_folder=str(artifact)), ppl_windows=windows,
+                               sensitivity_cache=cache, kl_tokens=kl_tokens)
     start = time.perf_counter()
     groups = weight_only_sites(model.graph, None, None)
     table = [p._sensitivity(g[0].name, g) for g in groups]
@@ -155,7 +153,7 @@ def main() -> None:
     for rise, plan in plans.items():
         out = work / f"ppl{rise:g}"
         bw.save_plan(work / f"plan_ppl{rise:g}.json", plan)
-        compile_model(artifact, "mixed", out, calib=args.stats, overwrite=True, options={"plan": plan})
+        compile_model(artifact, "mixed", out, calib=args.stats, overwrite=True, pass_overrides={"plan": plan})
         test = perplexity(out, TEST, max_tokens=args.test_tokens, window=args.test_window)
         search = plan["search"]
         valid = chosen_ppl(plan)
@@ -171,7 +169,7 @@ def main() -> None:
             plan = bw.make_plan(table, bw.parse_budget(f"{bits}bits"), solver)
             out = work / f"b{bits}-{solver}"
             bw.save_plan(work / f"plan_b{bits}_{solver}.json", plan)
-            compile_model(artifact, "mixed", out, calib=args.stats, overwrite=True, options={"plan": plan})
+            compile_model(artifact, "mixed", out, calib=args.stats, overwrite=True, pass_overrides={"plan": plan})
             test = perplexity(out, TEST, max_tokens=args.test_tokens, window=args.test_window)
             rows.append({"budget": f"{bits}bits ({args.sensitivity}, {solver})", "size_bytes": size_bytes(out),
                          "average_bits": plan["estimated"]["average_bits"], "counts": plan["estimated"]["counts"],

@@ -45,7 +45,7 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
 
 def find_library(cuda: bool) -> pathlib.Path:
     try:
-        from eqcompiler import custom_ops
+        from eqcompiler.runtime import custom_ops
 
         return custom_ops.find_library(cuda=cuda)
     except ImportError:  # running from a checkout without the package installed
@@ -396,7 +396,7 @@ def cpu_time_ms(run: Callable[[], Any], min_s: float = 0.3) -> float:
 def run_cpu(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from eqcompiler import custom_ops
+    from eqcompiler.runtime import custom_ops
 
     lib = custom_ops.find_library()
     rng = np.random.default_rng(0)

@@ -16,11 +16,11 @@ import pathlib
 import platform
 import time
 
-from eqcompiler.artifact import resolve_artifact
+from eqcompiler.artifact.folder import resolve_artifact
 from eqcompiler.data import find_wikitext
-from eqcompiler.decode import chunked_perplexity
+from eqcompiler.runtime.decode import chunked_perplexity
 from eqcompiler.passes.quantize_kv_cache import kv_step
-from eqcompiler.pipeline import compile_model
+from eqcompiler.compile.pipeline import compile_model
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

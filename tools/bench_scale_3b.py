@@ -6,7 +6,7 @@ instantiating one in PyTorch would itself need 12 GB). Each step runs as a separ
 /usr/bin/time -v, which gives its peak resident set size (including memory-mapped weight pages
 it touched) and wall time. Every step must stay under 6 GB: weights are memory-mapped and used one
 layer at a time, never all loaded:
-- calibrate runs layer-streamed (`--stream-layers`, eqcompiler/layer_stream.py: one small ORT
+- calibrate runs layer-streamed (`--stream-layers`, eqcompiler/calibration/layer_stream.py: one small ORT
   session per decoder layer over all windows) and records the 'sample' observer (bounded token rows
   per linear input) so that w8a8-smooth's alpha search needs no whole-model session;
 - compile quantizes one weight at a time and releases its mapping (passes/quantize_weights.py);
@@ -157,7 +157,7 @@ def write_results(rows: list[dict], sizes: dict[str, float], args: argparse.Name
 
 NOTES = """How memory stays bounded:
 - calibrate (`--stream-layers`, chosen automatically when the weights exceed 25% of available memory):
-  eqcompiler/layer_stream.py cuts the graph into one stage per decoder layer (nodes keyed by the layer
+  eqcompiler/calibration/layer_stream.py cuts the graph into one stage per decoder layer (nodes keyed by the layer
   index in the names of the weights they read; weightless nodes sink to their first consumer's stage),
   runs each stage as its own ORT session over all windows with its weights read from the original
   model.onnx.data (the stage graph is passed as bytes, ORT pointed at the artifact folder; nothing is

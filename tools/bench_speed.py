@@ -111,7 +111,7 @@ def cpu_description() -> str:
     """Model name, core count and whether int8 dot products are exact here (VNNI), for the results file."""
     import os
 
-    from eqcompiler.cpu_features import int8_gemm_saturates
+    from eqcompiler.lowering.cpu_features import int8_gemm_saturates
 
     name = "unknown CPU"
     try:

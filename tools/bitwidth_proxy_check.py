@@ -1,4 +1,4 @@
-"""Does the Gram proxy (eqcompiler.bitwidth) rank SmolLM2's layers like the real damage?
+"""Does the Gram proxy (eqcompiler.compile.bitwidth) rank SmolLM2's layers like the real damage?
 
 For a sample of linear layers and precisions, quantize ONE layer (round-to-nearest, as
 apply_precision_plan does) in the PyTorch model, run a few WikiText-2 test windows and measure the
@@ -17,14 +17,14 @@ import pathlib
 import numpy as np
 import torch
 
-from eqcompiler import bitwidth as bw
-from eqcompiler.artifact import load_ir, model_file, resolve_artifact
+from eqcompiler.compile import bitwidth as bw
+from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact
 from eqcompiler.data import find_wikitext, tokenize, windows
-from eqcompiler.pass_base import CompileContext
+from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
 from eqcompiler.passes.gptq import weight_only_sites
 from eqcompiler.passes.quantize_weights import quantize_site_weight
-from eqcompiler.stats import CalibrationStats
+from eqcompiler.calibration.stats import CalibrationStats
 from eqcompiler.models.loaders import load_source
 
 HERE = pathlib.Path(__file__).resolve().parent

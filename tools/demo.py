@@ -31,7 +31,7 @@ def eqc(*args: object) -> str:
 
 def op_library_problem() -> str | None:
     """Why `--target ort-cpu` cannot be compiled here (None when eqc's op library is built)."""
-    from eqcompiler import custom_ops
+    from eqcompiler.runtime import custom_ops
 
     try:
         custom_ops.find_library()

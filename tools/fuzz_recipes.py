@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from eqcompiler import artifact as art_mod
-from eqcompiler.calibrate import instrumented_session, observed_tensors
+from eqcompiler.artifact import folder as art_mod
+from eqcompiler.calibration.calibrate import instrumented_session, observed_tensors
 from eqcompiler.errors import EqcError
 from eqcompiler.models.synthetic import SynthSpec, random_spec, save_artifact
-from eqcompiler.pipeline import compile_model
-from eqcompiler.recipes import builtin_recipes
-from eqcompiler.runtime import causal_feed, make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.compile.pipeline import compile_model
+from eqcompiler.compile.recipes import builtin_recipes
+from eqcompiler.runtime.session import causal_feed, make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "tools" / "results"
@@ -91,7 +91,7 @@ def _vocab_cover_feeds(session: Any, spec: SynthSpec, rng: np.random.Generator) 
 # A known ONNX Runtime (1.32) optimizer fault, not an eqc graph error: on static-shape graphs,
 # MatMulAddFusion turns MatMul+Add (bias) on a 3-D input into Reshape+Gemm and re-creates the
 # activation QuantizeLinear with a uint8 zero point for an int8 output, which ORT then rejects.
-# The graph is valid (onnx.checker passes); eqcompiler.runtime.make_session disables that fusion.
+# The graph is valid (onnx.checker passes); eqcompiler.runtime.session.make_session disables that fusion.
 
 
 def rel_error(y: np.ndarray, ref: np.ndarray) -> float:

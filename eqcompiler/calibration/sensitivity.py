@@ -1,6 +1,6 @@
 """Measured per-layer sensitivity: KL divergence of the final logits, one layer quantized at a time.
 
-The Gram proxy in eqcompiler.bitwidth is local (how hard a weight is to quantize) and misses how
+The Gram proxy in eqcompiler.compile.bitwidth is local (how hard a weight is to quantize) and misses how
 much the network amplifies one layer's error: on SmolLM2 it rates decoder layer 0's q/o/down_proj
 as cheap although those layers alone cost +3.7% perplexity at int4. This module measures instead:
 
@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.atomic import staged_file
+from eqcompiler.artifact.atomic import staged_file
 from eqcompiler.errors import EqcError
 
 KL_FORMAT = 1
@@ -60,10 +60,10 @@ class WeightInputSession:
     """An ORT session on a copy of the float graph in which the named weights are graph inputs."""
 
     def __init__(self, model: ir.Model, weight_names: Sequence[str], embedding_bits: int | None = 8) -> None:
-        from eqcompiler.artifact import MODEL_FILE, save_ir
-        from eqcompiler.graph import embedding_gathers
-        from eqcompiler.qdq import quantize_channelwise
-        from eqcompiler.runtime import make_session
+        from eqcompiler.artifact.folder import MODEL_FILE, save_ir
+        from eqcompiler.compile.graph import embedding_gathers
+        from eqcompiler.compile.qdq import quantize_channelwise
+        from eqcompiler.runtime.session import make_session
 
         probe = model.clone()
         if embedding_bits:  # as apply_precision_plan stores them: int8 symmetric per row (the values it reads)
@@ -87,7 +87,7 @@ class WeightInputSession:
 
     def logits(self, ids: np.ndarray, override: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """[T, V] logits of one window [1, T], with `override` replacing some float weights."""
-        from eqcompiler.runtime import causal_feed
+        from eqcompiler.runtime.session import causal_feed
 
         feed = causal_feed(self.session, ids)
         feed.update(self.weights)

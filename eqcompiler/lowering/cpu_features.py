@@ -5,7 +5,7 @@ import functools
 import pathlib
 import platform
 
-from eqcompiler.qdq import REDUCED_INT8_RANGE
+from eqcompiler.compile.qdq import REDUCED_INT8_RANGE
 
 # How quantize_weights' layer descriptions mark 7-bit (reduce_range) int8 weights.
 REDUCED_MARK = f"[{REDUCED_INT8_RANGE[0]}, {REDUCED_INT8_RANGE[1]}]"

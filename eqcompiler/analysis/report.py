@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler import artifact as art_mod
-from eqcompiler.atomic import staged_file
+from eqcompiler.artifact import folder as art_mod
+from eqcompiler.artifact.atomic import staged_file
 from eqcompiler.errors import EqcError
-from eqcompiler.graph import const_array, find_linear_sites
-from eqcompiler.qdq import QuantizedWeight
+from eqcompiler.compile.graph import const_array, find_linear_sites
+from eqcompiler.compile.qdq import QuantizedWeight
 
 DEFAULT_LAYERS = (r"layers\.0\.self_attn\.q_proj$", r"layers\.0\.mlp\.down_proj$", r"lm_head$")
 OUTLIER_FACTOR = 6.0  # a channel whose absmax exceeds 6x the tensor's median channel absmax
@@ -78,8 +78,8 @@ def _label(model: str | pathlib.Path) -> str:
 
 def _metrics(models: list[str], ppl_text: str | None, ppl_tokens: int, speed: bool, prefill: int, past: int,
              runs: int) -> list[dict[str, Any]]:
-    from eqcompiler import evaluate
-    from eqcompiler.bench import bench
+    from eqcompiler.analysis import evaluate
+    from eqcompiler.analysis.bench import bench
 
     rows = []
     speeds = bench(models, prefill=prefill, past=past, warmup=1, runs=runs) if speed else [None] * len(models)
@@ -184,7 +184,7 @@ def _errors(ref: dict, quants: list[tuple[str, dict]]) -> tuple[str, list[dict[s
 
 
 def _calibration(stats_path: str, tensors: str | None) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
-    from eqcompiler.stats import CalibrationStats
+    from eqcompiler.calibration.stats import CalibrationStats
 
     plt = _plt()
     stats = CalibrationStats.load(stats_path)
@@ -274,7 +274,7 @@ def _precision_plans(models: list[str], labels: list[str]) -> tuple[list[str], i
                   f"<th>proxy error</th></tr>{rows}</table></details>"]
     if parts:
         parts.insert(0, "<h2>Mixed-precision plans</h2><p class=note>bits stored per weight (scales and zero points "
-                        "included) and the Gram proxy of each layer at its chosen precision (eqcompiler/bitwidth.py)</p>")
+                        "included) and the Gram proxy of each layer at its chosen precision (eqcompiler/compile/bitwidth.py)</p>")
     return parts, sum(1 for p in parts if "<img" in p)
 
 

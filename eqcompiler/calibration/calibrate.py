@@ -3,16 +3,16 @@
 The observed tensors (inputs of every quantizable linear layer, and with the "kv" observer the
 KV-cache outputs present.{i}.key/value) are exposed as extra graph outputs of a temporary copy of
 the graph that shares the original weights file; each window's activations update mergeable
-statistics (eqcompiler/observers.py) and are dropped, so memory does not grow with the window count.
+statistics (eqcompiler/calibration/observers.py) and are dropped, so memory does not grow with the window count.
 
 With decode_steps=N, each prefill window is followed by N single-token decode steps that feed the
 window's present KV back as past (the next tokens of the text, teacher-forced), so decode-time
 activations (one token attending to a long cache) are calibrated too.
 
 `Calibrator` computes statistics for any subset of windows; `calibrate()` runs all of them in one
-process and eqcompiler/distributed.py shards them across ranks and merges with collectives.
+process and eqcompiler/calibration/distributed.py shards them across ranks and merges with collectives.
 
-With stream_layers (eqcompiler/layer_stream.py) the graph runs one decoder layer at a time over all
+With stream_layers (eqcompiler/calibration/layer_stream.py) the graph runs one decoder layer at a time over all
 windows instead of one whole-graph session per process, so peak memory is one layer's weights (plus
 the small per-window boundary tensors), not the model; the statistics are the same. stream_layers=None
 chooses it when the weights exceed layer_stream.AUTO_FRACTION of the available memory.
@@ -26,13 +26,13 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import onnx
 
-from eqcompiler import artifact as art_mod
+from eqcompiler.artifact import folder as art_mod
 from eqcompiler.data import calibration_ids, load_tokenizer, read_text
 from eqcompiler.errors import EqcError, NumericsError
-from eqcompiler.graph import find_linear_sites
-from eqcompiler.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
-from eqcompiler.runtime import causal_feed, make_session
-from eqcompiler.stats import CalibrationStats, TensorStats
+from eqcompiler.compile.graph import find_linear_sites
+from eqcompiler.calibration.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
+from eqcompiler.runtime.session import causal_feed, make_session
+from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
 Progress = Callable[[int, int], None]
 
@@ -106,7 +106,7 @@ class Calibrator:
         self._session: Any = None
         self.kv_outputs: list[str] = []
         if stream_layers is None:
-            from eqcompiler.layer_stream import auto_stream
+            from eqcompiler.calibration.layer_stream import auto_stream
 
             self.stream_layers, self.stream_reason = auto_stream(self.model_path)
         else:
@@ -157,7 +157,7 @@ class Calibrator:
     def _run_streamed(self, indices: list[int], stats: dict[str, TensorStats], progress: Progress | None,
                       on_window: Callable[[int], None] | None) -> dict[str, TensorStats]:
         """Stage-major: every window through layer 0, then through layer 1, ... (layer_stream)."""
-        from eqcompiler.layer_stream import StreamedRunner, window_runs
+        from eqcompiler.calibration.layer_stream import StreamedRunner, window_runs
 
         if not indices:
             return stats

@@ -48,8 +48,8 @@ def _repo_build_dirs() -> Iterator[pathlib.Path]:
 
 
 def bundled_library_dir() -> pathlib.Path:
-    """Where an installed eqc keeps the copy of the libraries it was built with."""
-    return pathlib.Path(__file__).resolve().parent
+    """Where an installed eqc keeps the copy of the libraries it was built with: the package root."""
+    return pathlib.Path(__file__).resolve().parents[1]
 
 
 def find_library(cuda: bool = False) -> pathlib.Path:

@@ -8,10 +8,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eqcompiler import artifact as art_mod
+from eqcompiler.artifact import folder as art_mod
 from eqcompiler.data import load_tokenizer, read_text, tokenize, windows
 from eqcompiler.errors import EqcError
-from eqcompiler.runtime import causal_feed, make_session
+from eqcompiler.runtime.session import causal_feed, make_session
 
 
 def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:

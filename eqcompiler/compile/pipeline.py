@@ -10,12 +10,12 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
-from eqcompiler import artifact as art_mod
-from eqcompiler.atomic import staged_dir
+from eqcompiler.artifact import folder as art_mod
+from eqcompiler.artifact.atomic import staged_dir
 from eqcompiler.errors import EqcError
-from eqcompiler.pass_base import CompileContext, available_passes, make_pass
-from eqcompiler.recipes import load_recipe
-from eqcompiler.stats import CalibrationStats
+from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
+from eqcompiler.compile.recipes import load_recipe
+from eqcompiler.calibration.stats import CalibrationStats
 
 
 MIN_OPSET = 21
@@ -33,9 +33,14 @@ def override_pass_options(recipe: dict[str, Any], overrides: dict[str, Any]) -> 
     passes = available_passes()
     steps, taken = [], set()
     for step in recipe["passes"]:
-        fields = {f.name for f in dataclasses.fields(passes[step["pass"]].Options)} if step["pass"] in passes else set()
+        options_cls = passes[step["pass"]].Options if step["pass"] in passes else None
+        fields = {f.name for f in dataclasses.fields(options_cls)} if options_cls else set()
         hits = {k: v for k, v in overrides.items() if k in fields}
         taken |= set(hits)
+        # An override replaces the options it excludes (a --plan replaces the recipe's default --budget).
+        for key in list(hits):
+            for other in getattr(options_cls, "REPLACES", {}).get(key, ()):
+                hits.setdefault(other, None)
         steps.append({**step, "options": {**step.get("options", {}), **hits}} if hits else step)
     unused = sorted(set(overrides) - taken)
     if unused:
@@ -48,7 +53,7 @@ def _refuse_missing_observers(stats: CalibrationStats, recipe: dict[str, Any], r
                               model: str | pathlib.Path) -> None:
     """Statistics that lack an observer a pass cannot run without are refused before any pass runs, with
     the calibrate flag that collects everything the recipe reads."""
-    from eqcompiler.recipes import KV_CACHE_TARGET, recipe_observers
+    from eqcompiler.compile.recipes import KV_CACHE_TARGET, recipe_observers
 
     missing = sorted(recipe_observers(recipe).required - set(stats.observers))
     if missing:
@@ -60,15 +65,15 @@ def _refuse_missing_observers(stats: CalibrationStats, recipe: dict[str, Any], r
 
 
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
-                  overwrite: bool = False, options: dict[str, Any] | None = None,
+                  overwrite: bool = False,
                   extra_steps: list[dict[str, Any]] | None = None, target: str = "portable",
                   pass_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest.
 
-    `target` (eqcompiler.targets) appends lowering or check passes after the recipe's own steps;
+    `target` (eqcompiler.lowering.targets) appends lowering or check passes after the recipe's own steps;
     `pass_overrides` sets options on every recipe step whose pass has them.
     """
-    from eqcompiler.targets import runtime_requirements, target_steps
+    from eqcompiler.lowering.targets import runtime_requirements, target_steps
 
     start = time.perf_counter()
     art = art_mod.resolve_artifact(model)
@@ -103,13 +108,11 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
         # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
         raise EqcError(f"'{model_path}' uses default opset {opset}; eqc compiles opset {MIN_OPSET} or newer "
                        "(re-export it with `eqc export`)")
-    context = CompileContext(stats=stats, manifest=dict(art.manifest), options=dict(options or {}))
+    # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
+    # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
+    context = CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
+                             recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     context.warnings.extend(target_warnings)
-    context.options.setdefault("source_folder", str(art.folder))
-    # What quantize_weights' reduce_range "auto" decides from: where the artifact runs, whether ORT will
-    # fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
-    context.options.setdefault("target", target)
-    context.options.setdefault("recipe_options", {step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     passes = build_passes(recipe, context)
     manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
     try:
@@ -157,7 +160,7 @@ def _refuse_requantizing(parent: dict[str, Any] | None, recipe: dict[str, Any], 
 
 def _effective_target(parent_target: str, target: str, model_path: pathlib.Path) -> str:
     """The target of a recompiled artifact: a lowered (ort-*) artifact keeps its target and takes no other."""
-    from eqcompiler.targets import TARGETS
+    from eqcompiler.lowering.targets import TARGETS
 
     lowered = parent_target not in ("portable", "tensorrt")  # its graph holds runtime-specific ops
     if not lowered or target not in TARGETS or target in ("portable", parent_target):  # unknown: target_steps says so

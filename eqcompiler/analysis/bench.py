@@ -1,6 +1,6 @@
 """`eqc bench`: prefill and decode-step latency, throughput, memory, size and KV-cache cost, side by side.
 
-Each model is measured in its own subprocess (`python -m eqcompiler.bench --worker ...`) so that
+Each model is measured in its own subprocess (`python -m eqcompiler.analysis.bench --worker ...`) so that
 peak-memory figures do not mix and one model's allocator state does not slow the next. Inside the
 worker: RSS is read before the session is created; the peak RSS (ru_maxrss) after all runs minus
 that baseline is the session's peak memory. Timings: `warmup` untimed runs, then `runs` timed runs,
@@ -8,7 +8,7 @@ reported as median/min/max in milliseconds.
 
 - prefill: `prefill` tokens, empty cache, batch 1 (one session.run; logits copied out).
 - decode: one new token with `past` cached tokens, batch 1; the cache is restored to exactly
-  `past` tokens before every timed step (eqcompiler.decode.CacheRunner carries it as OrtValues,
+  `past` tokens before every timed step (eqcompiler.runtime.decode.CacheRunner carries it as OrtValues,
   so a quantized KV cache stays quantized).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from eqcompiler import artifact as art_mod
+from eqcompiler.artifact import folder as art_mod
 from eqcompiler.errors import EqcError
-from eqcompiler.evaluate import timed
+from eqcompiler.analysis.evaluate import timed
 
 FIELDS = ("model", "size_bytes", "prefill", "decode", "peak_rss_mb", "kv_cache", "threads", "ort_version")
 
@@ -54,8 +54,8 @@ def measure(model: str | pathlib.Path, prefill: int = 512, past: int = 512, warm
     """All figures for one model, in this process (the CLI calls this through a worker subprocess)."""
     import onnxruntime as ort
 
-    from eqcompiler.decode import CacheRunner
-    from eqcompiler.runtime import make_session
+    from eqcompiler.runtime.decode import CacheRunner
+    from eqcompiler.runtime.session import make_session
 
     art = art_mod.resolve_artifact(model)
     if art.task != "causal-lm":
@@ -99,7 +99,7 @@ def bench(models: list[str], prefill: int = 512, past: int = 512, warmup: int = 
     results = []
     for model in models:
         art_mod.resolve_artifact(model)  # fail early, with the usual message
-        cmd = [sys.executable, "-m", "eqcompiler.bench", "--worker", str(model), str(prefill), str(past),
+        cmd = [sys.executable, "-m", "eqcompiler.analysis.bench", "--worker", str(model), str(prefill), str(past),
                str(warmup), str(runs), str(threads)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -143,4 +143,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 8 and sys.argv[1] == "--worker":
         _worker(sys.argv[2:])
     else:
-        sys.exit("usage: python -m eqcompiler.bench --worker MODEL PREFILL PAST WARMUP RUNS THREADS")
+        sys.exit("usage: python -m eqcompiler.analysis.bench --worker MODEL PREFILL PAST WARMUP RUNS THREADS")

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from eqcompiler.atomic import staged_file
+from eqcompiler.artifact.atomic import staged_file
 from eqcompiler.errors import EqcError
-from eqcompiler.observers import DEFAULT_OBSERVERS, merge_extra, observe_activation
+from eqcompiler.calibration.observers import DEFAULT_OBSERVERS, merge_extra, observe_activation
 
 STATS_FORMAT = "eqc-calibration-stats"
 STATS_VERSION = 2  # 2: header lists the observers that filled the file

@@ -39,7 +39,7 @@ EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lowe
 def _require_eqc_library(what: str) -> None:
     """ort-cpu without the op library would leave those layers as QDQ graphs that dequantize every weight
     on every run (measured 10.8x slower than fp32 for w8a8-dynamic): refuse instead of warning."""
-    from eqcompiler import custom_ops
+    from eqcompiler.runtime import custom_ops
     from eqcompiler.errors import EnvironmentProblem
 
     try:
@@ -77,7 +77,7 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
         return [{"pass": "check_tensorrt_placement", "options": {"fail": True}}]
     if target == "ort-cuda":
         return _ort_cuda_steps(warnings, recipe)
-    from eqcompiler.pass_base import available_passes
+    from eqcompiler.compile.pass_base import available_passes
 
     known = available_passes()
     needs = _recipe_needs(recipe)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from eqcompiler.errors import EqcError
 
 if TYPE_CHECKING:
-    from eqcompiler.pass_base import ObserverNeeds
+    from eqcompiler.compile.pass_base import ObserverNeeds
 
 RECIPE_KEYS = {"name", "description", "requires_calibration", "passes"}
 STEP_KEYS = {"pass", "options"}
@@ -71,7 +71,7 @@ KV_CACHE_TARGET = "kv"  # `eqc calibrate --for ...,kv`: the observers --kv-bits 
 
 def recipe_observers(recipe: dict[str, Any]) -> ObserverNeeds:
     """The calibration observers a recipe's passes read, with the options the recipe gives them."""
-    from eqcompiler.pass_base import ObserverNeeds, available_passes
+    from eqcompiler.compile.pass_base import ObserverNeeds, available_passes
 
     passes = available_passes()
     needs = ObserverNeeds(required=frozenset({"minmax"}))
@@ -90,7 +90,7 @@ def recipe_observers(recipe: dict[str, Any]) -> ObserverNeeds:
 def observers_for(targets: str) -> tuple[str, ...]:
     """Observers to collect so that statistics serve every recipe in `targets` ("w8a8-smooth,w4-gptq", recipe
     files too; "kv" for --kv-bits): each recipe's required and helpful observers, sorted."""
-    from eqcompiler.pass_base import available_passes
+    from eqcompiler.compile.pass_base import available_passes
 
     wanted: set[str] = {"minmax"}
     for item in (t.strip() for t in targets.split(",")):

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler import artifact as art_mod
-from eqcompiler.graph import const_array, find_linear_sites, layer_name
+from eqcompiler.artifact import folder as art_mod
+from eqcompiler.compile.graph import const_array, find_linear_sites, layer_name
 
 BITS = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4, ir.DataType.UINT4: 4,
         ir.DataType.FLOAT: 32, ir.DataType.FLOAT16: 16, ir.DataType.BFLOAT16: 16, ir.DataType.INT64: 64,

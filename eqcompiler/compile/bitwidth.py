@@ -21,7 +21,7 @@ average bits per planned linear weight ("6bits"), or the bytes of ALL stored wei
 - entropy: the LLMEasyQuant-style heuristic: bits follow each layer's weight-value entropy (more
   entropy, more bits), ignoring the error table (solve_entropy).
 
-Measured sensitivity (option sensitivity "kl", eqcompiler.sensitivity) replaces the proxy in the
+Measured sensitivity (option sensitivity "kl", eqcompiler.calibration.sensitivity) replaces the proxy in the
 table by the mean logits KL with one layer quantized at a time, which sees error propagation.
 
 W8A8 (int8 weights per channel + static int8 per-tensor quantization of the layer's INPUT) is a
@@ -50,9 +50,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from eqcompiler.atomic import staged_file
+from eqcompiler.artifact.atomic import staged_file
 from eqcompiler.errors import EqcError
-from eqcompiler.recipes import read_json_file
+from eqcompiler.compile.recipes import read_json_file
 
 # name -> (bits, block_size, symmetric); None = keep the float weight.
 PRECISIONS: dict[str, tuple[int, int, bool] | None] = {
@@ -70,7 +70,7 @@ PPL_WINDOWS = 4  # held-out calibration windows each perplexity probe scores (de
 PPL_STEPS = 7  # bisection steps of the perplexity search: at most 2 + PPL_STEPS compiled probes
 GRID_LIMIT = 4 ** 10  # exhaustive search is refused above this many combinations
 ENTROPY_SPREAD = 2.0  # solver "entropy": bits of target per standard deviation of weight entropy
-SENSITIVITIES = ("proxy", "kl")  # Gram proxy (default) or measured logits KL (eqcompiler.sensitivity)
+SENSITIVITIES = ("proxy", "kl")  # Gram proxy (default) or measured logits KL (eqcompiler.calibration.sensitivity)
 
 
 def stored_bytes(precision: str, k: int, n: int, float_bytes: int = 4) -> int:
@@ -127,7 +127,7 @@ class Layer:
     choices: list[str]
     nbytes: list[int]
     error: list[float]  # proxy error, or measured logits KL (sensitivity "kl")
-    entropy: float = 0.0  # weight-value entropy in bits (eqcompiler.sensitivity.weight_entropy); solver "entropy"
+    entropy: float = 0.0  # weight-value entropy in bits (eqcompiler.calibration.sensitivity.weight_entropy); solver "entropy"
 
 
 def parse_choices(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from eqcompiler import artifact as art_mod
-from eqcompiler.atomic import staged_dir
+from eqcompiler.artifact import folder as art_mod
+from eqcompiler.artifact.atomic import staged_dir
 from eqcompiler.errors import ParityError
-from eqcompiler.graph import embedding_gathers, find_linear_sites, weight_array
+from eqcompiler.compile.graph import embedding_gathers, find_linear_sites, weight_array
 from eqcompiler.models.loaders import LoadedModel, load_source
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def torch_reference(loaded: LoadedModel, feed: dict[str, np.ndarray], names: lis
 
 def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
     """ORT vs PyTorch on a prompt (past 0) and a decode step (one token, past > 0)."""
-    from eqcompiler.runtime import make_session
+    from eqcompiler.runtime.session import make_session
 
     session = make_session(model_path)
     names = [i.name for i in session.get_inputs()]

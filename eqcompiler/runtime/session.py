@@ -46,7 +46,7 @@ def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     try:
-        from eqcompiler import custom_ops
+        from eqcompiler.runtime import custom_ops
 
         if not isinstance(model, bytes) and custom_ops.uses_eqc_domain(str(model)):
             custom_ops.register(opts)

@@ -208,7 +208,7 @@ class StreamedRunner:
             progress: Callable[[int, int], None] | None = None) -> None:
         """runs[w][r]: graph-input feed of window w's run r (0: prefill; later: decode steps whose
         past_key_values.* come from the same stage's present.* of run r-1 when `kv_carry`)."""
-        from eqcompiler.runtime import make_session
+        from eqcompiler.runtime.session import make_session
 
         later_reads: dict[str, int] = {}  # tensor -> last stage position that reads it
         for pos, stage in enumerate(self.stages):
@@ -264,7 +264,7 @@ def window_runs(ids: np.ndarray, starts: Iterable[int], seq_len: int, decode_ste
                 graph_inputs: _GraphInputs, encoder_feed: Callable[[np.ndarray], dict[str, np.ndarray]]
                 ) -> list[list[dict[str, np.ndarray]]]:
     """Graph-input feeds of every run of every window (decode steps leave their past to the runner)."""
-    from eqcompiler.runtime import causal_feed
+    from eqcompiler.runtime.session import causal_feed
 
     out = []
     for start in starts:

@@ -15,11 +15,11 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from eqcompiler import artifact as art_mod
+from eqcompiler.artifact import folder as art_mod
 from eqcompiler.data import load_tokenizer, read_text, tokenize
 from eqcompiler.errors import EqcError
-from eqcompiler.evaluate import score_windows
-from eqcompiler.runtime import empty_past, make_session
+from eqcompiler.analysis.evaluate import score_windows
+from eqcompiler.runtime.session import empty_past, make_session
 
 PAST, PRESENT = "past_key_values.", "present."
 

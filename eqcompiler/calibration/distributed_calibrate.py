@@ -1,8 +1,8 @@
-"""One rank of a distributed calibration run (see eqcompiler/distributed.py).
+"""One rank of a distributed calibration run (see eqcompiler/calibration/distributed.py).
 
-    torchrun --nproc-per-node 2 -m eqcompiler.distributed_calibrate MODEL --data valid.txt -o stats.npz
+    torchrun --nproc-per-node 2 -m eqcompiler.calibration.distributed_calibrate MODEL --data valid.txt -o stats.npz
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m eqcompiler.distributed_calibrate MODEL --data valid.txt -o stats.npz
+        -m eqcompiler.calibration.distributed_calibrate MODEL --data valid.txt -o stats.npz
 
 Every rank takes windows rank, rank+N, ...; statistics are merged with collectives and rank 0
 writes the file. `eqc calibrate --workers N` launches this module N times on one machine.
@@ -28,9 +28,9 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
     import torch
     import torch.distributed as dist
 
-    from eqcompiler.calibrate import Calibrator, tqdm_progress
-    from eqcompiler.distributed import init_process_group, merge_stats, shard, threads_per_rank
-    from eqcompiler.stats import CalibrationStats
+    from eqcompiler.calibration.calibrate import Calibrator, tqdm_progress
+    from eqcompiler.calibration.distributed import init_process_group, merge_stats, shard, threads_per_rank
+    from eqcompiler.calibration.stats import CalibrationStats
 
     start = time.perf_counter()
     rank, world, device = init_process_group()
@@ -80,7 +80,7 @@ def _gather_samples(stats: dict, samples: dict, rank: int, world: int) -> None:
     """Rank 0 merges every rank's bottom-k samples (exact: union, keep the smallest keys)."""
     import torch.distributed as dist
 
-    from eqcompiler.observers import merge_extra
+    from eqcompiler.calibration.observers import merge_extra
 
     gathered: list | None = [None] * world if rank == 0 else None
     dist.gather_object(samples, gathered, dst=0)

@@ -5,13 +5,13 @@ collectives (all_reduce MIN/MAX for ranges, SUM for counts, histograms, abssum a
 and rank 0 writes the file (staged: temp file + rename, so a failure writes nothing).
 
 Min/max, counts and histograms merge bit-identically to a single-process run (histogram ranges are
-powers of two, see eqcompiler/observers.py); float64 sums agree to rounding (~1e-15 relative).
+powers of two, see eqcompiler/calibration/observers.py); float64 sums agree to rounding (~1e-15 relative).
 
 Two ways to run it:
 - `eqc calibrate --workers N` (launch_local): spawns N local processes of
-  `python -m eqcompiler.distributed_calibrate`, rendezvous on a free localhost port, and watches
+  `python -m eqcompiler.calibration.distributed_calibrate`, rendezvous on a free localhost port, and watches
   them: if one dies, the others are stopped at once and the command fails naming the rank.
-- `torchrun --nproc-per-node N [--nnodes ... --rdzv-endpoint ...] -m eqcompiler.distributed_calibrate MODEL ...`:
+- `torchrun --nproc-per-node N [--nnodes ... --rdzv-endpoint ...] -m eqcompiler.calibration.distributed_calibrate MODEL ...`:
   the module reads the usual RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR /
   MASTER_PORT variables; torchrun stops the surviving ranks when one fails.
 
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from eqcompiler.errors import EqcError
-from eqcompiler.stats import TensorStats
+from eqcompiler.calibration.stats import TensorStats
 
 _PACK_LIMIT = 1 << 20  # arrays larger than this are reduced on their own instead of packed
 
@@ -128,7 +128,7 @@ def merge_stats(stats: dict[str, TensorStats], device: Any = "cpu") -> None:
     import torch.distributed as dist
     from torch.distributed import ReduceOp
 
-    from eqcompiler.observers import rebin
+    from eqcompiler.calibration.observers import rebin
 
     names = sorted(stats)
     digest = int.from_bytes(hashlib.sha256(json.dumps(_layout(stats)).encode()).digest()[:7], "big")
@@ -213,7 +213,7 @@ def _last_error_line(path: pathlib.Path | None) -> str:
 
 def launch_local(workers: int, rank_args: Sequence[str], summary: bool = True,
                  threads: int | None = None, poll_s: float = 0.1, grace_s: float = 5.0) -> dict[str, Any]:
-    """Run `python -m eqcompiler.distributed_calibrate RANK_ARGS` as `workers` local ranks and watch them.
+    """Run `python -m eqcompiler.calibration.distributed_calibrate RANK_ARGS` as `workers` local ranks and watch them.
 
     Returns rank 0's JSON summary. If any rank fails, the others are stopped (terminate, then kill
     after `grace_s`) and an EqcError names the rank and its last error line; nothing is written.
@@ -232,7 +232,7 @@ def launch_local(workers: int, rank_args: Sequence[str], summary: bool = True,
                        LOCAL_WORLD_SIZE=str(workers), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        EQC_THREADS=str(per_rank), OMP_NUM_THREADS=str(per_rank), OPENBLAS_NUM_THREADS=str(per_rank),
                        MKL_NUM_THREADS=str(per_rank), EQC_CALIB_SUMMARY=str(summary_path))
-            cmd = [sys.executable, "-m", "eqcompiler.distributed_calibrate", *rank_args, "--threads", str(per_rank)]
+            cmd = [sys.executable, "-m", "eqcompiler.calibration.distributed_calibrate", *rank_args, "--threads", str(per_rank)]
             if rank == 0:  # rank 0 shows the progress bar on our stderr
                 log = None
                 procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))

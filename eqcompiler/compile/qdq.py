@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.graph import new_initializer
+from eqcompiler.compile.graph import new_initializer
 
 INT_RANGES = {  # (qmin, qmax, numpy storage dtype, onnx-ir dtype)
     ("int", 8): (-128, 127, np.int8, ir.DataType.INT8),

@@ -17,13 +17,21 @@ from eqcompiler.errors import EqcError
 
 @dataclasses.dataclass
 class CompileContext:
-    """What passes may read besides the model: calibration statistics and a place to report."""
+    """What passes may read besides the model and their own options, and where they report.
 
-    stats: Any = None  # eqcompiler.stats.CalibrationStats or None
+    Read-only inputs: the calibration statistics, the source manifest, the target and every step's options.
+    Written: `report` and `warnings` (into the new manifest), `per_token_inputs` (smooth_quant tells
+    quantize_activations which inputs it scored for per-token int8).
+    """
+
+    stats: Any = None  # eqcompiler.calibration.stats.CalibrationStats or None
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    target: str = "portable"  # eqcompiler.lowering.targets.TARGETS
+    recipe_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # pass name -> its options
+    source_folder: str | None = None  # the artifact compiled from (its tokenizer and weights)
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # compile-wide (e.g. plan, budget)
+    per_token_inputs: list[str] = dataclasses.field(default_factory=list)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

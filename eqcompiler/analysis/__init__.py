@@ -1,0 +1,1 @@
+"""Analysis: eval (perplexity, embedding cosine), bench, report and inspect over artifacts."""

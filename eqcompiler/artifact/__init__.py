@@ -1,0 +1,1 @@
+"""The artifact: the folder a compile writes (model, external data, manifest, tokenizer), written atomically."""

@@ -1,0 +1,1 @@
+"""Runtime: ONNX Runtime sessions on artifacts, the KV-cache decode loop, eqc's custom-op library."""
