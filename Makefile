@@ -33,8 +33,8 @@ ops:
 	bash cuda_ops/build.sh
 
 # EQC_REQUIRE_INSTALLED makes the packaging test check that eqcompiler came from site-packages.
-# Two pytest-xdist workers (the machine has 2 cores); --dist loadgroup keeps every SmolLM2 test on one worker
-# so the real model is exported and calibrated once (tests/conftest.py groups them).
+# Two pytest-xdist workers (the machine has 2 cores); the real model is exported, calibrated and compiled once
+# per run and shared by both (tests/conftest.py); --dist loadgroup keeps the browser tests on one worker.
 PYTEST := cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 # The browser page's packages (onnxruntime-web, tokenizer, puppeteer-core; never a browser download), installed

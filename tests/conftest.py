@@ -56,10 +56,8 @@ TINY_MODEL_FIXTURES = {"tiny_hf", "tiny_artifact", "tiny_llama_stats"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & REAL_MODEL_FIXTURES:
+        if fixtures & REAL_MODEL_FIXTURES:  # built once per run and shared by the xdist workers (_built_once)
             item.add_marker(pytest.mark.slow)
-            # Under pytest-xdist (make test), every SmolLM2 test runs on one worker: one export, one calibration.
-            item.add_marker(pytest.mark.xdist_group("smollm2"))
         code = getattr(getattr(item, "function", None), "__code__", None)
         if fixtures & TINY_MODEL_FIXTURES or (code is not None and "run_eqc" in code.co_names):
             item.add_marker(pytest.mark.e2e)
@@ -130,30 +128,43 @@ def tiny_llama_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> pathlib.Path:
+    """`build(path)` run once per test run, however many pytest-xdist workers ask: the first worker builds
+    under a lock in the run's shared temporary root, the others wait and reuse its result."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gwN/.. is shared by the workers of one run
+    target, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            build(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def smollm2_artifact(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """The real SmolLM2-135M exported once per test session (about 40 s)."""
+    """The real SmolLM2-135M exported once per test run (about 40 s)."""
     from eqcompiler.export.hf import export
 
-    out = tmp_path_factory.mktemp("smollm2") / "fp32"
-    export("smollm2", out)
-    return out
+    return _built_once(tmp_path_factory, "smollm2-fp32", lambda out: export("smollm2", out))
 
 
 @pytest.fixture(scope="session")
 def smollm2_stats(smollm2_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     from eqcompiler.calibration.calibrate import calibrate
 
-    out = tmp_path_factory.mktemp("smollm2-stats") / "stats.npz"
-    calibrate(smollm2_artifact, WIKI_VALID, samples=8, seq_len=512, out=out)
-    return out
+    return _built_once(tmp_path_factory, "smollm2-stats.npz",
+                       lambda out: calibrate(smollm2_artifact, WIKI_VALID, samples=8, seq_len=512, out=out))
 
 
 @pytest.fixture(scope="session")
 def smollm2_w8a8_dynamic(smollm2_artifact, smollm2_stats, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """SmolLM2 compiled with w8a8-dynamic (portable QDQ) once per test session (about 2 min)."""
+    """SmolLM2 compiled with w8a8-dynamic (portable QDQ) once per test run (about 2 min)."""
     from eqcompiler.compile.pipeline import compile_model
 
-    out = tmp_path_factory.mktemp("smollm2-w8a8-dynamic") / "qdq"
-    compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats))
-    return out
+    return _built_once(tmp_path_factory, "smollm2-w8a8-dynamic",
+                       lambda out: compile_model(smollm2_artifact, "w8a8-dynamic", out, calib=str(smollm2_stats)))
