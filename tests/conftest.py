@@ -13,6 +13,11 @@ import sys
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test runs two workers on two cores: one thread each, so ORT's and OpenMP's spinning worker threads
+    # never compete with the other worker's for a core (tests that measure threads set their own).
+    os.environ.setdefault("EQC_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("EQC_THREADS", "2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -136,7 +141,7 @@ def _built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> p
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # popen-gwN/.. is shared by the workers of one run
-    target, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    target, done = root / "built-once" / name, root / "built-once" / f"{name}.done"
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not done.exists():
