@@ -11,6 +11,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 from typing import Any, Callable
 
 import click
@@ -51,7 +52,10 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except EqcError as exc:
-            click.echo(f"error: {exc}", err=True)
+            if exc.exit_code == 1 and os.environ.get("EQC_DEBUG"):  # an internal error, named: show where
+                raise
+            hint = " (set EQC_DEBUG=1 for a traceback)" if exc.exit_code == 1 else ""
+            click.echo(f"error: {exc}{hint}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             from eqcompiler.artifact.atomic import COMMITTED
@@ -133,11 +137,16 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
               skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, workers: int, threads: int | None,
               stream_layers: bool | None, as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
-    from eqcompiler.calibration.calibrate import calibrate as do_calibrate, tqdm_progress
-    from eqcompiler.calibration.observers import parse_observers
+    from eqcompiler.calibration.calibrate import calibrate as do_calibrate, check_options, tqdm_progress
 
-    if out.exists() and not overwrite:
-        raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
+    check_options(samples, seq_len, decode_steps)  # limits first: one line, exit 2, before any work
+    if workers < 1:
+        raise EqcError(f"--workers must be at least 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise EqcError(f"--threads must be at least 1, got {threads}")
+    from eqcompiler.artifact.atomic import check_output_file
+
+    check_output_file(out, overwrite)  # exists, a folder, missing or read-only folder: before any work
     observers = ",".join(_observers_to_collect(observers, for_recipes))  # a bad name fails before any work
     reason = "--stream-layers" if stream_layers else ""
     if stream_layers is None:  # decided here (for every rank) and said in the summary
@@ -146,13 +155,18 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
 
         stream_layers, reason = auto_stream(model_file(resolve_artifact(model)))
     if workers > 1:
+        from eqcompiler.artifact.folder import resolve_artifact
+        from eqcompiler.calibration.calibrate import check_positions
         from eqcompiler.calibration.distributed import launch_local
+
+        check_positions(resolve_artifact(model).folder, seq_len, decode_steps)  # once here, not in every rank
 
         args = [model, "--data", text, "--samples", str(samples), "--seq-len", str(seq_len), "-o", str(out),
                 "--observers", observers, "--decode-steps", str(decode_steps)]
         args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite + ["--stream-layers"] * stream_layers
         result = launch_local(workers, args, threads=threads)
     else:
+        start = time.perf_counter()
         progress, close = tqdm_progress("calibrate")
         try:
             stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite,
@@ -160,7 +174,9 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
                                  observers=observers, decode_steps=decode_steps, stream_layers=stream_layers)
         finally:
             close()
-        result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta}
+        # The run's time and worker count are said here, not written into the statistics file.
+        result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta, "workers": 1,
+                  "seconds": round(time.perf_counter() - start, 2)}
     result["stream_reason"] = reason
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
                                       f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "

@@ -44,6 +44,9 @@ def read_text(path: str | pathlib.Path) -> tuple[str, str]:
 def load_tokenizer(folder: pathlib.Path) -> Any:
     import transformers
 
+    from eqcompiler.artifact.folder import carried_files
+
+    carried_files(folder)  # a tokenizer file that is a link (perhaps leading outside) or oversized: refused
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:

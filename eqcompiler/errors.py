@@ -28,3 +28,9 @@ class NumericsError(EqcError):
 
 class EnvironmentProblem(EqcError):
     exit_code = 4
+
+
+class InternalError(EqcError):
+    """A bug, said in one line (e.g. an unexpected exception inside a compiler pass, named)."""
+
+    exit_code = 1

@@ -75,6 +75,7 @@ class ApplyPrecisionPlanOptions:
                            f"got {self.sensitivity!r}")
         if int(self.kl_windows) < 1 or int(self.kl_tokens) < 2:
             raise EqcError("apply_precision_plan: kl_windows must be >= 1 and kl_tokens >= 2")
+        sens.check_cache_option(self.sensitivity_cache)  # confined to the user cache folder, refused up front
 
 
 class ApplyPrecisionPlanPass(EqcPass):

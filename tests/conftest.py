@@ -124,6 +124,17 @@ def tiny_artifact(tiny_hf, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(scope="module")
+def llama(tiny_artifact) -> pathlib.Path:
+    """The tiny llama artifact (bad-input and hardening tests copy it before breaking it)."""
+    return tiny_artifact("llama")
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_llama_stats) -> pathlib.Path:
+    return tiny_llama_stats
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_stats(tiny_artifact, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     from eqcompiler.calibration.calibrate import calibrate

@@ -66,16 +66,6 @@ def set_location(folder: pathlib.Path, location: str) -> str:
     return target.name
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_artifact) -> pathlib.Path:
-    return tiny_artifact("llama")
-
-
-@pytest.fixture(scope="module")
-def stats(tiny_llama_stats) -> pathlib.Path:
-    return tiny_llama_stats
-
-
 def synthetic(folder: pathlib.Path, mutate=None, **spec_kw) -> pathlib.Path:
     """A small synthetic decoder artifact (no tokenizer), optionally edited before saving."""
     from eqcompiler.artifact import folder as art_mod
@@ -150,7 +140,7 @@ def test_external_data_parent_escape(llama, tmp_path, command, wiki_valid):
     shutil.copy(bad / "model.onnx.data", tmp_path / "x")
     set_location(bad, "../x")
     out = tmp_path / "out"
-    args = {"compile": ["--recipe", "w8", "-o", out], "calibrate": ["--data", wiki_valid, "-o", out],
+    args = {"compile": ["--recipe", "w8", "-o", out], "calibrate": ["--data", wiki_valid, "--seq-len", "64", "-o", out],
             "eval": ["--ppl", wiki_valid, "--max-tokens", "256", "--window", "64"]}[command]
     line = assert_refused(run_eqc(command, bad, *args, check=False), out=out)
     assert re.search("outside the model folder|escapes model directory", line), line
@@ -280,9 +270,9 @@ def test_samples_zero(llama, tmp_path, wiki_valid):
 
 
 def test_window_larger_than_text(llama, tmp_path):
-    (tmp_path / "short.txt").write_text("the cat sat on the mat . " * 10)
+    (tmp_path / "short.txt").write_text("the cat sat . " * 5)
     out = tmp_path / "s.npz"
-    assert_refused(run_eqc("calibrate", llama, "--data", tmp_path / "short.txt", "--seq-len", "4096", "-o", out,
+    assert_refused(run_eqc("calibrate", llama, "--data", tmp_path / "short.txt", "--seq-len", "120", "-o", out,
                            check=False), "fewer than one window", out=out)
 
 

@@ -523,8 +523,10 @@ def test_report_has_the_plan_section(tiny_artifact, gram_stats, tmp_path: pathli
 
 def _kl_compile(art: pathlib.Path, stats: pathlib.Path, out: pathlib.Path, cache: pathlib.Path, budget: str,
                 **extra) -> dict:
+    from eqcompiler.calibration.sensitivity import grant_cache_folder
     from eqcompiler.compile.pipeline import compile_model
 
+    grant_cache_folder(cache)  # a folder the caller chose (a recipe alone may only name the user cache folder)
     manifest = compile_model(art, "mixed", out, calib=str(stats), overwrite=True,
                              pass_overrides={"budget": budget, "sensitivity": "kl", "sensitivity_cache": str(cache), **extra})
     return manifest["quantization"]["report"]["apply_precision_plan"]

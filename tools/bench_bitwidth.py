@@ -67,6 +67,11 @@ def choose_plans(artifact: pathlib.Path, stats_path: str, rises: list[float], wi
                  solver: str = "dp", kl_tokens: int | None = None) -> tuple[dict[float, dict[str, Any]], dict[str, Any], list[bw.Layer]]:
     """The plan apply_precision_plan would pick for each ppl+X%, with probes shared between bounds."""
     stats = CalibrationStats.load(stats_path)
+    if cache is not None and str(cache).lower() != "none":  # the user's --cache flag
+        from eqcompiler.calibration.sensitivity import grant_cache_folder
+
+        grant_cache_folder(pathlib.Path(cache) if pathlib.Path(cache).is_dir() or not pathlib.Path(cache).suffix
+                           else pathlib.Path(cache).parent)
     model = load_ir(model_file(resolve_artifact(artifact)))
     p = ApplyPrecisionPlanPass(CompileContext(stats=stats, source_folder=str(artifact)), ppl_windows=windows,
                                sensitivity_cache=cache, kl_tokens=kl_tokens)

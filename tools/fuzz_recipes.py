@@ -63,7 +63,7 @@ def calibrate_feeds(model_path: pathlib.Path, feeds: list[dict[str, np.ndarray]]
             stats[name].update(value, observers)
     meta = {"model_fingerprint": art_mod.model_fingerprint(model_path), "observers": list(observers),
             "data": {"path": text_path, "sha256": "", "samples": len(feeds),
-                     "seq_len": int(feeds[0]["input_ids"].shape[1]), "decode_steps": 0}, "seconds": 0.0}
+                     "seq_len": int(feeds[0]["input_ids"].shape[1]), "decode_steps": 0}}
     return CalibrationStats(meta=meta, tensors=stats)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.artifact import folder as art_mod
-from eqcompiler.artifact.atomic import staged_file
+from eqcompiler.artifact.atomic import check_output_file, staged_file
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import const_array, find_linear_sites
 from eqcompiler.compile.qdq import QuantizedWeight
@@ -294,8 +294,7 @@ def build_report(out: pathlib.Path, models: list[str], ppl_text: str | None = No
     if not models:
         raise EqcError("give at least one artifact with --models")
     out = pathlib.Path(out)
-    if out.exists() and not overwrite:
-        raise EqcError(f"'{out}' exists; pass --overwrite to replace it")
+    check_output_file(out, overwrite)  # exists, a folder, missing or read-only folder: before any work
     _plt()
     rows = _metrics(models, ppl_text, ppl_tokens, speed, prefill, past, runs)
     weights = [(row["label"], layer_weights(m)) for row, m in zip(rows, models)]

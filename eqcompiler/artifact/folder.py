@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
-import shutil
+import stat
 from typing import Any
 
 import onnx
@@ -21,8 +22,15 @@ DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "eqc-artifact"
 MANIFEST_VERSION = 1
-# Files copied from one artifact into the next (tokenizer and config travel with the model).
-CARRIED_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+# Files copied from one artifact into the next (tokenizer and config travel with the model): an explicit
+# list of names, never anything else that lies beside the model (notes.txt, a stray dump, ...).
+CARRIED_FILES = (
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+CARRIED_MAX_BYTES = 64 << 20  # per carried file (a SmolLM2 tokenizer.json is 2.1 MB)
 
 
 @dataclasses.dataclass
@@ -70,18 +78,51 @@ def model_file(art: Artifact) -> pathlib.Path:
     return art.folder / art.manifest.get("model_file", MODEL_FILE)
 
 
-def _check_external_data(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
-    """Refuse external-data locations outside the model folder before anything reads them."""
-    root = folder.resolve()
+def confined(folder: pathlib.Path, name: str, what: str) -> pathlib.Path:
+    """The file `name` (as a model, recipe or statistics file names it) inside `folder`, resolved.
+
+    The one place eqc turns a name found in a file into a path: an absolute name, a name that climbs out
+    with '..', or one whose symbolic links lead outside the folder is refused (EqcError, exit 2).
+    """
+    root = pathlib.Path(folder).resolve()
+    target = (root / name).resolve()
+    if not name or pathlib.PurePath(name).is_absolute() or root not in target.parents:
+        raise EqcError(f"{what} '{name}' outside the model folder; refused")
+    return target
+
+
+def external_data_locations(proto: onnx.ModelProto) -> dict[str, str]:
+    """{location: first tensor naming it} of every external-data file the graph references, sorted."""
+    found: dict[str, str] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if pathlib.PurePath(location).is_absolute() or root not in target.parents:
-            raise EqcError(f"tensor '{tensor.name}' points at external data '{location}' outside the model folder; refused")
+        found.setdefault(location, tensor.name)
+    return dict(sorted(found.items()))
+
+
+def external_data_files(proto: onnx.ModelProto, folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """{location: resolved path} of the graph's external-data files, each confined to `folder` and present."""
+    files = {}
+    for location, tensor in external_data_locations(proto).items():
+        target = confined(folder, location, f"tensor '{tensor}' points at external data")
         if not target.is_file():
-            raise EqcError(f"external data file '{location}' for tensor '{tensor.name}' is missing")
+            raise EqcError(f"external data file '{location}' for tensor '{tensor}' is missing")
+        files[location] = target
+    return files
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: pathlib.Path) -> None:
+    """Refuse external-data locations outside the model folder before anything reads them."""
+    external_data_files(proto, folder)
+
+
+def _graph_proto(p: pathlib.Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise EqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__})") from None
 
 
 def load_ir(path: str | pathlib.Path) -> ir.Model:
@@ -91,10 +132,7 @@ def load_ir(path: str | pathlib.Path) -> ir.Model:
         p = model_file(resolve_artifact(p))
     if not p.is_file():
         raise EqcError(f"model file '{p}' does not exist")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise EqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__})") from None
+    proto = _graph_proto(p)
     if not proto.graph.node and not proto.graph.output:
         raise EqcError(f"'{p}' is not an ONNX model (empty or truncated file)")
     if not any(op.domain in ("", "ai.onnx") for op in proto.opset_import):
@@ -133,37 +171,88 @@ def default_opset(proto: onnx.ModelProto) -> int:
     return max((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), default=0)
 
 
+def carried_files(src: pathlib.Path) -> list[str]:
+    """The carried files present in `src` (names from CARRIED_FILES), after refusing any that is a symbolic
+    link, not a regular file, or larger than CARRIED_MAX_BYTES (EqcError, exit 2)."""
+    present = []
+    for name in CARRIED_FILES:
+        path = pathlib.Path(src) / name
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        _check_carried(path, info)
+        present.append(name)
+    return present
+
+
+def _check_carried(path: pathlib.Path, info: os.stat_result) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise EqcError(f"'{path}' is a symbolic link; eqc carries tokenizer and config files only as regular files "
+                       "inside the model folder (replace the link by the file)")
+    if not stat.S_ISREG(info.st_mode):
+        raise EqcError(f"'{path}' is not a regular file")
+    if info.st_size > CARRIED_MAX_BYTES:
+        raise EqcError(f"'{path}' is {info.st_size} bytes, over the {CARRIED_MAX_BYTES >> 20} MiB limit for a "
+                       "tokenizer or config file")
+
+
 def copy_carried_files(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Copy tokenizer/config files (not the model or manifest) from one artifact to the next."""
-    for item in src.iterdir():
-        if item.is_file() and item.suffix in CARRIED_SUFFIXES and item.name != MANIFEST_FILE:
-            shutil.copy2(item, dst / item.name)
+    """Copy the tokenizer/config files (CARRIED_FILES only) from one artifact to the next.
+
+    Each is opened without following a symbolic link (O_NOFOLLOW) and checked again on the open
+    descriptor, so a file swapped for a link after carried_files() looked at it is refused too.
+    """
+    for name in carried_files(src):
+        path = pathlib.Path(src) / name
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise EqcError(f"cannot read '{path}': {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            _check_carried(path, info)
+            data = fh.read(CARRIED_MAX_BYTES + 1)
+        if len(data) > CARRIED_MAX_BYTES:
+            raise EqcError(f"'{path}' grew over the {CARRIED_MAX_BYTES >> 20} MiB limit while being copied")
+        (pathlib.Path(dst) / name).write_bytes(data)
+        os.utime(pathlib.Path(dst) / name, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 def model_fingerprint(path: str | pathlib.Path) -> str:
-    """A hash of the graph and weights that tells one model from another (stats refuse a stranger)."""
+    """A hash of the graph and of every external-data file it references (by the location the graph
+    names, read through the confinement check): statistics refuse a stranger whatever its data file is called.
+
+    For the usual artifact (one file, model.onnx.data) this is sha256(graph bytes + data bytes), as before;
+    with several files each is preceded by its location and size, so bytes cannot move between files.
+    """
     p = pathlib.Path(path)
     if p.is_dir():
         p = model_file(resolve_artifact(p))
-    digest = hashlib.sha256()
-    digest.update(p.read_bytes())
-    data = p.parent / DATA_FILE
-    if data.is_file():
-        with open(data, "rb") as fh:
+    if not p.is_file():
+        raise EqcError(f"model file '{p}' does not exist")
+    graph = p.read_bytes()
+    digest = hashlib.sha256(graph)
+    try:
+        proto = onnx.load_from_string(graph)
+    except Exception as exc:
+        raise EqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__})") from None
+    files = external_data_files(proto, p.parent)
+    for location, target in files.items():
+        if len(files) > 1:
+            digest.update(f"\0{location}\0{target.stat().st_size}\0".encode())
+        with open(target, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:32]
 
 
 def size_bytes(folder_or_model: pathlib.Path) -> int:
-    """Bytes of the model graph plus its external data."""
+    """Bytes of the model graph plus the external-data files it references."""
     p = pathlib.Path(folder_or_model)
     model_path = model_file(resolve_artifact(p)) if p.is_dir() else p
-    total = model_path.stat().st_size
-    data = model_path.parent / DATA_FILE
-    if data.is_file():
-        total += data.stat().st_size
-    return total
+    files = external_data_files(_graph_proto(model_path), model_path.parent)
+    return model_path.stat().st_size + sum(f.stat().st_size for f in files.values())
 
 
 def write_manifest(folder: pathlib.Path, manifest: dict[str, Any]) -> None:

@@ -19,8 +19,8 @@ chooses it when the weights exceed layer_stream.AUTO_FRACTION of the available m
 """
 from __future__ import annotations
 
+import json
 import pathlib
-import time
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -63,6 +63,43 @@ def instrumented_session(model_path: pathlib.Path, tensors: list[str], threads: 
     return make_session(proto.SerializeToString(), threads=threads, external_data_dir=model_path.parent)
 
 
+def max_positions(folder: pathlib.Path) -> int | None:
+    """The longest sequence the model was built for, from its config.json (max_position_embeddings, or
+    n_positions for GPT-2); None when the folder has no readable config that says."""
+    if "config.json" not in art_mod.carried_files(folder):  # refuses a linked or oversized config.json
+        return None
+    try:
+        config = json.loads((pathlib.Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_options(samples: int, seq_len: int, decode_steps: int = 0) -> None:
+    """Refuse window options no model can run (one line, exit 2)."""
+    if samples < 1:
+        raise EqcError(f"--samples must be at least 1, got {samples}")
+    if seq_len < 2:
+        raise EqcError(f"window length must be at least 2 tokens, got {seq_len}")
+    if decode_steps < 0:
+        raise EqcError(f"--decode-steps must be 0 or more, got {decode_steps}")
+
+
+def check_positions(folder: pathlib.Path, seq_len: int, decode_steps: int = 0) -> None:
+    """Refuse windows longer than the positions the model was built for, before any session (exit 2)."""
+    limit = max_positions(folder)
+    if limit is not None and seq_len + decode_steps > limit:
+        raise EqcError(f"--seq-len {seq_len}" + (f" plus --decode-steps {decode_steps}" if decode_steps else "")
+                       + f" exceeds the {limit} positions the model was built for (config.json); use --seq-len "
+                       f"{limit - decode_steps} or less")
+
+
 def _check_finite(name: str, x: np.ndarray, skip_nonfinite: bool) -> np.ndarray:
     if np.isfinite(x).all():
         return x
@@ -77,12 +114,7 @@ class Calibrator:
     def __init__(self, model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
                  observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
                  skip_nonfinite: bool = False, threads: int | None = None, stream_layers: bool | None = False) -> None:
-        if samples < 1:
-            raise EqcError(f"--samples must be at least 1, got {samples}")
-        if seq_len < 2:
-            raise EqcError(f"window length must be at least 2 tokens, got {seq_len}")
-        if decode_steps < 0:
-            raise EqcError(f"--decode-steps must be 0 or more, got {decode_steps}")
+        check_options(samples, seq_len, decode_steps)
         self.art = art_mod.resolve_artifact(model)
         self.model_path = art_mod.model_file(self.art)
         self.text_path = text_path
@@ -93,7 +125,9 @@ class Calibrator:
             raise EqcError(f"--decode-steps needs a causal LM; '{model}' is a {self.art.task} model")
         if "kv" in self.observers and not self.causal:
             raise EqcError(f"the 'kv' observer needs a causal LM with a KV cache; '{model}' is a {self.art.task} model")
+        self.linear_inputs = observed_tensors(self.model_path)  # the model is checked first, then the text
         text, self.text_sha = read_text(text_path)
+        check_positions(self.art.folder, seq_len, decode_steps)  # before tokenizing and any session
         tokenizer = load_tokenizer(self.art.folder)
         self.ids, self.frame = calibration_ids(tokenizer, text, seq_len, samples, self.causal, extra=decode_steps)
         # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
@@ -102,8 +136,8 @@ class Calibrator:
             raise EqcError(f"text has {len(self.ids)} tokens, fewer than one window of {seq_len}"
                            + (f" plus {decode_steps} decode tokens" if decode_steps else ""))
         self.n_windows = min(samples, available)
-        self.linear_inputs = observed_tensors(self.model_path)
         self._session: Any = None
+        self._fingerprint: str | None = None
         self.kv_outputs: list[str] = []
         if stream_layers is None:
             from eqcompiler.calibration.layer_stream import auto_stream
@@ -207,15 +241,23 @@ class Calibrator:
             past_len += 1
         del values
 
-    def meta(self, windows: int, seconds: float, **more: Any) -> dict[str, Any]:
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (computed once: it reads every weight)."""
+        if self._fingerprint is None:
+            self._fingerprint = art_mod.model_fingerprint(self.model_path)
+        return self._fingerprint
+
+    def meta(self, windows: int, **more: Any) -> dict[str, Any]:
+        """The statistics header: what the statistics depend on. Facts about the run (its time, the worker and
+        thread counts) are left out, so the same model, data and options give the same file."""
         return {
-            "model_fingerprint": art_mod.model_fingerprint(self.model_path),
+            "model_fingerprint": self.fingerprint,
             "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
                      "seq_len": self.seq_len, "decode_steps": self.decode_steps,
                      "special_tokens": [list(map(int, self.frame[0])), list(map(int, self.frame[1]))]},
             "observers": list(self.observers),
             "stream_layers": self.stream_layers,  # (not why: that depends on free memory, the file must not)
-            "seconds": round(seconds, 2),
             **more,
         }
 
@@ -230,11 +272,10 @@ def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples:
     stream_layers: True runs one decoder layer at a time (bounded memory), None decides by model size.
     Progress then counts stages, not windows.
     """
-    start = time.perf_counter()
     cal = Calibrator(model, text_path, samples, seq_len, observers=observers, decode_steps=decode_steps,
                      skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
     stats = cal.run(range(cal.n_windows), progress=progress)
-    result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=1), tensors=stats)
+    result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result

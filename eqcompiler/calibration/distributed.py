@@ -86,6 +86,27 @@ def shard(n_windows: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n_windows, world))
 
 
+def check_same_inputs(identity: dict[str, Any], rank: int, world: int) -> None:
+    """Every rank's model fingerprint, text digest and window options, gathered and compared with rank 0's
+    before any window runs: a mismatch is refused on every rank, naming the rank that differs (exit 2)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, dict(identity))
+    what = {"model_fingerprint": "another model (fingerprint {mine}, rank 0: {ref})",
+            "data_sha256": "another calibration text (sha256 {mine}, rank 0: {ref})"}
+    for other, theirs in enumerate(gathered):
+        if other == 0 or theirs == gathered[0]:
+            continue
+        for key in [*what, *sorted(set(theirs) | set(gathered[0]))]:
+            mine, ref = theirs.get(key), gathered[0].get(key)
+            if mine != ref:
+                detail = what[key].format(mine=str(mine)[:16], ref=str(ref)[:16]) if key in what else \
+                    f"other options ({key} {mine!r}, rank 0: {ref!r})"
+                raise EqcError(f"rank {other} of {world} calibrates {detail}; every rank must calibrate the same "
+                               "model on the same text with the same options, nothing was merged")
+
+
 def _layout(stats: dict[str, TensorStats]) -> list[tuple[str, str, tuple[int, ...]]]:
     """What every rank must agree on before packing: names, statistic keys and shapes."""
     out = []

@@ -6,6 +6,8 @@
 
 Every rank takes windows rank, rank+N, ...; statistics are merged with collectives and rank 0
 writes the file. `eqc calibrate --workers N` launches this module N times on one machine.
+Before any window runs, the ranks exchange the model fingerprint, the text's sha256 and the window
+options, and refuse a mismatch naming the rank that differs.
 Test hook: EQC_TEST_KILL_RANK=R makes rank R exit abruptly (os._exit) before its second window.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
     import torch.distributed as dist
 
     from eqcompiler.calibration.calibrate import Calibrator, tqdm_progress
-    from eqcompiler.calibration.distributed import init_process_group, merge_stats, shard, threads_per_rank
+    from eqcompiler.calibration.distributed import (check_same_inputs, init_process_group, merge_stats, shard,
+                                                    threads_per_rank)
     from eqcompiler.calibration.stats import CalibrationStats
 
     start = time.perf_counter()
@@ -41,8 +44,13 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
         torch.set_num_threads(threads)
         cal = Calibrator(model, text, samples, seq_len, observers=observers, decode_steps=decode_steps,
                          skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
+        identity = {"model_fingerprint": cal.fingerprint, "data_sha256": cal.text_sha, "windows": cal.n_windows,
+                    "seq_len": seq_len, "decode_steps": decode_steps, "observers": list(cal.observers),
+                    "stream_layers": bool(cal.stream_layers), "skip_nonfinite": skip_nonfinite}
+        # Checked before any collective: every rank raises it at once, none is left waiting in a gather.
         if cal.n_windows < world:
             raise EqcError(f"{cal.n_windows} windows cannot be shared by {world} ranks; use more --samples or fewer workers")
+        check_same_inputs(identity, rank, world)  # before any window runs, so nothing is merged from strangers
         mine = shard(cal.n_windows, rank, world)
         kill_rank = os.environ.get("EQC_TEST_KILL_RANK")
 
@@ -61,10 +69,12 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
             _gather_samples(stats, rows, rank, world)
         if rank != 0:
             return None
-        result = CalibrationStats(meta=cal.meta(cal.n_windows, time.perf_counter() - start, workers=world,
-                                                threads_per_worker=threads), tensors=stats)
+        result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
         result.save(out, overwrite=overwrite)
-        return {"output": str(out), "tensors": len(stats), **result.meta}
+        # How many ranks and how long: facts about the run, in the summary, not in the file (whose bytes
+        # then depend only on the model, the data and the options).
+        return {"output": str(out), "tensors": len(stats), **result.meta, "workers": world,
+                "threads_per_worker": threads, "seconds": round(time.perf_counter() - start, 2)}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

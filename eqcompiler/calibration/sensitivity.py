@@ -21,7 +21,11 @@ reference; memory: the float weights once, the reference log-probabilities and o
 
 The table is cached as JSON (default under $XDG_CACHE_HOME/eqc/sensitivity, or the
 `sensitivity_cache` option), keyed by the statistics' model fingerprint, their calibration text
-and the measurement options, so a second compile with another budget re-uses it.
+and the measurement options, so a second compile with another budget re-uses it. A recipe names
+data, not places to write: `sensitivity_cache` must lie inside the user cache folder
+($XDG_CACHE_HOME/eqc, else ~/.cache/eqc; a relative name is taken inside its sensitivity/ folder) or
+inside a folder the caller granted with grant_cache_folder() (what a command-line flag or a Python
+caller does); anything else (/etc/x, ../../x, a link leading out) is refused with exit 2.
 """
 from __future__ import annotations
 
@@ -126,18 +130,58 @@ def cache_key(stats_meta: dict[str, Any], choices: Sequence[str], windows: int, 
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cache_root() -> pathlib.Path:
+    """The user cache folder: $XDG_CACHE_HOME/eqc (an absolute XDG_CACHE_HOME only), else ~/.cache/eqc."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    if not os.path.isabs(base):
+        base = str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "eqc"
+
+
 def default_cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(base) / "eqc" / "sensitivity"
+    return cache_root() / "sensitivity"
+
+
+_GRANTED: list[pathlib.Path] = []  # folders the user named outside any recipe (command line, Python caller)
+
+
+def grant_cache_folder(folder: str | pathlib.Path) -> None:
+    """Allow sensitivity_cache paths inside `folder`: for a folder the user passed on the command line or
+    a Python caller chose, never for one a recipe names."""
+    _GRANTED.append(pathlib.Path(os.path.expanduser(str(folder))).resolve())
+
+
+def check_cache_option(option: Any) -> None:
+    """Refuse a sensitivity_cache value that is not a string or leads outside the allowed folders (exit 2)."""
+    if option is None:
+        return
+    if not isinstance(option, str) or not option or "\0" in option:
+        raise EqcError(f"apply_precision_plan: sensitivity_cache must be a path or 'none', got {option!r}")
+    if option.lower() != "none":
+        _confined_cache(option)
+
+
+def _confined_cache(option: str) -> pathlib.Path:
+    """sensitivity_cache resolved (links followed) and required to lie in the cache root or a granted folder."""
+    given = pathlib.Path(option)  # no '~' expansion: a recipe's '~/x' is a folder named '~' in the cache
+    path = (given if given.is_absolute() else default_cache_dir() / given).resolve()
+    roots = [cache_root().resolve(), *_GRANTED]
+    if not any(path == root or root in path.parents for root in roots):
+        raise EqcError(f"apply_precision_plan: sensitivity_cache '{option}' is outside the cache folder "
+                       f"{cache_root()}; a recipe may not write elsewhere (use a path inside it, or 'none')")
+    return path
 
 
 def cache_path(option: str | None, key: str) -> pathlib.Path | None:
-    """The cache file: a given path (a folder gets <key>.json), 'none' for no cache, None for the default."""
+    """The cache file: a given path (a folder gets kl-<key>.json), 'none' for no cache, None for the default.
+
+    A given path is confined (see _confined_cache) and the file itself must stay inside the allowed folders."""
     if option is not None and str(option).lower() == "none":
         return None
     if option is None:
         return default_cache_dir() / f"kl-{key}.json"
-    path = pathlib.Path(option)
+    check_cache_option(option)
+    path = _confined_cache(option)
     return path / f"kl-{key}.json" if path.is_dir() or not path.suffix else path
 
 
@@ -158,6 +202,8 @@ def save_cached(path: pathlib.Path | None, record: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # a link planted in the cache folder must not redirect the write
+        raise EqcError(f"sensitivity cache file '{path}' is a symbolic link; refused")
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 

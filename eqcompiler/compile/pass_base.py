@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import re
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -78,6 +79,7 @@ class EqcPass(ir.passes.InPlacePass):
             self.options = self.Options(**options)
         except (TypeError, ValueError) as exc:
             raise EqcError(f"pass '{self.name}': bad options: {exc}") from None
+        _check_layer_regexes(self.name, self.options)
         check = getattr(self.options, "validate", None)
         if check is not None:
             check()
@@ -91,6 +93,24 @@ class EqcPass(ir.passes.InPlacePass):
 
     def report(self, data: dict[str, Any]) -> None:
         self.context.report.setdefault(self.name, {}).update(data)
+
+
+# Options every layer-selecting pass reads as regexes on layer names (compile.graph.name_selected).
+LAYER_REGEX_OPTIONS = ("include", "exclude")
+
+
+def _check_layer_regexes(pass_name: str, options: Any) -> None:
+    """A bad include/exclude regex is refused when the recipe is read, naming the option, before any pass runs."""
+    for key in LAYER_REGEX_OPTIONS:
+        pattern = getattr(options, key, None)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, str):
+            raise EqcError(f"pass '{pass_name}' option '{key}' must be a regex string, got {type(pattern).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise EqcError(f"pass '{pass_name}' option '{key}' is not a valid regex ({pattern!r}: {exc})") from None
 
 
 def available_passes() -> dict[str, type[EqcPass]]:

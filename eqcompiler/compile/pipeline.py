@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 from typing import Any
 
 import onnx
@@ -12,7 +11,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.atomic import staged_dir
-from eqcompiler.errors import EqcError
+from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
 from eqcompiler.calibration.stats import CalibrationStats
@@ -73,11 +72,12 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     `target` (eqcompiler.lowering.targets) appends lowering or check passes after the recipe's own steps;
     `pass_overrides` sets options on every recipe step whose pass has them.
     """
-    from eqcompiler.lowering.targets import runtime_requirements, target_steps
+    from eqcompiler.lowering.targets import target_steps
 
-    start = time.perf_counter()
     art = art_mod.resolve_artifact(model)
     model_path = art_mod.model_file(art)
+    if art.manifest:  # a linked or oversized tokenizer/config file is refused before any work
+        art_mod.carried_files(art.folder)
     recipe = override_pass_options(load_recipe(recipe_name), dict(pass_overrides or {}))
     # A compiled artifact can be compiled again: `--recipe none --target ort-cpu` lowers a portable QDQ
     # artifact without quantizing it again, so the target must see the passes that made the graph.
@@ -95,52 +95,124 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     out = pathlib.Path(out)
     if out.resolve() == art.folder.resolve():
         raise EqcError("output folder is the input artifact; choose another -o")
+    if not calib and recipe.get("requires_calibration"):
+        raise EqcError(f"recipe '{recipe['name']}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
+    # -o is claimed before any work: every refusal of it (not empty, a file, a missing or read-only parent,
+    # another writer) comes before statistics or weights are read, and no other writer can take it meanwhile.
+    with staged_dir(out, overwrite=overwrite) as stage:
+        return _compile_into(stage, art, model_path, model, recipe, recipe_name, calib, parent, target,
+                             target_warnings)
+
+
+def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model: str | pathlib.Path,
+                  recipe: dict[str, Any], recipe_name: str, calib: str | None, parent: dict[str, Any] | None,
+                  target: str, target_warnings: list[str]) -> dict[str, Any]:
+    """compile_model's work, inside the claimed output's staging folder `stage`; returns the manifest."""
+    from eqcompiler.lowering.targets import runtime_requirements
+
     stats = None
     if calib:
         stats = CalibrationStats.load(calib)
         stats.check_model(art_mod.model_fingerprint(model_path), f"'{model_path}'")
         _refuse_missing_observers(stats, recipe, recipe_name, calib, model)
-    elif recipe.get("requires_calibration"):
-        raise EqcError(f"recipe '{recipe['name']}' needs calibration statistics: run `eqc calibrate` and pass --calib STATS")
     ir_model = art_mod.load_ir(model_path)
     opset = ir_model.opset_imports.get("", 0)
     if opset < MIN_OPSET:
         # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
         raise EqcError(f"'{model_path}' uses default opset {opset}; eqc compiles opset {MIN_OPSET} or newer "
                        "(re-export it with `eqc export`)")
+    _refuse_cycles(ir_model.graph, model_path)
     # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
     # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
     context = CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
                              recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
-    manager = ir.passes.PassManager([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()])
+    run_passes([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()], ir_model)
+    art_mod.save_ir(ir_model, stage)
     try:
-        manager(ir_model)
-    except ir.passes.PassError as exc:  # onnx-ir wraps a pass's exception; surface eqc's one-line error
-        cause = exc.__cause__
-        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, EqcError):
-            raise cause from None
-        raise
-    with staged_dir(out, overwrite=overwrite) as stage:
-        art_mod.save_ir(ir_model, stage)
-        try:
-            onnx.checker.check_model(str(stage / art_mod.MODEL_FILE))
-        except onnx.checker.ValidationError as exc:
-            raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
-        if art.manifest:
-            art_mod.copy_carried_files(art.folder, stage)
-        manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
-        manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
-        manifest["target"] = target
-        needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
-        if needs is not None:
-            manifest["runtime_requirements"] = needs
-        manifest["compile_seconds"] = round(time.perf_counter() - start, 1)
-        art_mod.write_manifest(stage, manifest)
+        onnx.checker.check_model(str(stage / art_mod.MODEL_FILE))
+    except onnx.checker.ValidationError as exc:
+        raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    if art.manifest:
+        art_mod.copy_carried_files(art.folder, stage)
+    # Nothing about the run (its time, the host) goes into the artifact: the same inputs give the same bytes.
+    manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
+    manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
+    manifest["target"] = target
+    needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
+    if needs is not None:
+        manifest["runtime_requirements"] = needs
+    art_mod.write_manifest(stage, manifest)
     return manifest
+
+
+def run_passes(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
+    """Run the passes in order, as onnx-ir's PassManager does with one step, so that a failure names its
+    pass: an EqcError (or OSError) keeps its message and exit code, MemoryError is an environment problem
+    (exit 4), anything else an internal error in the named pass (exit 1)."""
+    for step in passes:
+        try:
+            step(model)
+        except Exception as exc:
+            failure = _pass_failure(step, exc)
+            if failure is exc:
+                raise
+            if isinstance(failure, (InternalError, EnvironmentProblem)):
+                raise failure from exc  # EQC_DEBUG=1 shows the original traceback
+            raise failure from None
+
+
+def _pass_failure(step: ir.passes.PassBase, exc: Exception) -> BaseException:
+    """The exception a failed pass ends the compile with: onnx-ir's wrappers (PassError of a nested pass
+    manager, Pre/PostconditionError of `requires`/`ensures`) are unwrapped to the original exception."""
+    cause: BaseException = exc
+    while isinstance(cause, (ir.passes.PassError, ir.passes.InvariantError)) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    name = getattr(step, "name", "") or type(step).__name__
+    if isinstance(cause, (EqcError, OSError)):
+        return cause
+    if isinstance(cause, MemoryError):
+        return EnvironmentProblem(f"out of memory in pass {name}; free memory or compile on a bigger machine")
+    first = (str(cause).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 300 else first[:297] + "..."
+    return InternalError(f"internal error in pass {name}: {type(cause).__name__}" + (f": {first}" if first else ""))
+
+
+def _refuse_cycles(graph: ir.Graph, model_path: pathlib.Path) -> None:
+    """A graph whose nodes depend on each other in a cycle is not ONNX: refuse it before any pass runs."""
+    nodes = list(graph)
+    index = {node: i for i, node in enumerate(nodes)}
+    waiting = [0] * len(nodes)  # inputs of each node produced by a node not yet ordered
+    users: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for value in node.inputs:
+            j = index.get(value.producer()) if value is not None else None
+            if j is not None:
+                waiting[i] += 1
+                users[j].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    ordered = 0
+    while ready:
+        j = ready.pop()
+        ordered += 1
+        for i in users[j]:
+            waiting[i] -= 1
+            if waiting[i] == 0:
+                ready.append(i)
+    if ordered < len(nodes):
+        stuck = next(nodes[i] for i, count in enumerate(waiting) if count > 0)
+        raise EqcError(f"'{model_path}' is not a valid ONNX graph: its nodes form a cycle (through node "
+                       f"'{stuck.name}', {stuck.op_type}); re-export the model")
+
+
+# Facts about a calibration run, not about its statistics (older statistics files kept them in the header):
+# left out of the artifact, so statistics from 1 or 2 workers, or from a slower machine, compile the same bytes.
+_CALIBRATION_RUN_FACTS = ("seconds", "workers", "threads_per_worker")
+
+
+def _calibration_record(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in _CALIBRATION_RUN_FACTS}
 
 
 # Passes after which the weights are still float: a recipe may run on an artifact they made.
@@ -179,7 +251,7 @@ def _merged_quantization(parent: dict[str, Any] | None, recipe: dict[str, Any], 
     return {
         "recipe": name,
         "passes": list(parent.get("passes") or []) + list(recipe["passes"]),
-        "calibration": stats.meta if stats is not None else parent.get("calibration"),
+        "calibration": _calibration_record(stats.meta) if stats is not None else parent.get("calibration"),
         "report": {**(parent.get("report") or {}), **context.report},
         "warnings": list(parent.get("warnings") or []) + list(context.warnings),
         "parent_fingerprint": art_mod.model_fingerprint(model_path),

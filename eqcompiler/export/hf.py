@@ -251,10 +251,12 @@ def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float
 
 def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = True,
            trust_remote_code: bool = False) -> dict[str, Any]:
-    """Export `src` into the artifact folder `out`; returns the manifest."""
+    """Export `src` into the artifact folder `out`; returns the manifest, plus `export_seconds` (a fact about
+    this run, not written into the artifact: the same source exports to the same bytes)."""
     start = time.perf_counter()
-    loaded = load_source(src, trust_remote_code=trust_remote_code)
+    # -o is claimed before the model is loaded: every refusal of it comes before any work.
     with staged_dir(pathlib.Path(out), overwrite=overwrite) as stage:
+        loaded = load_source(src, trust_remote_code=trust_remote_code)
         with tempfile.TemporaryDirectory(dir=stage) as raw_dir:
             raw_path = pathlib.Path(raw_dir) / "raw.onnx"
             layout = _export_causal(loaded, raw_path) if loaded.task == "causal-lm" else None
@@ -268,9 +270,8 @@ def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = T
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(stage)
         manifest = build_manifest(loaded, model, layout, parity)
-        manifest["export_seconds"] = round(time.perf_counter() - start, 1)
         art_mod.write_manifest(stage, manifest)
-    return manifest
+    return {**manifest, "export_seconds": round(time.perf_counter() - start, 1)}
 
 
 def _io_spec(values: Any) -> list[dict[str, Any]]:
