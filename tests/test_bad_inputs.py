@@ -154,13 +154,17 @@ def test_external_data_absolute(llama, tmp_path):
     assert_refused(run_eqc("compile", bad, "--recipe", "w8", "-o", out, check=False), "outside the model folder", out=out)
 
 
+def link_outside(folder: pathlib.Path, name: str, outside: pathlib.Path) -> None:
+    """Move folder/name to `outside` (a path beyond the folder) and leave a symlink to it in its place."""
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(folder / name, outside)
+    (folder / name).symlink_to(outside)
+
+
 def test_external_data_symlink_out(llama, tmp_path, wiki_test):
     """A data file that is a symlink to a file outside the folder is refused, never read."""
     bad = clone(llama, tmp_path / "m")
-    outside = tmp_path / "elsewhere" / "secret.data"
-    outside.parent.mkdir()
-    shutil.move(bad / "model.onnx.data", outside)
-    (bad / "model.onnx.data").symlink_to(outside)
+    link_outside(bad, "model.onnx.data", tmp_path / "elsewhere" / "secret.data")
     out = tmp_path / "out"
     assert_refused(run_eqc("compile", bad, "--recipe", "w8", "-o", out, check=False), "outside the model folder", out=out)
     # eval hands the path to ONNX Runtime, whose own containment check refuses the symlink too

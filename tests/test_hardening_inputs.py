@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import run_eqc
-from test_bad_inputs import assert_no_output, assert_refused, clone
+from test_bad_inputs import assert_no_output, assert_refused, clone, link_outside
 
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
@@ -94,10 +94,7 @@ def test_only_listed_tokenizer_files_are_carried(llama, tmp_path):
 @pytest.mark.parametrize("command", ["compile", "calibrate"])
 def test_linked_tokenizer_is_refused(llama, tmp_path, command, wiki_valid):
     src = clone(llama, tmp_path / "m")
-    outside = tmp_path / "elsewhere" / "tokenizer.json"
-    outside.parent.mkdir()
-    shutil.move(src / "tokenizer.json", outside)
-    (src / "tokenizer.json").symlink_to(outside)
+    link_outside(src, "tokenizer.json", tmp_path / "elsewhere" / "tokenizer.json")
     out = tmp_path / "out"
     args = {"compile": ["--recipe", "w8", "-o", out], "calibrate": ["--data", wiki_valid, "--seq-len", "32",
                                                                     "--samples", "1", "-o", out]}[command]

@@ -27,6 +27,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from conftest import run_eqc
+from test_determinism import assert_same_artifact
 
 EQC = pathlib.Path(sys.executable).parent / "eqc"
 
@@ -357,18 +358,10 @@ def test_eqc_error_wrapped_by_onnx_ir_keeps_its_code(monkeypatch, synth, tmp_pat
 
 # ---------------------------------------------------------------- 4. reproducible artifacts
 
-def _assert_same_folder(a: pathlib.Path, b: pathlib.Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    assert {"model.onnx", "model.onnx.data", "manifest.json"} <= set(names)
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
-
-
 def test_compile_twice_byte_identical_and_seconds_only_in_the_summary(synth, tmp_path):
     runs = [json.loads(run_eqc("compile", synth, "--recipe", "w8", "-o", tmp_path / name, "--json").stdout)
             for name in ("a", "b")]
-    _assert_same_folder(tmp_path / "a", tmp_path / "b")
+    assert_same_artifact(tmp_path / "a", tmp_path / "b")
     assert all(isinstance(r["seconds"], float) for r in runs)
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert "compile_seconds" not in manifest and "seconds" not in json.dumps(manifest)
@@ -393,4 +386,4 @@ def test_one_and_two_worker_statistics_compile_to_the_same_bytes(tiny_artifact, 
             headers.append(json.loads(bytes(data["header"]).decode()))
     assert headers[0] == headers[1]
     assert not {"seconds", "workers", "threads_per_worker"} & set(headers[0])
-    _assert_same_folder(tmp_path / "c1", tmp_path / "c2")
+    assert_same_artifact(tmp_path / "c1", tmp_path / "c2")
