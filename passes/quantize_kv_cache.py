@@ -228,6 +228,9 @@ class QuantizeKVCachePass(EqcPass):
         if past is None or present is None:
             raise EqcError(f"quantize_kv_cache: '{past_name}' or '{present_name}' is missing from the graph interface")
         concat = present.producer()
+        if concat is not None and concat.op_type == "GroupQueryAttention":
+            raise EqcError(f"quantize_kv_cache: '{present_name}' comes from a fused GroupQueryAttention (an ort-cpu "
+                           "lowering); quantize the KV cache of the portable artifact, then lower that with --target")
         if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
             raise EqcError(f"quantize_kv_cache: '{present_name}' is not Concat(past, new); unsupported graph")
         shape = past.shape

@@ -54,9 +54,11 @@ def test_ort_cpu_w8a8_lowers_every_linear_to_integer_matmul(w8a8_pair):
     qdq, ort_dir, manifest = w8a8_pair
     before, after = _op_counts(qdq), _op_counts(ort_dir)
     lowered = manifest["quantization"]["report"]["lower_qdq_to_ort_int8"]["lowered"]
-    # tiny llama: 2 layers x 7 projections + the tied lm_head
-    assert lowered == before["MatMul"] - after.get("MatMul", 0) == 15
+    # tiny llama: 2 layers x 7 projections + the tied lm_head; the 4 attention MatMuls (scores, context)
+    # went into the 2 fused GroupQueryAttention nodes
+    assert lowered == before["MatMul"] - after.get("MatMul", 0) - 4 == 15
     assert after["com.microsoft::MatMulIntegerToFloat"] == 15
+    assert after["com.microsoft::GroupQueryAttention"] == 2
     # no weight is dequantized at run time any more (embedding rows still are, per gathered row)
     assert after.get("DequantizeLinear", 0) == 1
     assert manifest["target"] == "ort-cpu"
@@ -78,8 +80,10 @@ def test_lowered_tied_table_is_stored_once(w8a8_pair):
     qdq, ort_dir, _ = w8a8_pair
     def data_bytes(folder):
         return (folder / "model.onnx.data").stat().st_size
+    # the fused attention's rotary tables: cos and sin, 128 positions x head_dim/2 (8) float32 each
+    rotary = 2 * 128 * 8 * 4
     # the [N,K] table is replaced by its [K,N] copy, not duplicated
-    assert abs(data_bytes(ort_dir) - data_bytes(qdq)) < 0.02 * data_bytes(qdq)
+    assert abs(data_bytes(ort_dir) - rotary - data_bytes(qdq)) < 0.02 * data_bytes(qdq)
 
 
 def test_tensorrt_target_passes_eqc_w8a8_int8(tiny_artifact, tiny_llama_stats, tmp_path):
@@ -124,11 +128,19 @@ def test_a_compiled_artifact_is_lowered_later_without_requantizing(tiny_artifact
     assert later["quantization"]["recipe"] == "w8"
     assert later["quantization"]["passes"] == direct["quantization"]["passes"]
     assert later["quantization"]["report"] == direct["quantization"]["report"]
-    # A later KV-cache compile keeps the lowered target (its graph still needs the ai.eqc library) ...
-    run_eqc("compile", tmp_path / "later", "--recipe", "none", "--kv-bits", "8", "-o", tmp_path / "kv")
-    kv = json.loads((tmp_path / "kv" / "manifest.json").read_text())
+    # The KV cache of a lowered artifact lives inside the fused attention: quantizing it is refused in one line,
+    # naming the way that works (the portable artifact first, then the lowering) ...
+    proc = run_eqc("compile", tmp_path / "later", "--recipe", "none", "--kv-bits", "8", "-o", tmp_path / "kv",
+                   check=False)
+    assert proc.returncode == 2 and "fused GroupQueryAttention" in proc.stderr and not (tmp_path / "kv").exists()
+    run_eqc("compile", tmp_path / "qdq", "--recipe", "none", "--kv-bits", "8", "-o", tmp_path / "kv")
+    proc = run_eqc("compile", tmp_path / "kv", "--recipe", "none", "--target", "ort-cpu", "-o", tmp_path / "kv-cpu")
+    kv = json.loads((tmp_path / "kv-cpu" / "manifest.json").read_text())
     assert kv["target"] == "ort-cpu" and kv["runtime_requirements"] == direct["runtime_requirements"]
     assert kv["quantization"]["recipe"] == "w8" and "quantize_kv_cache" in kv["quantization"]["report"]
+    # the int8 cache keeps the unfused attention path (GroupQueryAttention reads a float cache here), and says so
+    assert kv["quantization"]["report"]["fuse_group_query_attention"]["fused"] == 0
+    assert any("2 attention block(s) stay unfused" in w for w in kv["quantization"]["warnings"])
     # ... and a lowered artifact is not re-targeted: its ai.eqc CPU ops are not TensorRT's, nor CUDA's.
     proc = run_eqc("compile", tmp_path / "later", "--recipe", "none", "--target", "ort-cuda", "-o", tmp_path / "cuda",
                    check=False)
@@ -177,15 +189,20 @@ def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_
     # ort-cpu takes eqc's Int8WeightGemm instead (MatMulNBits bits=8 measured slower than QDQ): every
     # linear layer, the tied lm_head reading the embedding table in place, with the QDQ graph's logits
     cpu = compile_model(src, "w8", tmp_path / "w8cpu", target="ort-cpu")
-    assert [p["pass"] for p in cpu["quantization"]["passes"]] == ["quantize_weights", "lower_int8_weight_gemm"]
+    assert [p["pass"] for p in cpu["quantization"]["passes"]] == ["quantize_weights", "fuse_skip_rms_norm",
+                                                                   "fuse_group_query_attention", "lower_int8_weight_gemm",
+                                                                   "pack_parallel_projections"]
     assert cpu["quantization"]["report"]["lower_int8_weight_gemm"]["lowered"] == 15
     assert cpu["runtime_requirements"]["domain"] == "ai.eqc"
     cpu_counts = _op_counts(tmp_path / "w8cpu")
-    assert cpu_counts["ai.eqc::Int8WeightGemm"] == 15 and cpu_counts["DequantizeLinear"] == 1
+    # 15 lowered; per layer q/k/v and gate/up packed into one each: 15 - 2 * (2 + 1) nodes remain
+    assert cpu["quantization"]["report"]["pack_parallel_projections"] == {"packed_nodes": 10, "groups": 4}
+    assert cpu_counts["ai.eqc::Int8WeightGemm"] == 9 and cpu_counts["DequantizeLinear"] == 1
     c = _logits(tmp_path / "w8cpu", ids := np.arange(5, 5 + 40, dtype=np.int64)[None, :] % 500)
     a0 = _logits(tmp_path / "qdq", ids, optimize=False)
     assert np.abs(a0 - c).max() / np.abs(a0).max() < 1e-5
-    assert abs(size(tmp_path / "w8cpu") - size(tmp_path / "qdq")) < 0.03 * size(tmp_path / "qdq")
+    rotary = 2 * 128 * 8 * 4  # the fused attention's cos/sin tables
+    assert abs(size(tmp_path / "w8cpu") - rotary - size(tmp_path / "qdq")) < 0.03 * size(tmp_path / "qdq")
     counts = _op_counts(tmp_path / "ort")
     assert counts["com.microsoft::MatMulNBits"] == 15 and counts.get("MatMul", 0) == 4
     assert counts["DequantizeLinear"] == 1  # embedding rows only

@@ -95,6 +95,24 @@ def _size_by_precision(graph: ir.Graph) -> dict[str, int]:
     return dict(sorted(sizes.items(), key=lambda kv: -kv[1]))
 
 
+FUSED_OPS = ("com.microsoft::GroupQueryAttention", "com.microsoft::RotaryEmbedding",
+             "com.microsoft::SkipSimplifiedLayerNormalization")
+ACCURACY_LEVELS = {0: "float compute (level 0: the QDQ graph's numbers)", 1: "float32 compute",
+                   2: "float16 compute", 3: "bfloat16 compute",
+                   4: "int8 compute: activations quantized per block, integer dot products (AVX2 / AVX-512 VNNI; "
+                      "ORT computes in float where the CPU has neither)"}
+
+
+def _runtime_graph(graph: ir.Graph, ops: collections.Counter) -> dict[str, Any]:
+    """What the ort-cpu lowering fused and packed, and how its MatMulNBits compute."""
+    levels = collections.Counter(n.attributes.get_int("accuracy_level", 0) for n in graph
+                                 if n.op_type == "MatMulNBits" and n.domain == "com.microsoft")
+    packed = sum(1 for n in graph if (n.name or "").startswith("packed_projection_") and n.op_type != "Split")
+    return {"fused": {op.split("::")[1]: ops[op] for op in FUSED_OPS if ops.get(op)},
+            "unfused_attention": ops.get("Softmax", 0), "packed_gemms": packed,
+            "matmulnbits_accuracy_levels": {int(k): v for k, v in sorted(levels.items())}}
+
+
 def inspect(model: str | pathlib.Path) -> dict[str, Any]:
     art = art_mod.resolve_artifact(model)
     ir_model = art_mod.load_ir(art_mod.model_file(art))
@@ -124,6 +142,7 @@ def inspect(model: str | pathlib.Path) -> dict[str, Any]:
         "layers": layers,
         "kv_cache": {"dtype": kv.get("dtype"), "quantized": bool(kv.get("quantized")),
                      "bits": (kv.get("quantized") or {}).get("bits"), "bytes_per_token": kv.get("bytes_per_token")} if kv else None,
+        "runtime_graph": _runtime_graph(graph, ops),
         "size_by_precision": _size_by_precision(graph),
         "size_bytes": art_mod.size_bytes(art.folder if art.manifest else pathlib.Path(model)),
     }
@@ -141,5 +160,12 @@ def lines(result: dict[str, Any]) -> list[str]:
     if kv:
         out.append(f"KV cache: {kv['dtype']}" + (f" ({kv['bits']}-bit quantized)" if kv["quantized"] else "")
                    + (f", {kv['bytes_per_token']} B/token" if kv.get("bytes_per_token") else ""))
+    rt = result["runtime_graph"]
+    if rt["fused"] or rt["packed_gemms"]:
+        out.append("fused for ONNX Runtime: " + ", ".join(f"{v} {k}" for k, v in rt["fused"].items())
+                   + (f"; {rt['packed_gemms']} packed projection GEMMs (q/k/v, gate/up)" if rt["packed_gemms"] else "")
+                   + (f"; {rt['unfused_attention']} attention block(s) unfused" if rt["unfused_attention"] else ""))
+    for level, count in rt["matmulnbits_accuracy_levels"].items():
+        out.append(f"MatMulNBits accuracy_level {level} ({count} nodes): {ACCURACY_LEVELS.get(level, 'unknown level')}")
     out.append("stored bytes by precision: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in result["size_by_precision"].items()))
     return out

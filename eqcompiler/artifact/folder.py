@@ -258,3 +258,21 @@ def size_bytes(folder_or_model: pathlib.Path) -> int:
 def write_manifest(folder: pathlib.Path, manifest: dict[str, Any]) -> None:
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model_file": MODEL_FILE, **manifest}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def max_positions(folder: pathlib.Path) -> int | None:
+    """The longest sequence the model was built for, from its config.json (max_position_embeddings, or
+    n_positions for GPT-2); None when the folder has no readable config that says."""
+    if "config.json" not in carried_files(folder):  # refuses a linked or oversized config.json
+        return None
+    try:
+        config = json.loads((pathlib.Path(folder) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

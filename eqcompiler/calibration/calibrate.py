@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from eqcompiler.artifact import folder as art_mod
+from eqcompiler.artifact.folder import max_positions
 from eqcompiler.data import calibration_ids, load_tokenizer, read_text
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.compile.graph import find_linear_sites
@@ -61,24 +62,6 @@ def instrumented_session(model_path: pathlib.Path, tensors: list[str], threads: 
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return make_session(proto.SerializeToString(), threads=threads, external_data_dir=model_path.parent)
-
-
-def max_positions(folder: pathlib.Path) -> int | None:
-    """The longest sequence the model was built for, from its config.json (max_position_embeddings, or
-    n_positions for GPT-2); None when the folder has no readable config that says."""
-    if "config.json" not in art_mod.carried_files(folder):  # refuses a linked or oversized config.json
-        return None
-    try:
-        config = json.loads((pathlib.Path(folder) / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    for key in ("max_position_embeddings", "n_positions"):
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def check_options(samples: int, seq_len: int, decode_steps: int = 0) -> None:

@@ -11,6 +11,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.atomic import staged_dir
+from eqcompiler.artifact.genai_config import write_genai_config
 from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
@@ -125,6 +126,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
     # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
     context = CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
+                             max_positions=art_mod.max_positions(art.folder) if art.manifest else None,
                              recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
@@ -141,10 +143,26 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
     manifest["target"] = target
     needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
+    library = None
     if needs is not None:
         manifest["runtime_requirements"] = needs
+        library = _op_library(target, manifest["quantization"]["warnings"])
     art_mod.write_manifest(stage, manifest)
+    write_genai_config(stage, manifest, library)
     return manifest
+
+
+def _op_library(target: str, warnings: list[str]) -> pathlib.Path | None:
+    """The op library an artifact that uses eqc's ops carries, so that onnxruntime-genai loads the folder as
+    it is (the CUDA build for ort-cuda, which needs no library at compile time: without it, say so)."""
+    from eqcompiler.runtime import custom_ops
+
+    try:
+        return custom_ops.find_library(cuda=target == "ort-cuda")
+    except custom_ops.EqcOpsError as exc:
+        warnings.append(f"genai_config.json names no op library ({exc}); onnxruntime-genai cannot load this folder "
+                     "until the library is copied beside the model and named in session_options.custom_ops_library")
+        return None
 
 
 def run_passes(passes: list[ir.passes.PassBase], model: ir.Model) -> None:

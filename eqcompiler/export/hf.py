@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.atomic import staged_dir
+from eqcompiler.artifact.genai_config import write_genai_config
 from eqcompiler.errors import ParityError
 from eqcompiler.compile.graph import embedding_gathers, find_linear_sites, weight_array
 from eqcompiler.models.loaders import LoadedModel, load_source
@@ -271,6 +272,7 @@ def export(src: str, out: pathlib.Path, overwrite: bool = False, check: bool = T
             loaded.tokenizer.save_pretrained(stage)
         manifest = build_manifest(loaded, model, layout, parity)
         art_mod.write_manifest(stage, manifest)
+        write_genai_config(stage, manifest)
     return {**manifest, "export_seconds": round(time.perf_counter() - start, 1)}
 
 

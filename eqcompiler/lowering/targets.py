@@ -2,7 +2,9 @@
 
 - portable (default): the recipe's standard-ONNX QDQ graph, unchanged; runs anywhere.
 - tensorrt: QDQ unchanged, then check_tensorrt_placement (fails with the first violations).
-- ort-cpu: QDQ lowered to the fastest ONNX Runtime CPU kernels that keep the QDQ numerics
+- ort-cpu: first the transformer blocks are fused (residual Add + RMSNorm -> SkipSimplifiedLayerNormalization,
+  attention with rotary and KV cache -> RotaryEmbedding + GroupQueryAttention; passes/fuse_*.py), then
+  QDQ lowered to the fastest ONNX Runtime CPU kernels that keep the QDQ numerics
   (int8 rounding included). Measured on SmolLM2-135M, 2 threads (tools/bench_speed.py,
   tools/results/speed.md): ORT's CPU provider does not fuse eqc's DQ->MatMul into an integer
   kernel, so QDQ graphs dequantize every weight on every run and are 4-16x slower than fp32.
@@ -15,6 +17,8 @@
     * per-channel int8 weight-only (w8; the tied lm_head/embedding table of every recipe that keeps it int8)
       -> ai.eqc::Int8WeightGemm (float math on int8 weights; passes/lower_int8_weight_gemm.py). MatMulNBits
       bits=8 (lower_weight_only_int8) was slower than QDQ; refused like FusedInt8Gemm without the library
+  Last, projections that read the same input (q/k/v, gate/up) are packed into one GEMM
+  (passes/pack_parallel_projections.py).
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
   cuda_ops/src/fused_int8_gemm.cu) lives in libeqc_ops_cuda.so; every other layer stays QDQ, which the
   CUDA provider runs as is. The artifact's manifest names the provider and library it needs. The
@@ -28,8 +32,13 @@ from eqcompiler.errors import EqcError
 
 TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda")
 
+# Transformer-block fusions for ort-cpu, run first (they need ONNX shape inference, so standard ops only).
+ORT_CPU_FUSIONS = ("fuse_skip_rms_norm", "fuse_group_query_attention")
 # Lowering passes for ort-cpu in preference order (see module docstring).
 ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits", "lower_int8_weight_gemm")
+# MatMulNBits at accuracy level 4: ORT quantizes the activations to int8 per block and runs integer dot
+# products (AVX2 / AVX-512 VNNI); on a CPU without them it falls back to float compute by itself.
+ORT_CPU_OPTIONS = {"lower_matmul_nbits": {"accuracy_level": 4}}
 EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lower_int8_weight_gemm": "int8 weight-only layers"}
 # Not scheduled: lower_weight_only_int8 (per-channel int8 -> MatMulNBits bits=8, exact numerics) measured
 # 6x slower than the QDQ graph at decode on ORT 1.32 (accuracy_level 0 takes a float32 path), see speed.md;
@@ -81,15 +90,17 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
 
     known = available_passes()
     needs = _recipe_needs(recipe)
-    steps = []
+    steps = [{"pass": name, "options": {}} for name in ORT_CPU_FUSIONS if name in known]
     for name in ORT_CPU_LOWERINGS:
         if name not in known or name not in needs:
             continue
         if name in EQC_LIBRARY_LOWERINGS:
             _require_eqc_library(EQC_LIBRARY_LOWERINGS[name])
-        steps.append({"pass": name, "options": {}})
-    if not steps and warnings is not None:
-        warnings.append("ort-cpu: no ONNX Runtime CPU lowering applies to this recipe; the graph stays QDQ")
+        steps.append({"pass": name, "options": dict(ORT_CPU_OPTIONS.get(name, {}))})
+    if len(steps) == len(ORT_CPU_FUSIONS) and warnings is not None and (recipe is None or recipe.get("passes")):
+        warnings.append("ort-cpu: no integer lowering applies to this recipe (only the transformer-block fusions run)")
+    if "pack_parallel_projections" in known:  # last: it joins what the lowerings made
+        steps.append({"pass": "pack_parallel_projections", "options": {}})
     return steps
 
 
@@ -108,5 +119,6 @@ def runtime_requirements(target: str, applied_passes: list[str]) -> dict[str, st
         return None
     if target == "ort-cuda":
         return {"provider": "CUDAExecutionProvider", "custom_op_library": "libeqc_ops_cuda.so", "domain": "ai.eqc"}
+    # The artifact carries a copy of the library beside the model (genai_config.json names it).
     return {"provider": "CPUExecutionProvider", "custom_op_library": "libeqc_ops.so (or libeqc_ops_cuda.so)",
             "domain": "ai.eqc"}

@@ -1,0 +1,309 @@
+"""Fuse a decoder's attention block into `com.microsoft::GroupQueryAttention` (ort-cpu lowering).
+
+Matched (eager attention with rotate-half rotary embedding and a KV cache, as exported; identity Casts
+removed first; q/k/v are the projections' outputs, [B, S, heads*D]):
+
+    q  = Transpose(Reshape(q_in), [0,2,1,3])            k, v likewise, with kv_heads
+    q' = Add(Mul(q, Unsqueeze(cos)), Mul(Concat(Neg(Slice(q, half:)), Slice(q, :half)), Unsqueeze(sin)))
+    present_k = Concat(past_k, k', axis=-2)              present_v = Concat(past_v, v, axis=-2)
+    K  = Reshape(Expand(Unsqueeze(present_k)))           (repeat_kv; absent when heads == kv_heads)
+    p  = Softmax(Add(Mul(MatMul(q', Transpose(K, [0,1,3,2])), scale), mask))
+    y  = Reshape(Transpose(MatMul(p, V), [0,2,1,3]))
+
+Replacement:
+
+    q_r = RotaryEmbedding(q_in, position_ids, cos_cache, sin_cache)     (com.microsoft, [B, S, H*D])
+    k_r = RotaryEmbedding(k_in, ...)
+    y, present_k, present_v = GroupQueryAttention(q_r, k_r, v_in, past_k, past_v, seqlens_k, total_len,
+                                                  attention_bias=mask)
+
+The rotary tables are the graph's own cos/sin computation evaluated for positions 0..max_positions-1
+(so any rope scaling the exporter baked in is kept). Rotary stays outside the attention kernel and the
+graph's additive mask goes in as attention_bias: ORT's fused rotary ignores position_ids on a first
+prompt, which would break left-padded batches; this way prompt, decode step and left-padded batch give
+the unfused graph's numbers. seqlens_k is total_length - 1 for every row (padding is in the mask).
+ORT's CPU kernel needs head_dim % 16 == 0 and refuses batch > 1 with both a past and more than one new
+token (chunked prefill of a batch); the check and the targets documentation say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet, pattern
+
+from eqcompiler.compile.fusion import (MS_DOMAIN, const_ints, is_float32, name_fused_nodes, prepare_for_fusion, scalar,
+                                      use_ms_domain)
+from eqcompiler.compile.pass_base import EqcPass
+
+DEFAULT_MAX_POSITIONS = 4096  # rotary table length when the model's config does not say
+MASK_INPUT = "attention_mask"
+
+
+@dataclasses.dataclass
+class RotaryTables:
+    position_ids: ir.Value
+    cos: ir.Value  # [max_positions, D/2]
+    sin: ir.Value
+
+
+def _upstream_nodes(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value]]:
+    """Nodes computing `values` (topological order) and the graph inputs they read."""
+    seen: dict[int, ir.Node] = {}
+    inputs: set[ir.Value] = set()
+    stack = [v for v in values]
+    while stack:
+        value = stack.pop()
+        node = value.producer()
+        if node is None:
+            if value.const_value is None:
+                inputs.add(value)
+            continue
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        stack.extend(v for v in node.inputs if v is not None)
+    graph = values[0].graph
+    order = {id(n): i for i, n in enumerate(graph)} if graph is not None else {}
+    return sorted(seen.values(), key=lambda n: order.get(id(n), 0)), inputs
+
+
+def evaluate_rotary(cos: ir.Value, sin: ir.Value, positions: int, opsets: dict[str, int]) -> tuple[ir.Value, np.ndarray, np.ndarray] | str:
+    """Run the graph's own cos/sin computation for positions 0..positions-1 with onnx's reference
+    evaluator (numpy; no session). Returns (position_ids input, cos [P, D], sin [P, D]) or why not."""
+    from onnx.reference import ReferenceEvaluator
+
+    nodes, graph_inputs = _upstream_nodes([cos, sin])
+    if len(graph_inputs) != 1:
+        return f"cos/sin depend on {sorted(v.name for v in graph_inputs)}, not on position ids alone"
+    pos = next(iter(graph_inputs))
+    if pos.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        return f"cos/sin depend on '{pos.name}', which is not an integer input"
+    initializers, protos = {}, []
+    for node in nodes:
+        protos.append(ir.serde.serialize_node(node))
+        for v in node.inputs:
+            if v is not None and v.producer() is None and v.const_value is not None and v.name not in initializers:
+                initializers[v.name] = ir.serde.serialize_tensor(v.const_value)
+                initializers[v.name].name = v.name
+    graph = onnx.helper.make_graph(
+        protos, "rotary", [onnx.helper.make_tensor_value_info(pos.name, pos.dtype.value, None)],
+        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in (cos, sin)],
+        list(initializers.values()))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items() if d in ("", "ai.onnx")])
+    feed = np.arange(positions, dtype=pos.dtype.numpy())[None, :]
+    try:
+        cos_t, sin_t = ReferenceEvaluator(model).run(None, {pos.name: feed})
+    except Exception as exc:  # an op the reference evaluator lacks, or a shape it cannot take
+        return f"could not evaluate the rotary tables ({type(exc).__name__}: {exc})"
+    cos_t, sin_t = np.asarray(cos_t), np.asarray(sin_t)
+    if cos_t.ndim != 3 or cos_t.shape[:2] != (1, positions) or sin_t.shape != cos_t.shape:
+        return f"cos/sin have shape {cos_t.shape}, not [1, positions, head_dim]"
+    return pos, cos_t[0], sin_t[0]
+
+
+class GroupQueryAttentionRule(RewriteRuleClassBase):
+    """`tables_for(cos, sin)` gives the shared rotary tables (or why none); `lengths` the shared
+    (seqlens_k, total_sequence_length) values."""
+
+    def __init__(self, repeat_kv: bool, tables_for, lengths: tuple[ir.Value, ir.Value]) -> None:
+        super().__init__(name=f"GroupQueryAttention[{'repeat_kv' if repeat_kv else 'mha'}]", remove_nodes=False)
+        self.repeat_kv = repeat_kv
+        self.tables_for = tables_for
+        self.lengths = lengths
+        self._pending: dict[str, Any] = {}
+
+    def _rotate(self, op, t, cos_u, sin_u, tag: str):
+        upper = op.Slice(t, _allow_other_inputs=True, _outputs=[f"{tag}_upper"])
+        lower = op.Slice(t, _allow_other_inputs=True, _outputs=[f"{tag}_lower"])
+        rotated = op.Concat(op.Neg(upper), lower, axis=-1)
+        return op.Add(op.Mul(t, cos_u), op.Mul(rotated, sin_u))
+
+    def _repeat(self, op, kv):
+        return op.Reshape(op.Expand(op.Unsqueeze(kv, _allow_other_inputs=True), _allow_other_inputs=True),
+                          _allow_other_inputs=True) if self.repeat_kv else kv
+
+    def pattern(self, op, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask):
+        q = op.Transpose(op.Reshape(q_in, _allow_other_inputs=True, _outputs=["q_heads"]), perm=[0, 2, 1, 3])
+        k = op.Transpose(op.Reshape(k_in, _allow_other_inputs=True, _outputs=["k_heads"]), perm=[0, 2, 1, 3])
+        v = op.Transpose(op.Reshape(v_in, _allow_other_inputs=True), perm=[0, 2, 1, 3])
+        cos_u = op.Unsqueeze(cos, _allow_other_inputs=True)
+        sin_u = op.Unsqueeze(sin, _allow_other_inputs=True)
+        q_rot = self._rotate(op, q, cos_u, sin_u, "q")
+        k_rot = self._rotate(op, k, cos_u, sin_u, "k")
+        present_k = op.Concat(past_k, k_rot, axis=-2)
+        present_v = op.Concat(past_v, v, axis=-2)
+        keys_t = op.Transpose(self._repeat(op, present_k), perm=[0, 1, 3, 2])
+        scores = op.Add(op.Mul(op.MatMul(q_rot, keys_t), scale), mask)
+        probs = op.Softmax(scores, axis=-1)
+        context = op.MatMul(probs, self._repeat(op, present_v))
+        out = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), _allow_other_inputs=True)
+        return out, present_k, present_v
+
+    def check(self, context, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask, q_upper, q_lower,
+              k_upper, k_lower, **_: Any) -> MatchResult:
+        result = MatchResult()
+        for value, what in ((q_in, "query"), (k_in, "key"), (v_in, "value"), (mask, "mask")):
+            if not is_float32(value):
+                return result.fail(f"{what} is not float32 (or its type is unknown)", value)
+        shape = past_v.shape
+        if shape is None or shape.rank() != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+            return result.fail("past value has no static [B, kv_heads, P, head_dim] shape", past_v)
+        kv_heads, head_dim = int(shape[1]), int(shape[3])
+        width = q_in.shape[-1] if q_in.shape is not None else None
+        if not isinstance(width, int) or width % head_dim:
+            return result.fail("query width is unknown or not a multiple of head_dim", q_in)
+        heads = width // head_dim
+        if heads % kv_heads or (heads != kv_heads) != self.repeat_kv:
+            return result.fail(f"{heads} query heads and {kv_heads} kv heads do not fit this variant", q_in)
+        if head_dim % 16:
+            return result.fail(f"head_dim {head_dim} is not a multiple of 16 (ORT's CPU GroupQueryAttention needs it)")
+        why = self._check_rotate_half(q_upper, q_lower, head_dim) or self._check_rotate_half(k_upper, k_lower, head_dim)
+        if why:
+            return result.fail(why)
+        s = scalar(scale)
+        if s is None or not s > 0:
+            return result.fail("attention scale is not a positive scalar constant", scale)
+        tables = self.tables_for(cos, sin, head_dim)
+        if isinstance(tables, str):
+            return result.fail(tables, cos)
+        self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables}
+        return result
+
+    @staticmethod
+    def _check_rotate_half(upper: ir.Value, lower: ir.Value, head_dim: int) -> str:
+        """upper = x[..., half:], lower = x[..., :half] on the last axis, with the same `half`."""
+        up, low = upper.producer(), lower.producer()
+        if len(up.inputs) < 4 or len(low.inputs) < 4:
+            return "rotary Slices do not name their axes"
+        for node in (up, low):
+            axes = const_ints(node.inputs[3])
+            if axes not in ([-1], [3]):
+                return "rotary Slice is not on the last axis"
+            if len(node.inputs) > 4 and node.inputs[4] is not None and const_ints(node.inputs[4]) != [1]:
+                return "rotary Slice has a step"
+        if const_ints(low.inputs[1]) != [0]:
+            return "rotary lower half does not start at 0"
+        start, stop = up.inputs[1], low.inputs[2]
+        if start is not stop and not (const_ints(start) == const_ints(stop) == [head_dim // 2]):
+            # the tracer computes half = shape[-1] // 2 once and feeds it to both Slices (through Unsqueezes)
+            a, b = start.producer(), stop.producer()
+            same = (a is not None and b is not None and a.op_type == b.op_type == "Unsqueeze"
+                    and a.inputs[0] is b.inputs[0])
+            if not same:
+                return "rotary halves are not split at one shared midpoint"
+        return ""
+
+    def rewrite(self, op, q_in, k_in, v_in, past_k, past_v, mask, **_: Any):
+        p = self._pending
+        tables: RotaryTables = p["tables"]
+        q_r = op.RotaryEmbedding(q_in, tables.position_ids, tables.cos, tables.sin, num_heads=p["heads"],
+                                 interleaved=0, _domain=MS_DOMAIN)
+        k_r = op.RotaryEmbedding(k_in, tables.position_ids, tables.cos, tables.sin, num_heads=p["kv_heads"],
+                                 interleaved=0, _domain=MS_DOMAIN)
+        seqlens_k, total = self.lengths
+        out, present_k, present_v = op.GroupQueryAttention(
+            q_r, k_r, v_in, past_k, past_v, seqlens_k, total, None, None, None, mask,
+            num_heads=p["heads"], kv_num_heads=p["kv_heads"], scale=p["scale"], _domain=MS_DOMAIN, _outputs=3)
+        return out, present_k, present_v
+
+
+@dataclasses.dataclass
+class FuseGroupQueryAttentionOptions:
+    max_positions: int | None = None  # rotary table length; default: the model's config, else 4096
+
+    def validate(self) -> None:
+        if self.max_positions is not None and (not isinstance(self.max_positions, int) or self.max_positions < 1):
+            raise ValueError("max_positions must be a positive integer")
+
+
+class FuseGroupQueryAttentionPass(EqcPass):
+    name = "fuse_group_query_attention"
+    Options = FuseGroupQueryAttentionOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        mask_input = next((v for v in graph.inputs if v.name == MASK_INPUT), None)
+        if mask_input is None:
+            self.context.warn(f"fuse_group_query_attention: no '{MASK_INPUT}' input; attention stays unfused")
+            self.report({"fused": 0})
+            return ir.passes.PassResult(model, modified=False)
+        prepare_for_fusion(model)
+        positions = self.options.max_positions or self.context.max_positions or DEFAULT_MAX_POSITIONS
+        lengths = self._lengths(graph, mask_input)
+        cache: dict[tuple[int, int], RotaryTables | str] = {}
+        opsets = dict(model.opset_imports)
+
+        def tables_for(cos: ir.Value, sin: ir.Value, head_dim: int) -> RotaryTables | str:
+            key = (id(cos), id(sin))
+            if key not in cache:
+                cache[key] = self._tables(graph, cos, sin, head_dim, positions, opsets, len(cache))
+            return cache[key]
+
+        ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(True, tables_for, lengths),
+                                  GroupQueryAttentionRule.rule(False, tables_for, lengths)])
+        count = ruleset.apply_to_model(model)
+        common_passes.RemoveUnusedNodesPass()(model)  # also drops the length nodes when nothing matched
+        if count:
+            use_ms_domain(model)
+            name_fused_nodes(graph, "fused_attention", {"GroupQueryAttention", "RotaryEmbedding"})
+        reasons = sorted({t for t in cache.values() if isinstance(t, str)})
+        left = sum(1 for node in graph.all_nodes() if node.op_type == "Softmax")
+        if left:
+            why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
+            self.context.warn(f"fuse_group_query_attention: {left} attention block(s) stay unfused ({why})")
+        self.report({"fused": count, "rotary_positions": positions, **({"rotary_refused": reasons} if reasons else {})})
+        return ir.passes.PassResult(model, modified=bool(count))
+
+    @staticmethod
+    def _lengths(graph: ir.Graph, mask_input: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """seqlens_k = total_length - 1 for every row (int32 [B]); total_sequence_length (int32 scalar).
+        Padding is carried by the additive mask, so every row's cache holds total_length entries."""
+        shape = ir.node("Shape", [mask_input], name="gqa_lengths/shape")
+        idx0 = ir.Value(name="gqa_lengths/zero", const_value=ir.tensor(np.array([0], np.int64)))
+        idx1 = ir.Value(name="gqa_lengths/one", const_value=ir.tensor(np.array([1], np.int64)))
+        for v in (idx0, idx1):
+            graph.register_initializer(v)
+        batch = ir.node("Slice", [shape.outputs[0], idx0, idx1], name="gqa_lengths/batch")
+        total = ir.node("Slice", [shape.outputs[0], idx1, ir.Value(name="gqa_lengths/two",
+                                                                  const_value=ir.tensor(np.array([2], np.int64)))],
+                        name="gqa_lengths/total")
+        graph.register_initializer(total.inputs[2])
+        last = ir.node("Sub", [total.outputs[0], idx1], name="gqa_lengths/last")
+        rows = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa_lengths/rows")
+        seqlens = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_lengths/seqlens_k")
+        total32 = ir.node("Cast", [total.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_lengths/total32")
+        scalar_total = ir.node("Squeeze", [total32.outputs[0], idx0], name="gqa_lengths/total_sequence_length")
+        nodes = [shape, batch, total, last, rows, seqlens, total32, scalar_total]
+        for node in nodes:
+            node.outputs[0].name = f"{node.name}/output_0"
+        first = next(iter(graph))
+        graph.insert_before(first, nodes)
+        seqlens.outputs[0].dtype, seqlens.outputs[0].shape = ir.DataType.INT32, ir.Shape([mask_input.shape[0] if mask_input.shape else "batch"])
+        scalar_total.outputs[0].dtype, scalar_total.outputs[0].shape = ir.DataType.INT32, ir.Shape([])
+        return seqlens.outputs[0], scalar_total.outputs[0]
+
+    @staticmethod
+    def _tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, head_dim: int, positions: int,
+                opsets: dict[str, int], index: int) -> RotaryTables | str:
+        got = evaluate_rotary(cos, sin, positions, opsets)
+        if isinstance(got, str):
+            return got
+        pos, cos_t, sin_t = got
+        half = head_dim // 2
+        if cos_t.shape[1] != head_dim:
+            return f"rotary tables are {cos_t.shape[1]} wide, head_dim is {head_dim} (partial rotary is not fused)"
+        if not (np.array_equal(cos_t[:, :half], cos_t[:, half:]) and np.array_equal(sin_t[:, :half], sin_t[:, half:])):
+            return "rotary tables are not rotate-half tables (the two halves differ)"
+        suffix = f"_{index}" if index else ""
+        tables = []
+        for name, arr in ((f"rotary_cos_cache{suffix}", cos_t[:, :half]), (f"rotary_sin_cache{suffix}", sin_t[:, :half])):
+            value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr, dtype=np.float32), name=name),
+                             shape=ir.Shape([positions, half]), type=ir.TensorType(ir.DataType.FLOAT))
+            graph.register_initializer(value)
+            tables.append(value)
+        return RotaryTables(pos, tables[0], tables[1])
