@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.artifact.atomic import staged_file
+from eqcompiler.artifact.user_cache import cache_root
 from eqcompiler.errors import EqcError
 
 KL_FORMAT = 1
@@ -128,14 +129,6 @@ def cache_key(stats_meta: dict[str, Any], choices: Sequence[str], windows: int, 
             "windows": windows, "tokens": tokens,
             "text": {k: data.get(k) for k in ("path", "sha256", "samples", "seq_len", "decode_steps")}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cache_root() -> pathlib.Path:
-    """The user cache folder: $XDG_CACHE_HOME/eqc (an absolute XDG_CACHE_HOME only), else ~/.cache/eqc."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    if not os.path.isabs(base):
-        base = str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(base) / "eqc"
 
 
 def default_cache_dir() -> pathlib.Path:

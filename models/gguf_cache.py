@@ -1,0 +1,74 @@
+"""A GGUF file converted once into a Hugging Face folder in the user cache, then loaded from there.
+
+transformers reads a GGUF's metadata again for the config, the weights and the tokenizer, and each read
+walks every vocabulary string (about 5 s each for SmolLM2's 49k tokens), then dequantizes every tensor:
+30 s per export. Converted once (config without GGUF's quantization_config, float32 safetensors, the
+tokenizer with its special tokens fixed), later loads take a few seconds. The cache key is the GGUF's
+bytes, the special-token fixes and the transformers version, so a changed file or conversion is redone.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import pathlib
+import warnings
+from typing import Any, Callable
+
+from eqcompiler.artifact.atomic import staged_dir
+from eqcompiler.artifact.user_cache import cache_root
+
+DONE_MARKER = ".eqc-converted"
+
+
+def cache_key(gguf_path: pathlib.Path, special_tokens: dict[str, Any] | None) -> str:
+    import transformers
+
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    digest.update(json.dumps({"special": special_tokens or {}, "transformers": transformers.__version__},
+                             sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def converted_folder(folder: pathlib.Path, gguf_file: str, special_tokens: dict[str, Any] | None,
+                     fix_tokens: Callable[[Any, Any], None]) -> pathlib.Path:
+    """The HF folder holding `folder/gguf_file` converted; converts it on the first call. Concurrent callers
+    (parallel exports, test workers) wait on one lock: one converts, the others read its result."""
+    target = cache_root() / "gguf" / cache_key(folder / gguf_file, special_tokens)
+    if (target / DONE_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / DONE_MARKER).is_file():
+            _convert(folder, gguf_file, fix_tokens, target)
+    return target
+
+
+def _convert(folder: pathlib.Path, gguf_file: str, fix_tokens: Callable[[Any, Any], None],
+             target: pathlib.Path) -> None:
+    import torch
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, config=config,
+                                                                  dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    fix_tokens(model, tokenizer)
+    # transformers refuses to save a model it loaded through its GGUF quantizer: rebuild it from the config
+    # without GGUF's quantization_config (the weights are float32 now) and move the weights over.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    model = plain
+    with staged_dir(target, overwrite=True) as stage:  # a half-written folder (no marker) is replaced
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        (stage / DONE_MARKER).write_text(json.dumps({"source": str(folder / gguf_file)}) + "\n")
