@@ -32,8 +32,10 @@ ALIASES: dict[str, dict[str, Any]] = {
 ALIASES["smollm2"] = ALIASES["smollm2-135m"]
 ALIASES["minilm"] = ALIASES["all-minilm-l6-v2"]
 
-CAUSAL_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gpt2"}
-ENCODER_FAMILIES = {"bert"}
+# Which task a model is exported for is read from the model itself (its config), through transformers' own
+# task mappings, not from a list of families: see model_task. The families the tests cover with tiny random
+# models (models/tiny.py, tests/test_families.py) are the tested ones, not a limit.
+CAUSAL_LM_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclasses.dataclass
@@ -82,6 +84,45 @@ def _fix_special_tokens(model: Any, tokenizer: Any, special: dict[str, tuple[str
             setattr(model.generation_config, f"{kind}_token_id", token_id)
 
 
+def model_task(config: Any) -> str:
+    """"causal-lm" or "encoder" for a model config, decided by transformers' own task mappings; refuses
+    (EqcError, one line naming what was found) anything else.
+
+    - encoder-decoder models (config.is_encoder_decoder: T5, BART, Whisper, ...) are refused;
+    - a family with a masked-LM class (BERT, RoBERTa, DistilBERT, MPNet, ...) is a bidirectional encoder, even
+      where transformers also maps it to a causal-LM class (BertLMHeadModel is BERT run as a decoder);
+    - a family transformers maps to a causal-LM class (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) is a causal LM when
+      its saved architecture (config.architectures, when present) is one: a saved LlamaForSequenceClassification
+      has no language-model head, and loading it as a causal LM would invent one;
+    - code shipped with the model (auto_map, only with --trust-remote-code) says which auto class it provides.
+    Whether the export is right is then decided by the export's parity check, not here.
+    """
+    from transformers.models.auto import modeling_auto
+
+    family = str(getattr(config, "model_type", "") or "")
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    found = f"model family '{family}'" + (f" ({', '.join(archs)})" if archs else "")
+    auto_map = getattr(config, "auto_map", None) or {}
+    causal_map = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    masked_map = modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False):
+        raise EqcError(f"{found} is an encoder-decoder model; eqc exports decoder-only causal LMs and encoders")
+    if family in masked_map or (family not in causal_map and "AutoModelForMaskedLM" in auto_map):
+        return "encoder"
+    if family in causal_map or "AutoModelForCausalLM" in auto_map:
+        causal_classes = {c for v in causal_map.values() for c in ((v,) if isinstance(v, str) else v)}
+        if not archs or any(a in causal_classes or a.endswith(CAUSAL_LM_ARCHITECTURE_SUFFIXES) for a in archs):
+            return "causal-lm"
+        expected = causal_map.get(family) or "a *ForCausalLM class"
+        raise EqcError(f"{found}: the saved architecture is not a causal LM (expected {expected}) and the family is "
+                       "not an encoder; eqc exports decoder-only causal LMs and encoders")
+    if family in modeling_auto.MODEL_MAPPING_NAMES:
+        raise EqcError(f"{found} is neither a causal LM nor a text encoder to transformers (it has no causal-LM or "
+                       "masked-LM class); eqc exports decoder-only causal LMs and encoders")
+    raise EqcError(f"{found} is unknown to transformers (no model class for it); eqc exports decoder-only causal LMs "
+                   "and encoders")
+
+
 def needs_remote_code(folder: pathlib.Path) -> str | None:
     """The file whose `auto_map` asks transformers to import Python code shipped with the model, if any."""
     import json
@@ -111,23 +152,29 @@ def load_source(src: str, trust_remote_code: bool = False) -> LoadedModel:
     if remote and not trust_remote_code:
         raise EqcError(f"model folder '{folder}' needs its own Python code ({remote} has auto_map); refusing to run it: "
                        "pass --trust-remote-code only if you trust this folder")
+    source = {"source": src, "folder": str(folder), "gguf_file": gguf_file or ""}
+    if gguf_file:  # converted once into the user cache, then read as a plain HF folder
+        from eqcompiler.models.gguf_cache import converted_folder
+
+        special = alias.get("special_tokens")
+        try:
+            folder = converted_folder(folder, gguf_file, special,
+                                      lambda m, t: _fix_special_tokens(m, t, special) if special else None)
+        except EqcError:
+            raise
+        except Exception as exc:  # an unreadable GGUF: transformers and gguf raise many types
+            raise EqcError(f"cannot convert '{folder / gguf_file}' from GGUF: {exc}") from None
+        gguf_file = None
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager",
                               "trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                          **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as exc:  # transformers raises many types for unreadable configs
         raise EqcError(f"cannot read the model config in '{folder}': {exc}") from None
     family = config.model_type
-    if family in CAUSAL_FAMILIES:
-        task, auto = "causal-lm", transformers.AutoModelForCausalLM
-    elif family in ENCODER_FAMILIES:
-        task, auto = "encoder", transformers.AutoModel
-    else:
-        supported = ", ".join(sorted(CAUSAL_FAMILIES | ENCODER_FAMILIES))
-        raise EqcError(f"model family '{family}' is not supported (supported: {supported})")
+    task = model_task(config)
+    auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -141,5 +188,4 @@ def load_source(src: str, trust_remote_code: bool = False) -> LoadedModel:
             raise EqcError(f"cannot load the model from '{src}': {exc}") from None
     if alias.get("special_tokens"):
         _fix_special_tokens(model, tokenizer, alias["special_tokens"])
-    source = {"source": src, "folder": str(folder), "gguf_file": gguf_file or ""}
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, task=task, source=source)

@@ -12,22 +12,41 @@ from typing import Any
 from eqcompiler.errors import EqcError
 
 TINY_VOCAB = 512
+# Sliding-window attention in the tiny configs that have it: shorter than the export's parity prompt (7 tokens)
+# and decode step (9 cached + 1), and than the tests' prompts, so the window's mask is exercised, not idle.
+TINY_SLIDING_WINDOW = 5
+# Token ids of build_tokenizer's specials, for configs whose defaults point past TINY_VOCAB (phi3's pad 32000).
+TINY_TOKEN_IDS = dict(pad_token_id=1, bos_token_id=2, eos_token_id=3)
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:
-    """A tiny random-weight config of a family, for export and structure tests."""
+    """A tiny random-weight config of a family, for export and structure tests (head_dim 16 everywhere, so
+    ORT's fused attention can apply)."""
     import transformers
 
     common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=128)
+    window = TINY_SLIDING_WINDOW
     if family == "llama":
         cfg = transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)  # tied, like SmolLM2
-    elif family == "mistral":
-        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif family == "mistral":  # sliding window on every layer
+        cfg = transformers.MistralConfig(num_key_value_heads=2, head_dim=16, sliding_window=window, **common)
     elif family == "qwen2":
         cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
     elif family == "qwen3":
         cfg = transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = transformers.Phi3Config(num_key_value_heads=2, **TINY_TOKEN_IDS, **common)
+    elif family == "gemma2":  # attention and final-logit soft-capping, sliding / full layers, as its defaults
+        cfg = transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                        sliding_window=window, **TINY_TOKEN_IDS, **common)
+    elif family == "gemma3_text":  # Gemma3ForCausalLM: q/k norms, local and global rotary bases
+        cfg = transformers.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                            sliding_window=window,
+                                            layer_types=["sliding_attention", "full_attention"],
+                                            **TINY_TOKEN_IDS, **common)
+    elif family == "olmo2":  # q/k norms over the whole projection, norms after attention and MLP
+        cfg = transformers.Olmo2Config(num_key_value_heads=2, **TINY_TOKEN_IDS, **common)
     elif family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     elif family == "bert":

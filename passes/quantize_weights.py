@@ -96,6 +96,11 @@ class QuantizeWeightsPass(EqcPass):
             for site in group:
                 site.node.replace_input_with(1, dq)
                 layers[site.name] = _describe(qw, opts.reduce_range)
+            # Other readers of the weight (onnxruntime-genai's builder ties its embedding as Gather(Transpose(
+            # lm_head weight))) read the dequantized weight too: the float initializer goes away. The pipeline's
+            # topological sort places the DequantizeLinear before the earliest of them.
+            for use in list(weight.uses()):
+                use.node.replace_input_with(use.idx, dq)
             bytes_before += weight.const_value.nbytes
             bytes_after += _stored_bytes(qw)
             graph.initializers.pop(weight.name)

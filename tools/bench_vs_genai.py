@@ -206,18 +206,18 @@ def run_in_child(fn: Callable[[str], None], arg: str) -> None:
 # ---------------------------------------------------------------- model folders
 
 def set_genai_threads(config_path: pathlib.Path, threads: int, source: pathlib.Path, uses_eqc_ops: bool) -> list[str]:
-    """Write intra_op_num_threads into a genai_config.json; make a relative custom-op path absolute."""
+    """Write intra_op_num_threads into a genai_config.json. GenAI loads a custom-op library only from inside
+    the model folder (relative to it), which is how eqc artifacts carry theirs."""
     config = read_json(config_path)
     options = config.setdefault("model", {}).setdefault("decoder", {}).setdefault("session_options", {})
     options["intra_op_num_threads"] = threads
     notes = []
-    lib = options.get("custom_ops_library")
-    if lib and not pathlib.Path(lib).is_absolute():
-        options["custom_ops_library"] = str((source / lib).resolve())
-    elif not lib and uses_eqc_ops:  # otherwise GenAI cannot load an ai.eqc graph at all
+    if not options.get("custom_ops_library") and uses_eqc_ops:  # an older artifact: GenAI cannot load it as is
         from eqcompiler.runtime import custom_ops
 
-        options["custom_ops_library"] = str(custom_ops.find_library())
+        lib = custom_ops.find_library()
+        shutil.copyfile(lib, config_path.parent / lib.name)
+        options["custom_ops_library"] = lib.name
         notes.append("custom_ops_library added to genai_config.json by the bench")
     config_path.write_text(json.dumps(config, indent=4))
     return notes
@@ -228,7 +228,9 @@ def genai_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.is_file() and f.name != "genai_config.json":
+        if f.suffix == ".so":  # GenAI refuses a library whose real path leaves the model folder
+            shutil.copyfile(f, dst / f.name)
+        elif f.is_file() and f.name != "genai_config.json":
             (dst / f.name).symlink_to(f.resolve())
     shutil.copy(src / "genai_config.json", dst / "genai_config.json")
 

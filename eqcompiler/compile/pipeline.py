@@ -12,6 +12,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.atomic import staged_dir
 from eqcompiler.artifact.genai_config import write_genai_config
+from eqcompiler.export.upgrade_opset import upgrade_opset
 from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
@@ -117,12 +118,11 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         stats.check_model(art_mod.model_fingerprint(model_path), f"'{model_path}'")
         _refuse_missing_observers(stats, recipe, recipe_name, calib, model)
     ir_model = art_mod.load_ir(model_path)
-    opset = ir_model.opset_imports.get("", 0)
-    if opset < MIN_OPSET:
-        # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
-        raise EqcError(f"'{model_path}' uses default opset {opset}; eqc compiles opset {MIN_OPSET} or newer "
-                       "(re-export it with `eqc export`)")
     _refuse_cycles(ir_model.graph, model_path)
+    # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
+    ir_model, upgraded_from = upgrade_opset(ir_model, MIN_OPSET, f"'{model_path}'")
+    if upgraded_from is not None:
+        target_warnings.append(f"converted from opset {upgraded_from} to {MIN_OPSET} (onnx version converter)")
     # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
     # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
     context = CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
@@ -130,12 +130,12 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
                              recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
+    # ORT's contrib ops in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
+    # onnxruntime-genai's builder wrote): the source brought them, so the check lets them through.
+    brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
     run_passes([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()], ir_model)
     art_mod.save_ir(ir_model, stage)
-    try:
-        onnx.checker.check_model(str(stage / art_mod.MODEL_FILE))
-    except onnx.checker.ValidationError as exc:
-        raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    _check_graph(stage / art_mod.MODEL_FILE, brought)
     if art.manifest:
         art_mod.copy_carried_files(art.folder, stage)
     # Nothing about the run (its time, the host) goes into the artifact: the same inputs give the same bytes.
@@ -150,6 +150,27 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     art_mod.write_manifest(stage, manifest)
     write_genai_config(stage, manifest, library)
     return manifest
+
+
+def _check_graph(path: pathlib.Path, brought: set[str]) -> None:
+    """onnx.checker on the compiled graph, with the schema-less ONNX-domain ops the source already had moved
+    to a domain the checker does not know (it checks their wiring, not their schema)."""
+    checked = path
+    if brought:
+        proto = onnx.load(str(path), load_external_data=False)
+        for node in proto.graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in brought:
+                node.domain = "eqc.unchecked"
+        proto.opset_import.append(onnx.helper.make_opsetid("eqc.unchecked", 1))
+        checked = path.with_name(".checked-" + path.name)  # beside the model: its external data resolves
+        onnx.save(proto, str(checked))
+    try:
+        onnx.checker.check_model(str(checked))
+    except onnx.checker.ValidationError as exc:
+        raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    finally:
+        if checked != path:
+            checked.unlink(missing_ok=True)
 
 
 def _op_library(target: str, warnings: list[str]) -> pathlib.Path | None:

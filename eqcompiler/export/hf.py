@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 import time
 import warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import onnx_ir as ir
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.atomic import staged_dir
 from eqcompiler.artifact.genai_config import write_genai_config
-from eqcompiler.errors import ParityError
+from eqcompiler.errors import EqcError, ParityError
 from eqcompiler.compile.graph import embedding_gathers, find_linear_sites, weight_array
 from eqcompiler.models.loaders import LoadedModel, load_source
 
@@ -29,16 +30,56 @@ log = logging.getLogger(__name__)
 EXPORT_OPSET = 18  # what the TorchScript exporter emits; bumped to TARGET_OPSET afterwards
 TARGET_OPSET = 21  # opset 21: int4/uint4 and blocked Quantize/DequantizeLinear
 PARITY_TOLERANCE = 1e-3  # max |ORT - torch| on logits, relative to max(1, max |torch logits|)
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _text_config(model: Any) -> Any:
+    """The decoder's own config (a multimodal config nests it; a text-only one is its own)."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def _describe_model(model: Any) -> str:
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return f"model family '{model.config.model_type}' ({', '.join(map(str, archs))})"
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, int]]" = weakref.WeakKeyDictionary()
 
 
 def _kv_layout(model: Any) -> dict[str, int]:
-    cfg = model.config
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return {"num_layers": int(layers), "num_kv_heads": int(kv_heads), "head_dim": int(head_dim)}
+    """Layers, KV heads and head size of the cache as the model itself writes it (one forward pass over two
+    tokens), not as config attribute names say: families name them differently (num_key_value_heads,
+    num_kv_heads, multi_query, ...), and the graph's past inputs must have the shapes its layers produce."""
+    if model in _LAYOUTS:
+        return dict(_LAYOUTS[model])
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)  # as _torch_export: no deprecation chatter
+        try:
+            out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), past_key_values=DynamicCache(), use_cache=True)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise EqcError(f"cannot run {_describe_model(model)} with a KV cache: {type(exc).__name__}: {first}") from exc
+    layers = list(getattr(getattr(out, "past_key_values", None), "layers", None) or [])
+    shapes = {(tuple(getattr(layer, "keys", None).shape) if getattr(layer, "keys", None) is not None else None,
+               tuple(getattr(layer, "values", None).shape) if getattr(layer, "values", None) is not None else None)
+              for layer in layers}
+    if len(shapes) != 1:
+        raise EqcError(f"{_describe_model(model)} does not write one KV cache shape for every layer "
+                       f"({len(layers)} layers, shapes {sorted(map(str, shapes))}); eqc's graphs take one per layer")
+    keys, values = shapes.pop()
+    if keys is None or keys != values or len(keys) != 4 or keys[0] != 1 or keys[2] != 2:
+        raise EqcError(f"{_describe_model(model)} writes a KV cache eqc's graphs do not take (keys {keys}, values "
+                       f"{values} for 2 tokens; expected both [batch, kv_heads, sequence, head_dim])")
+    layout = {"num_layers": len(layers), "num_kv_heads": int(keys[1]), "head_dim": int(keys[3])}
+    _LAYOUTS[model] = layout
+    return dict(layout)
 
 
 def _causal_wrapper(model: Any, num_layers: int) -> Any:
@@ -53,7 +94,12 @@ def _causal_wrapper(model: Any, num_layers: int) -> Any:
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):  # type: ignore[no-untyped-def]
-            cache = DynamicCache(config=self.model.config)
+            # A cache of full layers, never built from the config: given one, transformers makes sliding-window
+            # layers (Mistral, Gemma 2/3) that keep only the last window-1 positions and size their masks from
+            # a Python counter the tracer would bake in. Here every layer's present is its past plus the new
+            # tokens (the artifact's contract), and the window is applied by the sliding-window mask, which
+            # transformers builds from config.sliding_window and the positions: the same attention.
+            cache = DynamicCache()
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -67,7 +113,12 @@ def _causal_wrapper(model: Any, num_layers: int) -> Any:
 
 
 def _encoder_wrapper(model: Any) -> Any:
+    import inspect
+
     import torch
+
+    # DistilBERT, MPNet, ... have no token types: their forward does not name token_type_ids.
+    token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     class EncoderLastHidden(torch.nn.Module):
         def __init__(self) -> None:
@@ -75,8 +126,8 @@ def _encoder_wrapper(model: Any) -> Any:
             self.model = model
 
         def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+            extra = {"token_type_ids": token_type_ids} if token_types else {}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
     return EncoderLastHidden().eval()
 
@@ -113,7 +164,7 @@ def _export_causal(loaded: LoadedModel, path: pathlib.Path) -> dict[str, Any]:
     layout = _kv_layout(loaded.model)
     wrapper = _causal_wrapper(loaded.model, layout["num_layers"])
     in_names, out_names = causal_io_names(layout["num_layers"])
-    example = causal_example(layout, loaded.model.config.vocab_size, batch=2, seq=4, past=3)
+    example = causal_example(layout, _text_config(loaded.model).vocab_size, batch=2, seq=4, past=3)
     args = tuple(torch.from_numpy(example[n]) for n in in_names)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
@@ -121,7 +172,7 @@ def _export_causal(loaded: LoadedModel, path: pathlib.Path) -> dict[str, Any]:
         dynamic[name] = {0: "batch", 2: "past_sequence"}
     for name in out_names[1:]:
         dynamic[name] = {0: "batch", 2: "total_sequence"}
-    _torch_export(wrapper, args, path, in_names, out_names, dynamic)
+    _torch_export(wrapper, args, path, in_names, out_names, dynamic, loaded)
     return layout
 
 
@@ -130,14 +181,30 @@ def _export_encoder(loaded: LoadedModel, path: pathlib.Path) -> None:
 
     ids = torch.randint(0, loaded.model.config.vocab_size, (2, 8))
     args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    names = list(ENCODER_INPUTS)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
     dynamic["last_hidden_state"] = {0: "batch", 1: "sequence"}
-    _torch_export(_encoder_wrapper(loaded.model), args, path, names, ["last_hidden_state"], dynamic)
+    _torch_export(_encoder_wrapper(loaded.model), args, path, names, ["last_hidden_state"], dynamic, loaded)
+    _keep_encoder_inputs(path)
+
+
+def _keep_encoder_inputs(path: pathlib.Path) -> None:
+    """Every encoder artifact takes ENCODER_INPUTS, which eqc feeds to encoders (calibrate, eval, bench); the tracer
+    drops an input the model ignores (token_type_ids of a model without token types), so it is put back, unused."""
+    proto = onnx.load(str(path), load_external_data=False)
+    have = [i.name for i in proto.graph.input]
+    if all(n in have for n in ENCODER_INPUTS):
+        return
+    for index, name in enumerate(ENCODER_INPUTS):
+        if name not in have:
+            proto.graph.input.insert(index, onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64,
+                                                                                ["batch", "sequence"]))
+            have.insert(index, name)
+    onnx.save(proto, str(path))
 
 
 def _torch_export(module: Any, args: tuple, path: pathlib.Path, in_names: list[str], out_names: list[str],
-                  dynamic: dict[str, dict[int, str]]) -> None:
+                  dynamic: dict[str, dict[int, str]], loaded: LoadedModel) -> None:
     import torch
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -145,9 +212,15 @@ def _torch_export(module: Any, args: tuple, path: pathlib.Path, in_names: list[s
         logging.getLogger("transformers").setLevel(logging.ERROR)
         # The TorchScript exporter traces the HF module as is (eager attention, explicit masks);
         # it is fast and handles dynamic past length 0, which prefill needs.
-        torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
-                          dynamic_axes=dynamic, opset_version=EXPORT_OPSET, dynamo=False,
-                          do_constant_folding=True)
+        try:
+            torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
+                              dynamic_axes=dynamic, opset_version=EXPORT_OPSET, dynamo=False,
+                              do_constant_folding=True)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a model whose forward pass the tracer cannot take: say which and why
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise EqcError(f"cannot export {_describe_model(loaded.model)} to ONNX: {type(exc).__name__}: {first}") from exc
 
 
 def _postprocess(raw_path: pathlib.Path) -> ir.Model:
@@ -160,11 +233,56 @@ def _postprocess(raw_path: pathlib.Path) -> ir.Model:
     from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass
 
     IdentityEliminationPass()(model)
+    _gemm_to_matmul(model.graph)
     _tie_lm_head(model.graph)
     RemoveUnusedNodesPass()(model)
     _name_weights(model.graph)
     model.producer_name = "eqc"
     return model
+
+
+def _gemm_to_matmul(graph: ir.Graph) -> None:
+    """Write a linear layer the tracer emitted as Gemm (a 2-D addmm: GPT-2's Conv1D, a Linear over a flattened
+    input) as MatMul (+ Add for the bias), as every other family's projections are, so that every pass and
+    lowering written for MatMul layers (ort-cpu's MatMulNBits among them) takes it. Same arithmetic: alpha =
+    beta = 1, no transA; a transB weight is stored transposed once (left as Gemm when something else reads it)."""
+    names = {n.name for n in graph}
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        a, w = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        attrs = node.attributes
+        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
+            continue
+        if w is None or w.const_value is None or w.shape is None or len(w.shape) != 2:
+            continue
+        if attrs.get_int("transB", 0):
+            if len(w.uses()) != 1 or w.is_graph_input() or w.is_graph_output():
+                continue
+            w.const_value = ir.tensor(np.ascontiguousarray(w.const_value.numpy().T), name=w.name)
+            w.shape = ir.Shape(w.const_value.shape)
+        base = (node.name or "gemm").rsplit("/", 1)[0] if "/" in (node.name or "") else (node.name or "gemm")
+
+        def fresh(op: str) -> str:
+            name, i = f"{base}/{op}", 0
+            while name in names:
+                i += 1
+                name = f"{base}/{op}_{i}"
+            names.add(name)
+            return name
+
+        matmul = ir.node("MatMul", [a, w], name=fresh("MatMul"))
+        new_nodes = [matmul]
+        if bias is not None:
+            new_nodes.append(ir.node("Add", [matmul.outputs[0], bias], name=fresh("Add")))
+        old_out, new_out = node.outputs[0], new_nodes[-1].outputs[0]
+        new_out.name, new_out.shape, new_out.type = old_out.name, old_out.shape, old_out.type
+        old_out.name = None
+        matmul.outputs[0].name = f"{matmul.name}_output_0"
+        if bias is not None:
+            matmul.outputs[0].shape, matmul.outputs[0].type = old_out.shape, old_out.type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old_out], [new_out])
 
 
 def _name_weights(graph: ir.Graph) -> None:
@@ -200,16 +318,19 @@ def _tie_lm_head(graph: ir.Graph) -> None:
         graph.initializers.pop(old.name)
 
 
-def torch_reference(loaded: LoadedModel, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+def torch_reference(loaded: LoadedModel, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
+    """PyTorch's outputs for `feed`. The wrapper's arguments are taken from `feed` by name (every one of them:
+    the graph may lack an input the model ignores, e.g. position_ids under ALiBi); `names` is not needed."""
     import torch
 
     if loaded.task == "causal-lm":
-        wrapper = _causal_wrapper(loaded.model, _kv_layout(loaded.model)["num_layers"])
+        num_layers = _kv_layout(loaded.model)["num_layers"]
+        wrapper, arg_names = _causal_wrapper(loaded.model, num_layers), causal_io_names(num_layers)[0]
     else:
-        wrapper = _encoder_wrapper(loaded.model)
+        wrapper, arg_names = _encoder_wrapper(loaded.model), ENCODER_INPUTS
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = wrapper(*[torch.from_numpy(feed[n]) for n in names])
+        out = wrapper(*[torch.from_numpy(feed[n]) for n in arg_names])
     out = out if isinstance(out, tuple) else (out,)
     return [o.numpy() for o in out]
 
@@ -221,7 +342,7 @@ def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float
     session = make_session(model_path)
     names = [i.name for i in session.get_inputs()]
     cases: list[tuple[str, dict[str, np.ndarray]]]
-    vocab = loaded.model.config.vocab_size
+    vocab = _text_config(loaded.model).vocab_size
     if loaded.task == "causal-lm":
         layout = _kv_layout(loaded.model)
         cases = [("prompt", causal_example(layout, vocab, batch=2, seq=7, past=0, seed=1)),
@@ -235,7 +356,12 @@ def check_parity(loaded: LoadedModel, model_path: pathlib.Path, tolerance: float
         cases = [("prompt", {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})]
     report: dict[str, Any] = {"tolerance": tolerance, "metric": "max|ort-torch| / max(1, max|torch|) on the first output"}
     for case, feed in cases:
-        ort_out = session.run(None, {n: feed[n] for n in names})
+        try:
+            ort_out = session.run(None, {n: feed[n] for n in names})
+        except Exception as exc:  # the traced graph baked in a shape of the example: it fails on other lengths
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ParityError(f"export parity failed on the {case} case: ONNX Runtime cannot run the exported graph of "
+                              f"{_describe_model(loaded.model)} ({first})") from exc
         ref = torch_reference(loaded, feed, names)
         if case == "padded":  # padded query rows are garbage by design; compare real tokens only
             ort_first, ref_first = ort_out[0][1:], ref[0][1:]

@@ -1,0 +1,27 @@
+"""Bring an ONNX model a user brings up to the opset eqc's passes emit (21: int4 and blocked Q/DQ).
+
+torch.onnx writes opset 17-20, Optimum 14-18; onnx's version converter rewrites each op's form between
+versions (Split's and Reduce*'s axes as inputs, ...). Its failure is turned into one line naming the op.
+"""
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from eqcompiler.errors import EqcError
+
+
+def upgrade_opset(model: ir.Model, target: int, where: str) -> tuple[ir.Model, int | None]:
+    """`model` at default opset >= `target` (converted when older); returns it and the opset it came with
+    (None when it needed no conversion)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset >= target:
+        return model, None
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # onnx raises RuntimeError / ValidationError / ConvertError with the op in the text
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise EqcError(f"{where} uses default opset {opset}; converting it to opset {target} failed ({first}); "
+                       "export it at opset 21 or newer") from None
+    return ir.serde.deserialize_model(converted), opset

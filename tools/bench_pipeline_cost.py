@@ -1,0 +1,103 @@
+"""What building an eqc artifact costs: wall seconds and peak RSS of each CLI step, on SmolLM2-135M.
+
+Runs the installed `eqc` CLI as a user would, one step at a time, and samples the step's process tree
+(psutil) for its peak resident memory:
+
+    eqc export smollm2                 cold (empty GGUF cache: converts the GGUF) and warm (cached)
+    eqc calibrate --for RECIPE         --samples N windows of 512 tokens (default 16, as `make demo`)
+    eqc compile --recipe RECIPE        the portable artifact
+    eqc compile --recipe none --target ort-cpu   its lowering
+
+Usage: .venv/bin/python tools/bench_pipeline_cost.py [--recipes w8,w8a8-dynamic,w4-gptq] [--samples 16]
+Writes tools/results/pipeline_cost.json and .md. A benchmark, not a test: run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+NEEDS_CALIBRATION = {"w8": False, "w4-rtn": False}  # every other shipped recipe reads statistics
+
+
+def run_step(args: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Wall seconds and peak RSS (MB, summed over the process tree, sampled every 50 ms) of one command."""
+    exe = pathlib.Path(sys.executable).parent / "eqc"
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(exe), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"error: eqc {' '.join(args)} exited {proc.returncode}: {proc.stderr.read().strip()[-500:]}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default="w8,w8a8-dynamic,w4-gptq")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--out-prefix", default="tools/results/pipeline_cost")
+    args = ap.parse_args()
+    from eqcompiler.data import find_wikitext
+
+    valid = find_wikitext("valid")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="eqc-pipeline-"))
+    cold_cache = work / "cache"
+    env = dict(os.environ)
+    steps: list[dict] = []
+
+    def step(label: str, cli: list[str], extra_env: dict[str, str] | None = None) -> dict:
+        result = {"step": label, "command": "eqc " + " ".join(cli), **run_step(cli, {**env, **(extra_env or {})})}
+        print(f"{label:<36} {result['seconds']:7.1f} s {result['peak_rss_mb']:7d} MB", flush=True)
+        steps.append(result)
+        return result
+
+    step("export (cold GGUF cache)", ["export", "smollm2", "-o", str(work / "fp32-cold")], {"XDG_CACHE_HOME": str(cold_cache)})
+    step("export (warm GGUF cache)", ["export", "smollm2", "-o", str(work / "fp32")], {"XDG_CACHE_HOME": str(cold_cache)})
+    shutil.rmtree(work / "fp32-cold")
+    totals = {}
+    for recipe in args.recipes.split(","):
+        total = steps[1]["seconds"]
+        cli_calib: list[str] = []
+        if NEEDS_CALIBRATION.get(recipe, True):
+            stats = work / f"{recipe}.npz"
+            total += step(f"calibrate --for {recipe}", ["calibrate", str(work / "fp32"), "--data", str(valid), "--for", recipe,
+                                                        "--samples", str(args.samples), "--seq-len", "512", "-o", str(stats)])["seconds"]
+            cli_calib = ["--calib", str(stats)]
+        total += step(f"compile {recipe}", ["compile", str(work / "fp32"), "--recipe", recipe, *cli_calib, "-o", str(work / recipe)])["seconds"]
+        total += step(f"compile {recipe} --target ort-cpu", ["compile", str(work / recipe), "--recipe", "none", "--target", "ort-cpu",
+                                                             "-o", str(work / f"{recipe}-cpu")])["seconds"]
+        totals[recipe] = round(total, 1)
+        print(f"{'  total (warm export) ' + recipe:<36} {total:7.1f} s", flush=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    result = {"command": "tools/bench_pipeline_cost.py " + " ".join(sys.argv[1:]), "cpu": cpu, "cores": os.cpu_count(),
+              "samples": args.samples, "steps": steps, "totals_warm_export": totals}
+    prefix = pathlib.Path(args.out_prefix)
+    prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# eqc pipeline cost (SmolLM2-135M)", "", f"`.venv/bin/python {result['command']}` on {cpu}, {os.cpu_count()} cores.", "",
+             "| step | seconds | peak RSS MB |", "|---|---|---|"]
+    lines += [f"| `{s['command'].replace(str(work), '$W')}` | {s['seconds']} | {s['peak_rss_mb']} |" for s in steps]
+    lines += ["", "Totals (warm export + calibrate + compile + lowering): "
+              + ", ".join(f"{k} {v} s" for k, v in totals.items()), ""]
+    prefix.with_suffix(".md").write_text("\n".join(lines))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
