@@ -72,6 +72,22 @@ def _upstream_nodes(values: list[ir.Value]) -> tuple[list[ir.Node], set[ir.Value
     return sorted(seen.values(), key=lambda n: order.get(id(n), 0)), inputs
 
 
+def _subgraph_model(nodes: list[ir.Node], inputs: dict[str, int], outputs: list[str], opsets: dict[str, int]) -> onnx.ModelProto:
+    """A standalone model of `nodes` (their constant inputs inlined) for onnx's reference evaluator."""
+    protos, initializers = [], {}
+    for node in nodes:
+        protos.append(ir.serde.serialize_node(node))
+        for v in node.inputs:
+            if v is not None and v.producer() is None and v.const_value is not None and v.name not in initializers:
+                # inline: an initializer stored as external data would point at a file the evaluator cannot see
+                initializers[v.name] = onnx.numpy_helper.from_array(np.asarray(v.const_value.numpy()), v.name)
+    graph = onnx.helper.make_graph(
+        protos, "subgraph", [onnx.helper.make_tensor_value_info(n, t, None) for n, t in inputs.items()],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs], list(initializers.values()))
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()
+                                                         if d in ("", "ai.onnx")])
+
+
 def evaluate_rotary(cos: ir.Value, sin: ir.Value, positions: int, opsets: dict[str, int]) -> tuple[ir.Value, np.ndarray, np.ndarray] | str:
     """Run the graph's own cos/sin computation for positions 0..positions-1 with onnx's reference
     evaluator (numpy; no session). Returns (position_ids input, cos [P, D], sin [P, D]) or why not."""
@@ -83,18 +99,7 @@ def evaluate_rotary(cos: ir.Value, sin: ir.Value, positions: int, opsets: dict[s
     pos = next(iter(graph_inputs))
     if pos.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
         return f"cos/sin depend on '{pos.name}', which is not an integer input"
-    initializers, protos = {}, []
-    for node in nodes:
-        protos.append(ir.serde.serialize_node(node))
-        for v in node.inputs:
-            if v is not None and v.producer() is None and v.const_value is not None and v.name not in initializers:
-                initializers[v.name] = ir.serde.serialize_tensor(v.const_value)
-                initializers[v.name].name = v.name
-    graph = onnx.helper.make_graph(
-        protos, "rotary", [onnx.helper.make_tensor_value_info(pos.name, pos.dtype.value, None)],
-        [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in (cos, sin)],
-        list(initializers.values()))
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items() if d in ("", "ai.onnx")])
+    model = _subgraph_model(nodes, {pos.name: pos.dtype.value}, [cos.name, sin.name], opsets)
     feed = np.arange(positions, dtype=pos.dtype.numpy())[None, :]
     try:
         cos_t, sin_t = ReferenceEvaluator(model).run(None, {pos.name: feed})
@@ -106,15 +111,83 @@ def evaluate_rotary(cos: ir.Value, sin: ir.Value, positions: int, opsets: dict[s
     return pos, cos_t[0], sin_t[0]
 
 
+def is_causal_padding_mask(mask: ir.Value, graph: ir.Graph, opsets: dict[str, int], positions: int) -> bool:
+    """Whether the graph's additive mask is exactly "causal, plus the attention_mask's padding" (no sliding
+    window, no other rule). Evaluated with onnx's reference evaluator on a left-padded batch with a past, and on
+    a decode step at the last position the model was built for (a sliding window shorter than that shows there).
+    Then GroupQueryAttention's own causal masking plus a padding-only bias built from attention_mask is the same
+    mask, and the graph no longer reads the past's length anywhere but in the attention (its KV buffer can be
+    shared)."""
+    from onnx.reference import ReferenceEvaluator
+
+    nodes, inputs = _upstream_nodes([mask])
+    if not nodes or any(v.shape is None for v in inputs):
+        return False
+    model = None
+    for seq, past in ((3, 5), (1, max(positions - 1, 5))):
+        feed = _mask_feed(inputs, batch=2, seq=seq, past=past)
+        if feed is None:
+            return False
+        model = model or _subgraph_model(nodes, {n: onnx.helper.np_dtype_to_tensor_dtype(a.dtype)
+                                                 for n, a in feed.items()}, [mask.name], opsets)
+        try:
+            (got,) = ReferenceEvaluator(model).run(None, feed)
+        except Exception:  # an op the reference evaluator lacks: keep the graph's own mask
+            return False
+        if not _is_causal_padding(np.asarray(got), feed[MASK_INPUT], seq, past):
+            return False
+    return True
+
+
+def _mask_feed(inputs: set[ir.Value], batch: int, seq: int, past: int) -> dict[str, np.ndarray] | None:
+    """Inputs for the mask's subgraph: row 0 left-padded by two tokens; None for an input it cannot make up."""
+    total = past + seq
+    attention = np.ones((batch, total), np.int64)
+    attention[0, :2] = 0
+    feed: dict[str, np.ndarray] = {}
+    for value in inputs:
+        if value.name == MASK_INPUT:
+            feed[value.name] = attention
+        elif value.name == "position_ids":
+            feed[value.name] = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)[:, past:]
+        elif value.name == "input_ids":
+            feed[value.name] = np.zeros((batch, seq), np.int64)
+        elif value.shape.rank() == 4 and all(isinstance(d, int) for d in (value.shape[1], value.shape[3])):
+            feed[value.name] = np.zeros((batch, value.shape[1], past, value.shape[3]), np.float32)  # a past input
+        else:
+            return None
+    return feed if MASK_INPUT in feed else None
+
+
+def _is_causal_padding(got: np.ndarray, attention: np.ndarray, seq: int, past: int) -> bool:
+    batch, total = attention.shape
+    if got.shape not in ((batch, 1, seq, total), (1, 1, seq, total)):
+        return False
+    rows = np.arange(seq)[:, None] + past
+    blocked = (np.arange(total)[None, :] > rows)[None, None] | (attention[:, None, None, :] == 0)
+    blocked = np.broadcast_to(blocked, (batch, 1, seq, total))
+    got = np.broadcast_to(got, blocked.shape)
+    return bool(np.all(got[blocked] <= -1e30) and np.all(got[~blocked] == 0))
+
+
+def _kv_buffer(graph: ir.Graph, unfused: int) -> str:
+    """"shareable" when only GroupQueryAttention reads the past inputs (onnxruntime-genai may then pass one
+    preallocated buffer as past and present), else "concat"."""
+    pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+    readers = {u.node.op_type for v in pasts for u in v.uses()}
+    return "shareable" if pasts and not unfused and readers == {"GroupQueryAttention"} else "concat"
+
+
 class GroupQueryAttentionRule(RewriteRuleClassBase):
     """`tables_for(cos, sin)` gives the shared rotary tables (or why none); `lengths` the shared
     (seqlens_k, total_sequence_length) values."""
 
-    def __init__(self, repeat_kv: bool, tables_for, lengths: tuple[ir.Value, ir.Value]) -> None:
+    def __init__(self, repeat_kv: bool, tables_for, lengths: tuple[ir.Value, ir.Value], bias_for) -> None:
         super().__init__(name=f"GroupQueryAttention[{'repeat_kv' if repeat_kv else 'mha'}]", remove_nodes=False)
         self.repeat_kv = repeat_kv
         self.tables_for = tables_for
         self.lengths = lengths
+        self.bias_for = bias_for
         self._pending: dict[str, Any] = {}
 
     def _rotate(self, op, t, cos_u, sin_u, tag: str):
@@ -171,7 +244,7 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
         tables = self.tables_for(cos, sin, head_dim)
         if isinstance(tables, str):
             return result.fail(tables, cos)
-        self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables}
+        self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables, "bias": self.bias_for(mask)}
         return result
 
     @staticmethod
@@ -207,7 +280,7 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
                                  interleaved=0, _domain=MS_DOMAIN)
         seqlens_k, total = self.lengths
         out, present_k, present_v = op.GroupQueryAttention(
-            q_r, k_r, v_in, past_k, past_v, seqlens_k, total, None, None, None, mask,
+            q_r, k_r, v_in, past_k, past_v, seqlens_k, total, None, None, None, p["bias"],
             num_heads=p["heads"], kv_num_heads=p["kv_heads"], scale=p["scale"], _domain=MS_DOMAIN, _outputs=3)
         return out, present_k, present_v
 
@@ -244,8 +317,19 @@ class FuseGroupQueryAttentionPass(EqcPass):
                 cache[key] = self._tables(graph, cos, sin, head_dim, positions, opsets, len(cache))
             return cache[key]
 
-        ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(True, tables_for, lengths),
-                                  GroupQueryAttentionRule.rule(False, tables_for, lengths)])
+        biases: dict[int, ir.Value] = {}
+        padding: list[ir.Value] = []  # the padding-only bias, built once when some mask is plain causal + padding
+
+        def bias_for(mask: ir.Value) -> ir.Value:
+            if id(mask) not in biases:
+                plain = is_causal_padding_mask(mask, graph, opsets, positions)
+                if plain and not padding:
+                    padding.append(self._padding_bias(graph, mask_input))
+                biases[id(mask)] = padding[0] if plain and padding[0] is not None else mask
+            return biases[id(mask)]
+
+        ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(True, tables_for, lengths, bias_for),
+                                  GroupQueryAttentionRule.rule(False, tables_for, lengths, bias_for)])
         count = ruleset.apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)  # also drops the length nodes when nothing matched
         if count:
@@ -256,8 +340,41 @@ class FuseGroupQueryAttentionPass(EqcPass):
         if left:
             why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
             self.context.warn(f"fuse_group_query_attention: {left} attention block(s) stay unfused ({why})")
-        self.report({"fused": count, "rotary_positions": positions, **({"rotary_refused": reasons} if reasons else {})})
+        self.report({"fused": count, "unfused": left, "rotary_positions": positions, "kv_buffer": _kv_buffer(graph, left),
+                     **({"rotary_refused": reasons} if reasons else {})})
         return ir.passes.PassResult(model, modified=bool(count))
+
+    @staticmethod
+    def _padding_bias(graph: ir.Graph, mask_input: ir.Value) -> ir.Value | None:
+        """float [B, 1, S, T]: 0 where attention_mask is 1, the float minimum where it is 0 (S from input_ids)."""
+        ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
+        if ids is None:
+            return None
+
+        def const(name: str, array: np.ndarray) -> ir.Value:
+            value = ir.Value(name=f"gqa_bias/{name}", const_value=ir.tensor(array, name=f"gqa_bias/{name}"))
+            graph.register_initializer(value)
+            return value
+
+        pad = ir.node("Equal", [mask_input, const("zero", np.array(0, np.int64))], name="gqa_bias/is_pad")
+        bias = ir.node("Where", [pad.outputs[0], const("min", np.array(np.finfo(np.float32).min, np.float32)),
+                                 const("none", np.array(0.0, np.float32))], name="gqa_bias/bias")
+        bias4 = ir.node("Unsqueeze", [bias.outputs[0], const("axes", np.array([1, 2], np.int64))], name="gqa_bias/b11t")
+        ishape = ir.node("Shape", [ids], {"start": 1, "end": 2}, name="gqa_bias/seq")
+        b = ir.node("Shape", [mask_input], {"start": 0, "end": 1}, name="gqa_bias/batch")
+        t = ir.node("Shape", [mask_input], {"start": 1, "end": 2}, name="gqa_bias/total")
+        target = ir.node("Concat", [b.outputs[0], const("one", np.array([1], np.int64)), ishape.outputs[0], t.outputs[0]],
+                         {"axis": 0}, name="gqa_bias/target_shape")
+        full = ir.node("Expand", [bias4.outputs[0], target.outputs[0]], name="gqa_bias/expand")
+        nodes = [pad, bias, bias4, ishape, b, t, target, full]
+        graph.insert_before(next(iter(graph)), nodes)
+        for node in nodes:
+            node.outputs[0].name = f"{node.name}/output_0"
+        full.outputs[0].dtype = ir.DataType.FLOAT
+        full.outputs[0].shape = ir.Shape([mask_input.shape[0] if mask_input.shape else "batch", 1,
+                                          ids.shape[1] if ids.shape else "sequence",
+                                          mask_input.shape[1] if mask_input.shape else "total_sequence"])
+        return full.outputs[0]
 
     @staticmethod
     def _lengths(graph: ir.Graph, mask_input: ir.Value) -> tuple[ir.Value, ir.Value]:

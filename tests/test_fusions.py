@@ -63,11 +63,27 @@ def test_fused_llama_matches_unfused_graph(llama, tmp_path):
     # tiny llama, 2 layers: 4 of its 5 norms follow a residual Add (the first layer's input norm does not)
     assert context.report["fuse_skip_rms_norm"]["fused"] == 4
     assert context.report["fuse_group_query_attention"]["fused"] == 2
+    # the exported mask is plain causal + padding: GroupQueryAttention's own causal mask and a padding bias from
+    # attention_mask replace it, so nothing but the attention reads the past (its buffer can be shared)
+    assert context.report["fuse_group_query_attention"]["kv_buffer"] == "shareable"
     ops = _ops(tmp_path / "fused")
     assert ops["GroupQueryAttention"] == 2 and ops["RotaryEmbedding"] == 4 and ops["SkipSimplifiedLayerNormalization"] == 4
     assert "Softmax" not in ops and ops["Pow"] == 1  # only the first input norm stays decomposed
     assert not context.warnings
     errors = _compare(llama, tmp_path / "fused", _layout(llama), 512)
+    assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.parametrize("window", [5, 64])
+def test_a_sliding_window_mask_is_kept(window, tmp_path):
+    """Mistral's mask also blocks keys outside its window: the check finds it is not plain causal + padding, so
+    the graph's own mask stays the attention bias (same numbers) and the cache is not shareable. A window
+    longer than the short check (64 of 128 positions) shows in the decode step at the last position."""
+    fp32 = _tiny_export(tmp_path, "mistral", sliding_window=window)
+    context = _fused(fp32, tmp_path / "fused", ["fuse_skip_rms_norm", "fuse_group_query_attention"])
+    assert context.report["fuse_group_query_attention"]["fused"] == 2
+    assert context.report["fuse_group_query_attention"]["kv_buffer"] == "concat"
+    errors = _compare(fp32, tmp_path / "fused", _layout(fp32), 512)
     assert max(errors.values()) < 1e-4, errors
 
 
@@ -83,17 +99,21 @@ def test_fusion_leaves_rotary_tables_of_the_models_length(llama, tmp_path):
     np.testing.assert_allclose(sin, np.sin(expected), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def mha_llama(tmp_path_factory):
-    """Every query head has its own kv head: repeat_kv is absent from the graph."""
+def _tiny_export(root: pathlib.Path, family: str = "llama", **overrides) -> pathlib.Path:
+    """A tiny random `family` model with config `overrides`, exported into root/fp32."""
     from conftest import WIKI_VALID
     from eqcompiler.export.hf import export
     from eqcompiler.models.tiny import save_tiny_model
 
-    root = tmp_path_factory.mktemp("mha")
-    hf = save_tiny_model("llama", root / "hf", WIKI_VALID.read_text()[:50_000], num_key_value_heads=4)
+    hf = save_tiny_model(family, root / "hf", WIKI_VALID.read_text()[:50_000], **overrides)
     export(str(hf), root / "fp32")
     return root / "fp32"
+
+
+@pytest.fixture(scope="module")
+def mha_llama(tmp_path_factory):
+    """Every query head has its own kv head: repeat_kv is absent from the graph."""
+    return _tiny_export(tmp_path_factory.mktemp("mha"), num_key_value_heads=4)
 
 
 def test_multi_head_variant_fuses_and_matches(mha_llama, tmp_path):
@@ -105,14 +125,7 @@ def test_multi_head_variant_fuses_and_matches(mha_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def narrow_heads(tmp_path_factory):
-    from conftest import WIKI_VALID
-    from eqcompiler.export.hf import export
-    from eqcompiler.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("narrow")
-    hf = save_tiny_model("llama", root / "hf", WIKI_VALID.read_text()[:50_000], head_dim=8)
-    export(str(hf), root / "fp32")
-    return root / "fp32"
+    return _tiny_export(tmp_path_factory.mktemp("narrow"), head_dim=8)
 
 
 def test_attention_ort_cannot_run_stays_unfused_with_a_warning(narrow_heads, tmp_path):
@@ -121,6 +134,7 @@ def test_attention_ort_cannot_run_stays_unfused_with_a_warning(narrow_heads, tmp
     assert context.report["fuse_group_query_attention"]["fused"] == 0
     assert context.report["fuse_skip_rms_norm"]["fused"] == 4
     assert any("2 attention block(s) stay unfused" in w for w in context.warnings), context.warnings
+    assert context.report["fuse_group_query_attention"]["kv_buffer"] == "concat"
     assert _ops(tmp_path / "fused")["Softmax"] == 2
     errors = _compare(narrow_heads, tmp_path / "fused", _layout(narrow_heads), 512)
     assert max(errors.values()) < 1e-4, errors

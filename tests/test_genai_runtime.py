@@ -64,6 +64,8 @@ def test_genai_generates_the_tokens_eqc_generates(llama, tiny_llama_stats, recip
     calib = str(tiny_llama_stats) if recipe == "w8a8-dynamic" else None
     manifest = compile_model(llama, recipe, out, calib=calib, target=target)
     config = json.loads((out / "genai_config.json").read_text())
+    # ort-cpu fuses attention into GroupQueryAttention, the past's only reader: GenAI shares one cache buffer
+    assert config["search"]["past_present_share_buffer"] is (target == "ort-cpu")
     library = config["model"]["decoder"]["session_options"].get("custom_ops_library")
     if manifest.get("runtime_requirements"):  # eqc's ops: the folder carries the library GenAI loads
         assert library == "libeqc_ops.so" and (out / library).is_file()

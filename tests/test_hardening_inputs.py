@@ -297,17 +297,33 @@ def _bomb(stats: pathlib.Path, path: pathlib.Path, gib: int = 2) -> None:
         _write_npy_entry(zf, "t0.absmax_channel.npy", (n,), "<f4", n * 4)
 
 
+# Runs ARGV and prints its exit code and peak RSS. The kernel keeps a process's peak RSS across exec, so a child
+# forked straight from a big pytest worker would report the worker's size; forked from this small interpreter, it
+# reports its own.
+_RSS_TRAMPOLINE = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
 def _peak_rss_mib(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     """Run eqc ARGS; return the completed process and its own peak RSS (MiB, from wait4)."""
+    import json
+
     exe = pathlib.Path(sys.executable).parent / "eqc"
-    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([str(exe), *map(str, args)], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.run([sys.executable, "-c", _RSS_TRAMPOLINE, str(exe), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=err, text=True)
         err.seek(0)
-        out.seek(0)
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read().decode(), err.read().decode())
-    return done, usage.ru_maxrss / 1024
+        lines = proc.stdout.strip().splitlines()
+        result = json.loads(lines[-1])
+        done = subprocess.CompletedProcess([str(exe), *map(str, args)], result["rc"], "\n".join(lines[:-1]),
+                                           err.read().decode())
+    return done, result["maxrss_kib"] / 1024
 
 
 def test_statistics_zip_bomb_is_refused_before_loading(llama, stats, tmp_path):

@@ -56,3 +56,43 @@ def test_a_graph_the_converter_cannot_take_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Scatter" in proc.stderr and "opset 8" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, tmp_path):
+    """onnxruntime-genai's builder writes GroupQueryAttention, SimplifiedLayerNormalization (an ORT op in the
+    ONNX domain) and a tied embedding read through Transpose(lm_head weight): w8 quantizes every MatMul beside
+    them and the graph still runs, within int8 rounding of the builder's own logits."""
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    built = tmp_path / "builder"
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_hf("llama")),
+                           "-o", str(built), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ops = {n.op_type for n in onnx.load(str(built / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SimplifiedLayerNormalization"} <= ops
+    run_eqc("compile", built / "model.onnx", "--recipe", "w8", "-o", tmp_path / "w8")
+    compiled = onnx.load(str(tmp_path / "w8" / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "DequantizeLinear" for n in compiled.graph.node) >= 2 * 5 + 1  # 2 layers x 5, lm_head
+    decoder = json.loads((built / "genai_config.json").read_text())["model"]["decoder"]
+
+    def logits(path: pathlib.Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ids = np.array([[5, 17, 42, 99, 7, 250]], dtype=np.int64)
+        feed = {}
+        for i in session.get_inputs():
+            if i.name == "input_ids":
+                feed[i.name] = ids
+            elif i.name == "attention_mask":
+                feed[i.name] = np.ones_like(ids, dtype=np.int32 if "int32" in i.type else np.int64)
+            else:  # past_key_values.N.key/value: empty past
+                feed[i.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+        return session.run(["logits"], feed)[0]
+
+    ref, got = logits(built / "model.onnx"), logits(tmp_path / "w8" / "model.onnx")
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err

@@ -289,16 +289,32 @@ def test_smollm2_ort_cpu_lowering_matches_qdq_layer_by_layer(smollm2_w8a8_dynami
     manifest = json.loads((lowered / "manifest.json").read_text())
     q = manifest["quantization"]
     assert manifest["target"] == "ort-cpu" and q["recipe"] == "w8a8-dynamic"
-    assert [p["pass"] for p in q["passes"]][-2:] == ["lower_fused_int8_gemm", "lower_int8_weight_gemm"]
+    assert [p["pass"] for p in q["passes"]][-3:] == ["lower_fused_int8_gemm", "lower_int8_weight_gemm",
+                                                     "pack_parallel_projections"]
     assert q["report"]["lower_fused_int8_gemm"]["fused"] == 210 and q["report"]["lower_int8_weight_gemm"]["lowered"] == 1
+    assert q["report"]["fuse_group_query_attention"]["fused"] == 30 and q["report"]["fuse_skip_rms_norm"]["fused"] == 60
+    # per layer q/k/v -> 1 and gate/up -> 1: 150 of the 210 become 60
+    assert q["report"]["pack_parallel_projections"] == {"packed_nodes": 150, "groups": 60}
     assert manifest["runtime_requirements"]["domain"] == "ai.eqc"
     counts = _op_counts(lowered)
-    assert counts["ai.eqc::FusedInt8Gemm"] == 210 and counts["ai.eqc::Int8WeightGemm"] == 1
+    assert counts["ai.eqc::FusedInt8Gemm"] == 120 and counts["ai.eqc::Int8WeightGemm"] == 1
     assert counts["DequantizeLinear"] == 1  # the embedding rows; no weight is dequantized at run time
-    assert counts["MatMul"] == _op_counts(qdq)["MatMul"] - 211  # only attention's activation x activation MatMuls
+    assert counts.get("MatMul", 0) == 0  # the 211 linears lowered; attention's 60 MatMuls in GroupQueryAttention
 
-    low_model, qdq_model = onnx.load(str(lowered / "model.onnx")), onnx.load(str(qdq / "model.onnx"))
+    # Layer by layer, the integer lowerings alone (the fusions rename activations; their numerics are
+    # tests/test_fusions.py's): every lowered layer against the QDQ graph on the same real activations.
+    from eqcompiler.compile.pass_base import CompileContext, make_pass
+
+    import onnx_ir
+
+    ir_model = onnx_ir.load(qdq / "model.onnx")
+    for name in ("lower_fused_int8_gemm", "lower_int8_weight_gemm"):
+        make_pass(name, CompileContext(), {})(ir_model)
+    (tmp_path / "unpacked").mkdir()
+    onnx_ir.save(ir_model, tmp_path / "unpacked" / "model.onnx", external_data="model.onnx.data")
+    low_model, qdq_model = onnx.load(str(tmp_path / "unpacked" / "model.onnx")), onnx.load(str(qdq / "model.onnx"))
     layers = [node for node in low_model.graph.node if node.domain == "ai.eqc"]
+    assert len(layers) == 211
     inputs = sorted({node.input[0] for node in layers})
     # The QDQ graph's activations at every lowered layer's input, as ONNX semantics define them (no ORT rewrites)
     probe = onnx.load(str(qdq / "model.onnx"), load_external_data=False)
@@ -322,8 +338,17 @@ def test_smollm2_ort_cpu_lowering_matches_qdq_layer_by_layer(smollm2_w8a8_dynami
         worst[node.op_type] = max(worst.get(node.op_type, 0.0), float(np.abs(got - want).max() / np.abs(want).max()))
     # One int8 step of any activation would move an output by ~1e-3 of its max: these are float-order only.
     assert worst["FusedInt8Gemm"] < 2e-6 and worst["Int8WeightGemm"] < 1e-5, worst
-    base, got = perplexity(qdq, WIKI_TEST, max_tokens=1024), perplexity(lowered, WIKI_TEST, max_tokens=1024)
-    assert abs(got["ppl"] / base["ppl"] - 1) < 5e-3, (got["ppl"], base["ppl"])
+    import shutil
+
+    for name in ("manifest.json", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qdq / name, tmp_path / "unpacked" / name)
+    base = perplexity(qdq, WIKI_TEST, max_tokens=1024)
+    unfused, got = perplexity(tmp_path / "unpacked", WIKI_TEST, max_tokens=1024), perplexity(lowered, WIKI_TEST, max_tokens=1024)
+    assert abs(unfused["ppl"] / base["ppl"] - 1) < 5e-3, (unfused["ppl"], base["ppl"])
+    # The fused blocks (SkipSimplifiedLayerNormalization, GroupQueryAttention) round floats differently (1e-7
+    # relative; fp32 SmolLM2 fused and unfused score the same 29.602 on 8,192 tokens), which flips some per-token
+    # int8 roundings downstream: on this fixture +0.95% on these 1,024 tokens, +0.20% on 4,096.
+    assert abs(got["ppl"] / base["ppl"] - 1) < 1.5e-2, (got["ppl"], base["ppl"])
 
 
 def test_ort_cpu_without_the_op_library_is_an_environment_error(tiny_artifact, tiny_llama_stats, tmp_path):

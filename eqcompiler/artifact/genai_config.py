@@ -1,8 +1,8 @@
 """genai_config.json: what onnxruntime-genai needs to load a causal-LM artifact (`og.Model(folder)`).
 
 Written from the artifact's own manifest (input/output names, KV layout, tokens) and its config.json.
-eqc's graphs concatenate past and new keys (they do not update a shared, preallocated buffer), so
-`past_present_share_buffer` is false; position_ids are an input, which GenAI feeds when the config names it.
+eqc's portable graphs concatenate past and new keys, so `past_present_share_buffer` is false for them and
+true for a fused ort-cpu graph whose attention (GroupQueryAttention) is the only reader of the past; position_ids are an input, which GenAI feeds when the config names it.
 An artifact that uses eqc's ops carries the op library (copied beside the model by the compile step) and
 names it here, relative to the folder, so the folder loads as it is, wherever it is moved.
 """
@@ -51,6 +51,10 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
     if "position_ids" in inputs:
         names["position_ids"] = "position_ids"
     family = str(manifest.get("family") or hf_config.get("model_type") or "llama")
+    # The fused ort-cpu graph reads its past only in GroupQueryAttention, which updates a preallocated cache in
+    # place: GenAI then passes one buffer as past and present (no copy of the cache per token).
+    fused = ((manifest.get("quantization") or {}).get("report") or {}).get("fuse_group_query_attention") or {}
+    share_buffer = fused.get("kv_buffer") == "shareable"
     decoder = {
         "session_options": session_options,
         "filename": manifest.get("model_file", "model.onnx"),
@@ -76,7 +80,7 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

@@ -22,6 +22,19 @@ def prepare_for_fusion(model: ir.Model) -> None:
     common_passes.ShapeInferencePass()(model)
     if RewriteRuleSet([no_op_cast_rule, cast_cast_rule]).apply_to_model(model):
         common_passes.IdentityEliminationPass()(model)  # the rules leave Identity nodes behind
+    _drop_single_input_concats(model.graph)
+
+
+def _drop_single_input_concats(graph: ir.Graph) -> None:
+    """Concat of one input is a copy (the tracer leaves one on the first layer's past key): readers take the
+    input itself, so the fused attention reads the past directly."""
+    for node in list(graph):
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx") and len(node.inputs) == 1:
+            out = node.outputs[0]
+            if out.is_graph_output() or node.inputs[0] is None:
+                continue
+            out.replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
 
 
 def scalar(value: ir.Value | None) -> float | None:
