@@ -37,6 +37,7 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
 
     start = time.perf_counter()
     rank, world, device = init_process_group()
+    finished = False
     try:
         if rank == 0 and out.exists() and not overwrite:
             raise EqcError(f"statistics file '{out}' exists; pass --overwrite to replace it")
@@ -68,15 +69,19 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
         if "sample" in cal.observers:
             _gather_samples(stats, rows, rank, world)
         if rank != 0:
+            finished = True
             return None
         result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
         result.save(out, overwrite=overwrite)
+        finished = True
         # How many ranks and how long: facts about the run, in the summary, not in the file (whose bytes
         # then depend only on the model, the data and the options).
         return {"output": str(out), "tensors": len(stats), **result.meta, "workers": world,
                 "threads_per_worker": threads, "seconds": round(time.perf_counter() - start, 2)}
     finally:
         if dist.is_initialized():
+            if finished:  # leave together: no rank tears its connections down while another still holds them
+                dist.barrier()
             dist.destroy_process_group()
 
 
