@@ -15,13 +15,15 @@ Replacement:
     q_r = RotaryEmbedding(q_in, position_ids, cos_cache, sin_cache)     (com.microsoft, [B, S, H*D])
     k_r = RotaryEmbedding(k_in, ...)
     y, present_k, present_v = GroupQueryAttention(q_r, k_r, v_in, past_k, past_v, seqlens_k, total_len,
-                                                  attention_bias=mask)
+                                                  attention_bias=bias)
 
 The rotary tables are the graph's own cos/sin computation evaluated for positions 0..max_positions-1
-(so any rope scaling the exporter baked in is kept). Rotary stays outside the attention kernel and the
-graph's additive mask goes in as attention_bias: ORT's fused rotary ignores position_ids on a first
-prompt, which would break left-padded batches; this way prompt, decode step and left-padded batch give
-the unfused graph's numbers. seqlens_k is total_length - 1 for every row (padding is in the mask).
+(so any rope scaling the exporter baked in is kept). Rotary stays outside the attention kernel: ORT's fused
+rotary ignores position_ids on a first prompt, which would break left-padded batches. `bias` is a padding
+bias built from attention_mask when the graph's mask proves to be plain causal + padding (then nothing but
+the attention reads the past, and onnxruntime-genai may share its cache buffer), else the graph's own mask
+(a sliding window, say). Either way prompt, decode step and left-padded batch give the unfused graph's
+numbers. seqlens_k is total_length - 1 for every row (padding is in the bias).
 ORT's CPU kernel needs head_dim % 16 == 0 and refuses batch > 1 with both a past and more than one new
 token (chunked prefill of a batch); the check and the targets documentation say so.
 """
@@ -38,6 +40,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 
 from eqcompiler.compile.fusion import (MS_DOMAIN, const_ints, is_float32, name_fused_nodes, prepare_for_fusion, scalar,
                                       use_ms_domain)
+from eqcompiler.compile.graph import int_constant, new_initializer, scalar_initializer
 from eqcompiler.compile.pass_base import EqcPass
 
 DEFAULT_MAX_POSITIONS = 4096  # rotary table length when the model's config does not say
@@ -178,6 +181,17 @@ def _kv_buffer(graph: ir.Graph, unfused: int) -> str:
     return "shareable" if pasts and not unfused and readers == {"GroupQueryAttention"} else "concat"
 
 
+def _insert_early(graph: ir.Graph, nodes: list[ir.Node], after: ir.Value | None = None) -> None:
+    """Put `nodes` (which read graph inputs, initializers and `after` only) at the top of the graph, or right
+    after `after`'s producer, with stable output names."""
+    if after is None:
+        graph.insert_before(next(iter(graph)), nodes)
+    else:
+        graph.insert_after(after.producer(), nodes)
+    for node in nodes:
+        node.outputs[0].name = f"{node.name}/output_0"
+
+
 class GroupQueryAttentionRule(RewriteRuleClassBase):
     """`tables_for(cos, sin)` gives the shared rotary tables (or why none); `lengths` the shared
     (seqlens_k, total_sequence_length) values."""
@@ -307,14 +321,15 @@ class FuseGroupQueryAttentionPass(EqcPass):
             return ir.passes.PassResult(model, modified=False)
         prepare_for_fusion(model)
         positions = self.options.max_positions or self.context.max_positions or DEFAULT_MAX_POSITIONS
-        lengths = self._lengths(graph, mask_input)
+        dims = self._mask_dims(graph, mask_input)
+        lengths = self._lengths(graph, mask_input, dims)
         cache: dict[tuple[int, int], RotaryTables | str] = {}
         opsets = dict(model.opset_imports)
 
         def tables_for(cos: ir.Value, sin: ir.Value, head_dim: int) -> RotaryTables | str:
             key = (id(cos), id(sin))
             if key not in cache:
-                cache[key] = self._tables(graph, cos, sin, head_dim, positions, opsets, len(cache))
+                cache[key] = self._tables(graph, cos, sin, head_dim, positions, opsets)
             return cache[key]
 
         biases: dict[int, ir.Value] = {}
@@ -324,7 +339,7 @@ class FuseGroupQueryAttentionPass(EqcPass):
             if id(mask) not in biases:
                 plain = is_causal_padding_mask(mask, graph, opsets, positions)
                 if plain and not padding:
-                    padding.append(self._padding_bias(graph, mask_input))
+                    padding.append(self._padding_bias(graph, mask_input, dims))
                 biases[id(mask)] = padding[0] if plain and padding[0] is not None else mask
             return biases[id(mask)]
 
@@ -345,31 +360,29 @@ class FuseGroupQueryAttentionPass(EqcPass):
         return ir.passes.PassResult(model, modified=bool(count))
 
     @staticmethod
-    def _padding_bias(graph: ir.Graph, mask_input: ir.Value) -> ir.Value | None:
+    def _mask_dims(graph: ir.Graph, mask_input: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Batch and total length of attention_mask, int64 [1] each, computed once for the lengths and bias."""
+        batch = ir.node("Shape", [mask_input], {"start": 0, "end": 1}, name="gqa_mask/batch")
+        total = ir.node("Shape", [mask_input], {"start": 1, "end": 2}, name="gqa_mask/total")
+        _insert_early(graph, [batch, total])
+        return batch.outputs[0], total.outputs[0]
+
+    @staticmethod
+    def _padding_bias(graph: ir.Graph, mask_input: ir.Value, dims: tuple[ir.Value, ir.Value]) -> ir.Value | None:
         """float [B, 1, S, T]: 0 where attention_mask is 1, the float minimum where it is 0 (S from input_ids)."""
         ids = next((v for v in graph.inputs if v.name == "input_ids"), None)
         if ids is None:
             return None
-
-        def const(name: str, array: np.ndarray) -> ir.Value:
-            value = ir.Value(name=f"gqa_bias/{name}", const_value=ir.tensor(array, name=f"gqa_bias/{name}"))
-            graph.register_initializer(value)
-            return value
-
-        pad = ir.node("Equal", [mask_input, const("zero", np.array(0, np.int64))], name="gqa_bias/is_pad")
-        bias = ir.node("Where", [pad.outputs[0], const("min", np.array(np.finfo(np.float32).min, np.float32)),
-                                 const("none", np.array(0.0, np.float32))], name="gqa_bias/bias")
-        bias4 = ir.node("Unsqueeze", [bias.outputs[0], const("axes", np.array([1, 2], np.int64))], name="gqa_bias/b11t")
-        ishape = ir.node("Shape", [ids], {"start": 1, "end": 2}, name="gqa_bias/seq")
-        b = ir.node("Shape", [mask_input], {"start": 0, "end": 1}, name="gqa_bias/batch")
-        t = ir.node("Shape", [mask_input], {"start": 1, "end": 2}, name="gqa_bias/total")
-        target = ir.node("Concat", [b.outputs[0], const("one", np.array([1], np.int64)), ishape.outputs[0], t.outputs[0]],
+        batch, total = dims
+        pad = ir.node("Equal", [mask_input, scalar_initializer(graph, "gqa_bias/zero", 0, np.int64)], name="gqa_bias/is_pad")
+        bias = ir.node("Where", [pad.outputs[0], scalar_initializer(graph, "gqa_bias/min", np.finfo(np.float32).min),
+                                 scalar_initializer(graph, "gqa_bias/none", 0.0)], name="gqa_bias/bias")
+        bias4 = ir.node("Unsqueeze", [bias.outputs[0], int_constant(graph, "gqa_bias/axes", [1, 2])], name="gqa_bias/b11t")
+        seq = ir.node("Shape", [ids], {"start": 1, "end": 2}, name="gqa_bias/seq")
+        target = ir.node("Concat", [batch, int_constant(graph, "gqa_bias/one", [1]), seq.outputs[0], total],
                          {"axis": 0}, name="gqa_bias/target_shape")
         full = ir.node("Expand", [bias4.outputs[0], target.outputs[0]], name="gqa_bias/expand")
-        nodes = [pad, bias, bias4, ishape, b, t, target, full]
-        graph.insert_before(next(iter(graph)), nodes)
-        for node in nodes:
-            node.outputs[0].name = f"{node.name}/output_0"
+        _insert_early(graph, [pad, bias, bias4, seq, target, full], after=total)
         full.outputs[0].dtype = ir.DataType.FLOAT
         full.outputs[0].shape = ir.Shape([mask_input.shape[0] if mask_input.shape else "batch", 1,
                                           ids.shape[1] if ids.shape else "sequence",
@@ -377,36 +390,24 @@ class FuseGroupQueryAttentionPass(EqcPass):
         return full.outputs[0]
 
     @staticmethod
-    def _lengths(graph: ir.Graph, mask_input: ir.Value) -> tuple[ir.Value, ir.Value]:
+    def _lengths(graph: ir.Graph, mask_input: ir.Value, dims: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, ir.Value]:
         """seqlens_k = total_length - 1 for every row (int32 [B]); total_sequence_length (int32 scalar).
-        Padding is carried by the additive mask, so every row's cache holds total_length entries."""
-        shape = ir.node("Shape", [mask_input], name="gqa_lengths/shape")
-        idx0 = ir.Value(name="gqa_lengths/zero", const_value=ir.tensor(np.array([0], np.int64)))
-        idx1 = ir.Value(name="gqa_lengths/one", const_value=ir.tensor(np.array([1], np.int64)))
-        for v in (idx0, idx1):
-            graph.register_initializer(v)
-        batch = ir.node("Slice", [shape.outputs[0], idx0, idx1], name="gqa_lengths/batch")
-        total = ir.node("Slice", [shape.outputs[0], idx1, ir.Value(name="gqa_lengths/two",
-                                                                  const_value=ir.tensor(np.array([2], np.int64)))],
-                        name="gqa_lengths/total")
-        graph.register_initializer(total.inputs[2])
-        last = ir.node("Sub", [total.outputs[0], idx1], name="gqa_lengths/last")
-        rows = ir.node("Expand", [last.outputs[0], batch.outputs[0]], name="gqa_lengths/rows")
+        Padding is carried by the bias, so every row's cache holds total_length entries."""
+        batch, total = dims
+        last = ir.node("Sub", [total, int_constant(graph, "gqa_lengths/one", [1])], name="gqa_lengths/last")
+        rows = ir.node("Expand", [last.outputs[0], batch], name="gqa_lengths/rows")
         seqlens = ir.node("Cast", [rows.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_lengths/seqlens_k")
-        total32 = ir.node("Cast", [total.outputs[0]], {"to": ir.DataType.INT32}, name="gqa_lengths/total32")
-        scalar_total = ir.node("Squeeze", [total32.outputs[0], idx0], name="gqa_lengths/total_sequence_length")
-        nodes = [shape, batch, total, last, rows, seqlens, total32, scalar_total]
-        for node in nodes:
-            node.outputs[0].name = f"{node.name}/output_0"
-        first = next(iter(graph))
-        graph.insert_before(first, nodes)
+        total32 = ir.node("Cast", [total], {"to": ir.DataType.INT32}, name="gqa_lengths/total32")
+        scalar_total = ir.node("Squeeze", [total32.outputs[0], int_constant(graph, "gqa_lengths/axis", [0])],
+                               name="gqa_lengths/total_sequence_length")
+        _insert_early(graph, [last, rows, seqlens, total32, scalar_total], after=total)
         seqlens.outputs[0].dtype, seqlens.outputs[0].shape = ir.DataType.INT32, ir.Shape([mask_input.shape[0] if mask_input.shape else "batch"])
         scalar_total.outputs[0].dtype, scalar_total.outputs[0].shape = ir.DataType.INT32, ir.Shape([])
         return seqlens.outputs[0], scalar_total.outputs[0]
 
     @staticmethod
     def _tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, head_dim: int, positions: int,
-                opsets: dict[str, int], index: int) -> RotaryTables | str:
+                opsets: dict[str, int]) -> RotaryTables | str:
         got = evaluate_rotary(cos, sin, positions, opsets)
         if isinstance(got, str):
             return got
@@ -416,11 +417,5 @@ class FuseGroupQueryAttentionPass(EqcPass):
             return f"rotary tables are {cos_t.shape[1]} wide, head_dim is {head_dim} (partial rotary is not fused)"
         if not (np.array_equal(cos_t[:, :half], cos_t[:, half:]) and np.array_equal(sin_t[:, :half], sin_t[:, half:])):
             return "rotary tables are not rotate-half tables (the two halves differ)"
-        suffix = f"_{index}" if index else ""
-        tables = []
-        for name, arr in ((f"rotary_cos_cache{suffix}", cos_t[:, :half]), (f"rotary_sin_cache{suffix}", sin_t[:, :half])):
-            value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(arr, dtype=np.float32), name=name),
-                             shape=ir.Shape([positions, half]), type=ir.TensorType(ir.DataType.FLOAT))
-            graph.register_initializer(value)
-            tables.append(value)
-        return RotaryTables(pos, tables[0], tables[1])
+        return RotaryTables(pos, new_initializer(graph, "rotary_cos_cache", np.ascontiguousarray(cos_t[:, :half], np.float32)),
+                            new_initializer(graph, "rotary_sin_cache", np.ascontiguousarray(sin_t[:, :half], np.float32)))

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.compile.fusion import MS_DOMAIN
-from eqcompiler.compile.graph import const_array
+from eqcompiler.compile.graph import const_array, int_constant, new_initializer
 from eqcompiler.compile.pass_base import EqcPass
 
 EQC_DOMAIN = "ai.eqc"
@@ -36,37 +36,45 @@ PACKABLE = {
 }
 
 
+def _weight(node: ir.Node, index: int) -> ir.TensorProtocol | None:
+    """The constant tensor at input `index` (its shape and dtype are read without loading the data)."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return None if value is None else ir.convenience.get_const_tensor(value)
+
+
 def _kind(node: ir.Node) -> tuple[str, str] | None:
     key = (node.domain or "", node.op_type)
     if key not in PACKABLE:
         return None
     weights = PACKABLE[key]
     present = [i for i, _ in weights if i < len(node.inputs) and node.inputs[i] is not None]
-    if any(const_array(node.inputs[i]) is None for i in present):
+    if any(_weight(node, i) is None for i in present):
         return None
     allowed = {0} | {i for i, _ in weights}
     if any(v is not None for i, v in enumerate(node.inputs) if i not in allowed):
         return None  # a bias or g_idx: not joined here
-    if key == ("", "MatMul") and (const_array(node.inputs[1]).ndim != 2 or const_array(node.inputs[1]).dtype != np.float32):
-        return None
+    if key == ("", "MatMul"):
+        w = _weight(node, 1)
+        if len(w.shape) != 2 or w.dtype != ir.DataType.FLOAT:
+            return None
     return key
 
 
 def _signature(node: ir.Node) -> tuple:
-    """What must agree between nodes packed together (attributes but N, which inputs are present)."""
+    """What must agree between nodes packed together: attributes but N, which inputs are present, and the
+    weights' shapes but N (K, blocks, blob; for MatMul, K)."""
     attrs = tuple(sorted((k, repr(v.value)) for k, v in node.attributes.items() if k != "N"))
     present = tuple(v is not None for v in node.inputs)
-    shapes = tuple(const_array(v).shape[1:] if v is not None and const_array(v) is not None and i > 0 else None
-                   for i, v in enumerate(node.inputs))
     if node.op_type == "MatMul":
-        shapes = (const_array(node.inputs[1]).shape[0],)
+        shapes: tuple = (_weight(node, 1).shape[0],)
+    else:
+        shapes = tuple(tuple(_weight(node, i).shape[1:]) if i > 0 and _weight(node, i) is not None else None
+                       for i in range(len(node.inputs)))
     return (node.domain or "", node.op_type, attrs, present, shapes)
 
 
 def _out_features(node: ir.Node) -> int:
-    if node.op_type == "MatMul":
-        return int(const_array(node.inputs[1]).shape[1])
-    return int(const_array(node.inputs[1]).shape[0])
+    return int(_weight(node, 1).shape[1 if node.op_type == "MatMul" else 0])
 
 
 @dataclasses.dataclass
@@ -85,13 +93,11 @@ class PackParallelProjectionsPass(EqcPass):
             if _kind(node) is None or any(o.is_graph_output() for o in node.outputs):
                 continue
             groups.setdefault((id(node.inputs[0]), _signature(node)), []).append(node)
-        packed = 0
-        widths: list[int] = []
-        for index, nodes in enumerate(g for g in groups.values() if len(g) > 1):
-            widths.append(sum(_out_features(n) for n in nodes))
+        packable = [g for g in groups.values() if len(g) > 1]
+        for index, nodes in enumerate(packable):
             self._pack(graph, nodes, index)
-            packed += len(nodes)
-        self.report({"packed_nodes": packed, "groups": len(widths)})
+        packed = sum(len(g) for g in packable)
+        self.report({"packed_nodes": packed, "groups": len(packable)})
         return ir.passes.PassResult(model, modified=bool(packed))
 
     @staticmethod
@@ -104,18 +110,14 @@ class PackParallelProjectionsPass(EqcPass):
             if i >= len(first.inputs) or first.inputs[i] is None:
                 continue
             joined = np.concatenate([const_array(n.inputs[i]) for n in nodes], axis=axis)
-            value = ir.Value(name=f"{name}.input_{i}", const_value=ir.tensor(joined, name=f"{name}.input_{i}"),
-                             shape=ir.Shape(joined.shape), type=ir.TensorType(ir.DataType.from_numpy(joined.dtype)))
-            graph.register_initializer(value)
-            inputs[i] = value
+            inputs[i] = new_initializer(graph, f"{name}.input_{i}", joined)
         sizes = [_out_features(n) for n in nodes]
-        attrs = {k: v for k, v in first.attributes.items()}
+        attrs = dict(first.attributes)
         if "N" in attrs:
             attrs["N"] = ir.AttrInt64("N", sum(sizes))
         gemm = ir.Node(first.domain, first.op_type, inputs, attributes=list(attrs.values()), name=name,
                        outputs=[ir.Value(name=f"{name}/output_0")], version=first.version)
-        split_sizes = ir.Value(name=f"{name}.split", const_value=ir.tensor(np.array(sizes, np.int64), name=f"{name}.split"))
-        graph.register_initializer(split_sizes)
+        split_sizes = int_constant(graph, f"{name}.split", sizes)
         split = ir.Node("", "Split", [gemm.outputs[0], split_sizes], attributes=[ir.AttrInt64("axis", -1)],
                         name=f"{name}/split", outputs=[ir.Value(name=f"{name}/split_{k}") for k in range(len(nodes))])
         # Insert before the earliest of the group: every consumer of any of them comes after it.

@@ -94,13 +94,11 @@ class QuantizeWeightsPass(EqcPass):
             first = min(group, key=lambda s: order[id(s.node)])
             dq = emit_dequantize(graph, qw, weight.name, before=first.node)
             for site in group:
-                site.node.replace_input_with(1, dq)
                 layers[site.name] = _describe(qw, opts.reduce_range)
-            # Other readers of the weight (onnxruntime-genai's builder ties its embedding as Gather(Transpose(
-            # lm_head weight))) read the dequantized weight too: the float initializer goes away. The pipeline's
-            # topological sort places the DequantizeLinear before the earliest of them.
-            for use in list(weight.uses()):
-                use.node.replace_input_with(use.idx, dq)
+            # Every reader takes the dequantized weight, the linear layers and any other (onnxruntime-genai's builder
+            # ties its embedding as Gather(Transpose(lm_head weight))): the float initializer goes away. The
+            # pipeline's topological sort places the DequantizeLinear before the earliest of them.
+            weight.replace_all_uses_with(dq)
             bytes_before += weight.const_value.nbytes
             bytes_after += _stored_bytes(qw)
             graph.initializers.pop(weight.name)

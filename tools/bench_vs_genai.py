@@ -205,7 +205,7 @@ def run_in_child(fn: Callable[[str], None], arg: str) -> None:
 
 # ---------------------------------------------------------------- model folders
 
-def set_genai_threads(config_path: pathlib.Path, threads: int, source: pathlib.Path, uses_eqc_ops: bool) -> list[str]:
+def set_genai_threads(config_path: pathlib.Path, threads: int, uses_eqc_ops: bool) -> list[str]:
     """Write intra_op_num_threads into a genai_config.json. GenAI loads a custom-op library only from inside
     the model folder (relative to it), which is how eqc artifacts carry theirs."""
     config = read_json(config_path)
@@ -241,7 +241,7 @@ def builder_model(work: pathlib.Path, precision: str, threads: int, info: dict[s
     if not config_path.is_file():
         raise BenchError(f"{folder} has no builder model (run without --skip-build)")
     decoder = read_json(config_path)["model"]["decoder"]
-    set_genai_threads(config_path, threads, folder, uses_eqc_ops=False)
+    set_genai_threads(config_path, threads, uses_eqc_ops=False)
     seconds = info.get("models", {}).get(precision, {}).get("seconds")
     return Model(f"builder {precision}", "builder", folder, folder / decoder["filename"], precision,
                  (decoder["num_key_value_heads"], decoder["head_size"]), seconds, genai_folder=folder)
@@ -264,8 +264,7 @@ def eqc_model(name: str, folder: pathlib.Path, work: pathlib.Path, threads: int,
         return model
     copy = work / "genai" / name
     genai_copy(folder, copy)
-    model.notes += set_genai_threads(copy / "genai_config.json", threads, folder,
-                                     custom_ops.uses_eqc_domain(str(onnx_path)))
+    model.notes += set_genai_threads(copy / "genai_config.json", threads, custom_ops.uses_eqc_domain(str(onnx_path)))
     model.genai_folder = copy
     return model
 

@@ -2,7 +2,8 @@
 
 Written from the artifact's own manifest (input/output names, KV layout, tokens) and its config.json.
 eqc's portable graphs concatenate past and new keys, so `past_present_share_buffer` is false for them and
-true for a fused ort-cpu graph whose attention (GroupQueryAttention) is the only reader of the past; position_ids are an input, which GenAI feeds when the config names it.
+true for a fused ort-cpu graph whose attention (GroupQueryAttention) is the only reader of the past;
+position_ids are an input, which GenAI feeds when the config names it.
 An artifact that uses eqc's ops carries the op library (copied beside the model by the compile step) and
 names it here, relative to the folder, so the folder loads as it is, wherever it is moved.
 """
@@ -26,8 +27,12 @@ def _config_value(config: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops_library: str | None,
-                 threads: int | None = None) -> dict[str, Any] | None:
+def _cache_names(pattern: str, kind: str) -> str:
+    """The manifest's 'past_key_values.{layer}.{key|value}' as GenAI's 'past_key_values.%d.key'."""
+    return pattern.replace("{layer}", "%d").replace("{key|value}", kind)
+
+
+def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops_library: str | None) -> dict[str, Any] | None:
     """The config for a causal LM with a KV cache, else None (GenAI generates with causal LMs only)."""
     kv = manifest.get("kv_cache")
     if manifest.get("task") != "causal-lm" or not kv:
@@ -43,11 +48,9 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
     session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
     if custom_ops_library:
         session_options["custom_ops_library"] = custom_ops_library
-    if threads:
-        session_options["intra_op_num_threads"] = threads
     names = {"input_ids": "input_ids", "attention_mask": "attention_mask",
-             "past_key_names": kv["past_input"].replace("{layer}", "%d").replace("{key|value}", "key"),
-             "past_value_names": kv["past_input"].replace("{layer}", "%d").replace("{key|value}", "value")}
+             "past_key_names": _cache_names(kv["past_input"], "key"),
+             "past_value_names": _cache_names(kv["past_input"], "value")}
     if "position_ids" in inputs:
         names["position_ids"] = "position_ids"
     family = str(manifest.get("family") or hf_config.get("model_type") or "llama")
@@ -61,9 +64,8 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
         "head_size": kv["head_dim"],
         "hidden_size": hidden,
         "inputs": names,
-        "outputs": {"logits": "logits",
-                    "present_key_names": kv["present_output"].replace("{layer}", "%d").replace("{key|value}", "key"),
-                    "present_value_names": kv["present_output"].replace("{layer}", "%d").replace("{key|value}", "value")},
+        "outputs": {"logits": "logits", "present_key_names": _cache_names(kv["present_output"], "key"),
+                    "present_value_names": _cache_names(kv["present_output"], "value")},
         "num_attention_heads": heads,
         "num_hidden_layers": kv["num_layers"],
         "num_key_value_heads": kv["num_kv_heads"],

@@ -2,7 +2,8 @@
 
 Fusion rules match value types and constant operands, so the graph is first given types (ONNX shape
 inference, only possible while it holds standard ops) and the exporter's identity Casts (float -> float,
-which the TorchScript tracer leaves around every norm and softmax) are removed with onnxscript's own rules.
+which the TorchScript tracer leaves around every norm and softmax) are removed with onnxscript's own rules,
+as are single-input Concats (copies) in front of the past inputs.
 """
 from __future__ import annotations
 
