@@ -34,8 +34,9 @@ ops:
 
 # EQC_REQUIRE_INSTALLED makes the packaging test check that eqcompiler came from site-packages.
 # Two pytest-xdist workers (the machine has 2 cores); the real model is exported, calibrated and compiled once
-# per run and shared by both (tests/conftest.py); --dist loadgroup keeps the browser tests on one worker.
-PYTEST := cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+# per run and shared by both (tests/conftest.py); --dist loadgroup keeps the browser tests on one worker, and
+# --no-loadscope-reorder hands tests out in the order tests/conftest.py sets (longest fixture chain first).
+PYTEST := cd tests && EQC_REQUIRE_INSTALLED=1 ../$(VENV)/bin/pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The browser page's packages (onnxruntime-web, tokenizer, puppeteer-core; never a browser download), installed
 # once per lock file before pytest so parallel workers never run npm. Without npm the browser tests skip.

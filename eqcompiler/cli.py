@@ -178,9 +178,23 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
         result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta, "workers": 1,
                   "seconds": round(time.perf_counter() - start, 2)}
     result["stream_reason"] = reason
+    result["searches"] = _store_searches(model, out, for_recipes)
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
                                       f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "
-                                      f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"])
+                                      f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"]
+          + [f"stored the SmoothQuant alpha search of {len(s['keys'])} recipe step(s) ({s['seconds']} s): compiles "
+             "from these statistics run no model" for s in [r["searches"]] if s["keys"]])
+
+
+def _store_searches(model: str, out: pathlib.Path, for_recipes: str | None) -> dict[str, Any]:
+    """The model runs --for's recipes need beyond statistics (SmoothQuant's alpha search), stored with them."""
+    from eqcompiler.compile.pipeline import store_model_searches
+    from eqcompiler.compile.recipes import KV_CACHE_TARGET
+
+    start = time.perf_counter()
+    names = [r.strip() for r in (for_recipes or "").split(",") if r.strip() and r.strip() != KV_CACHE_TARGET]
+    keys = store_model_searches(model, out, names) if names else []
+    return {"keys": keys, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _observers_to_collect(observers: str | None, for_recipes: str | None) -> tuple[str, ...]:

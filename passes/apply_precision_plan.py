@@ -14,6 +14,10 @@ precision, kl_windows x kl_tokens held-out calibration tokens; no 'gram' observe
 table is cached by model fingerprint + calibration text + options (sensitivity_cache), so changing
 only the budget does not re-measure; the plan records how it was obtained ("sensitivity").
 
+Both need the model run, which is not this pass's: eqcompiler.calibration.precision_search measures the
+table and searches the plan before the passes run (`eqc compile` does it; CompileContext.precision_search
+carries the result here), and `--save-plan` / `--plan` repeat a compile without it.
+
 A perplexity budget (ppl+X%) scores candidate plans for real: each probe clones the graph, applies
 the plan, saves it to a temporary folder and runs ONNX Runtime over `ppl_windows` windows of the
 statistics' calibration text that FOLLOW the windows calibration used (held out from the Gram
@@ -25,9 +29,6 @@ statistics; never the test split). Cost per probe: one RTN quantization of the p
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-import tempfile
-import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,14 +36,15 @@ import onnx_ir as ir
 
 from eqcompiler.compile import bitwidth as bw
 from eqcompiler.calibration import sensitivity as sens
+from eqcompiler.calibration.precision_search import needs_model_run
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
 from eqcompiler.compile.pass_base import CompileContext, EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import gram_of, site_matrix, weight_only_sites
 from eqcompiler.passes.quantize_activations import QuantizeActivationsPass, activation_range
 from eqcompiler.passes.quantize_weights import (QuantizeWeightsPass, _checked_weight, _describe, _group_gathers,
-                                                _release, _stored_bytes, quantize_site_weight)
-from eqcompiler.compile.qdq import QuantizedWeight, activation_scale, emit_dequantize
+                                                _release, _stored_bytes)
+from eqcompiler.compile.qdq import QuantizedWeight, activation_scale, emit_dequantize, quantize_site_weight
 
 
 @dataclasses.dataclass
@@ -91,15 +93,11 @@ class ApplyPrecisionPlanPass(EqcPass):
         super().__init__(*args, **kwargs)
         self.sensitivity: dict[str, bw.Layer] = {}  # proxy (or KL) table, when one was computed
         self.method = "proxy"  # what self.sensitivity's errors are
-        self.kl_info: dict[str, Any] | None = None  # how the KL table was obtained (measured or cached, cost)
         self.quantized: dict[tuple[str, str], QuantizedWeight] = {}  # (weight, precision): shared by ppl probes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        groups = weight_only_sites(graph, None, None)
-        by_name = {g[0].name: g for g in groups}
-        if len(by_name) != len(groups):
-            raise EqcError("apply_precision_plan: two linear layers share a name; cannot key a plan by name")
+        by_name = self.layer_groups(model)
         plan = self._plan(model, by_name)
         missing = sorted(set(by_name) - set(plan["layers"]))
         extra = sorted(set(plan["layers"]) - set(by_name))
@@ -126,6 +124,14 @@ class ApplyPrecisionPlanPass(EqcPass):
                      "sensitivity": self.method})
         return ir.passes.PassResult(model, modified=True)
 
+    def layer_groups(self, model: ir.Model) -> dict[str, list[LinearSite]]:
+        """The planned linear layers by name (the sites reading one weight form a group)."""
+        groups = weight_only_sites(model.graph, None, None)
+        by_name = {g[0].name: g for g in groups}
+        if len(by_name) != len(groups):
+            raise EqcError("apply_precision_plan: two linear layers share a name; cannot key a plan by name")
+        return by_name
+
     def _plan(self, model: ir.Model, by_name: dict[str, list[LinearSite]]) -> dict[str, Any]:
         plan, budget = self.options.plan, self.options.budget
         if plan is not None and budget is not None:
@@ -137,79 +143,49 @@ class ApplyPrecisionPlanPass(EqcPass):
             return plan
         if budget is None:
             raise EqcError("recipe 'mixed' needs --budget (e.g. 6bits, 120MB) or --plan FILE")
-        method = str(self.options.sensitivity)
-        if method not in bw.SENSITIVITIES:
-            raise EqcError(f"sensitivity must be one of {', '.join(bw.SENSITIVITIES)}, got {method!r}")
+        if needs_model_run(self.options):  # solved before the passes ran (calibration/precision_search.py)
+            searched = self.context.precision_search
+            if searched is None:
+                raise EqcError("apply_precision_plan: a ppl+X% budget or sensitivity kl needs the model run "
+                               "`eqc compile` makes before its passes (eqcompiler.calibration.precision_search)")
+            self.method = searched.method
+            self.sensitivity = {layer.name: layer for layer in searched.table}
+            return searched.plan
         if self.context.stats is None:
             raise EqcError("a --budget needs calibration statistics: with the 'gram' observer (`eqc calibrate "
                            "--observers minmax,gram`) for the proxy, or any statistics of `eqc calibrate` for "
                            "sensitivity kl (their calibration text gives the held-out windows); pass --calib STATS")
         parsed = bw.parse_budget(budget)
-        choices = bw.parse_choices(self.options.choices)
-        if method == "kl":
-            table = self.kl_table(model, by_name, choices)
-        else:
-            table = [self._sensitivity(name, group, choices) for name, group in by_name.items()]
-        self.method = method
+        table = self.proxy_table(by_name, bw.parse_choices(self.options.choices))
         self.sensitivity = {layer.name: layer for layer in table}
-        if parsed.kind == "ppl":
-            plan = self._search_ppl(model, table, parsed)
-        else:
-            fixed = _fixed_bytes(model.graph, by_name) if parsed.kind == "bytes" else 0
-            plan = bw.make_plan(table, parsed, self._solver(), fixed)
-        plan["sensitivity"] = {"method": method, **(self.kl_info or {})}
+        plan = bw.make_plan(table, parsed, self.solver(), self.fixed_bytes(model, by_name) if parsed.kind == "bytes" else 0)
+        plan["sensitivity"] = {"method": "proxy"}
         return plan
 
-    def _solver(self) -> str:
+    def solver(self) -> str:
         """The compile's --solver (context option) overrides the recipe's."""
         solver = str(self.options.solver)
         if solver not in bw.SOLVERS:
             raise EqcError(f"unknown solver '{solver}' (known: {', '.join(bw.SOLVERS)})")
         return solver
 
-    def kl_table(self, model: ir.Model, by_name: dict[str, list[LinearSite]], choices: tuple[str, ...]) -> list[bw.Layer]:
-        """Measured sensitivity: mean logits KL with one layer fake-quantized (eqcompiler.calibration.sensitivity), cached."""
-        act = [c for c in choices if c in bw.ACTIVATION_QUANTIZED]
-        if act:
-            raise EqcError(f"sensitivity kl measures weight quantization only; drop {act[0]} from the choices "
-                           "(or use sensitivity proxy)")
-        windows = int(self.options.kl_windows)
-        ids, window, _ = self._heldout_tokens(windows)
-        tokens = min(int(self.options.kl_tokens), window)
-        wins = [ids[i * window:i * window + tokens][None, :] for i in range(windows)]
-        names = list(by_name)
-        key = sens.cache_key(self.context.stats.meta or {}, choices, windows, tokens)
-        path = sens.cache_path(self.options.sensitivity_cache, key)
-        record = sens.load_cached(path, key, names)
-        if record is None:
-            start = time.perf_counter()
-            groups = {name: by_name[name][0] for name in names}
-            session = sens.WeightInputSession(model, [str(s.weight.name) for s in groups.values()])
+    def proxy_table(self, by_name: dict[str, list[LinearSite]], choices: tuple[str, ...]) -> list[bw.Layer]:
+        """The Gram proxy sensitivity of every layer (compile.bitwidth)."""
+        return [self._sensitivity(name, group, choices) for name, group in by_name.items()]
 
-            def fake_quant(weight: str, precision: str) -> np.ndarray:
-                bits, block, symmetric = bw.PRECISIONS[precision]
-                site = next(s for s in groups.values() if str(s.weight.name) == weight)
-                return quantize_site_weight(session.weights[weight], site.transposed, bits, symmetric, block).dequantize()
+    def layer_costs(self, group: list[LinearSite], choices: tuple[str, ...]) -> tuple[int, list[int], float]:
+        """A layer's parameter count, stored bytes per choice and weight entropy."""
+        k, n = (int(d) for d in site_matrix(group[0]).shape)
+        return k * n, [bw.stored_bytes(c, k, n) for c in choices], sens.weight_entropy(_checked_weight(group[0].weight))
 
-            table = sens.measure_kl(session, wins, [(n, str(groups[n].weight.name)) for n in names], choices,
-                                    fake_quant, sens.timed_progress("kl sensitivity"))
-            del session
-            record = {"key": key, "format": sens.KL_FORMAT, "choices": list(choices), "windows": windows,
-                      "tokens": tokens, "table": table, "probes": len(names) * sum(c != "float" for c in choices),
-                      "seconds": round(time.perf_counter() - start, 1)}
-            sens.save_cached(path, record)
-            cached = False
-        else:
-            cached = True
-        self.kl_info = {"key": key, "windows": windows, "tokens": tokens, "probes": record["probes"],
-                        "measure_seconds": record["seconds"], "cached": cached, "cache": str(path) if path else None}
-        out = []
-        for name in names:
-            k, n = (int(d) for d in site_matrix(by_name[name][0]).shape)
-            out.append(bw.Layer(name, k * n, list(choices), [bw.stored_bytes(c, k, n) for c in choices],
-                                [float(record["table"][name][c]) for c in choices],
-                                sens.weight_entropy(_checked_weight(by_name[name][0].weight))))
-        return out
+    def fixed_bytes(self, model: ir.Model, by_name: dict[str, list[LinearSite]]) -> int:
+        return _fixed_bytes(model.graph, by_name)
+
+    def apply_probe(self, model: ir.Model, plan: dict[str, Any]) -> None:
+        """Apply a candidate plan to `model` for a perplexity probe, sharing this pass's quantized weights."""
+        inner = ApplyPrecisionPlanPass(CompileContext(stats=self.context.stats), plan=plan, probe=True)
+        inner.quantized = self.quantized
+        inner.call(model)
 
     def _table_if_possible(self, by_name: dict[str, list[LinearSite]], plan: dict[str, Any]) -> None:
         """With a plan and Gram statistics, still compute the proxy of the chosen precisions for the table."""
@@ -239,65 +215,6 @@ class ApplyPrecisionPlanPass(EqcPass):
         layer = bw.layer_sensitivity(name, w, gram, choices, noise if needs_act else None)
         layer.entropy = sens.weight_entropy(w)
         return layer
-
-    def _search_ppl(self, model: ir.Model, table: list[bw.Layer], budget: bw.Budget) -> dict[str, Any]:
-        """Bisect the bits budget, scoring each candidate plan's compiled graph on held-out calibration text."""
-        ids, window, text = self._heldout_tokens()
-        ref = self._score(model, None, ids, window)
-        bound = ref * (1 + budget.value / 100)
-        plan, probes = bw.search_ppl(table, budget, bound, lambda p: self._score(model, p, ids, window),
-                                     self._solver(), int(self.options.ppl_steps))
-        plan["search"] = {"budget": budget.text, "ref_ppl": ref, "bound": bound, "probes": probes, "text": text,
-                          "tokens": int(len(ids) - len(ids) // window), "window": window,
-                          "windows": len(ids) // window}
-        return plan
-
-    def _heldout_tokens(self, count: int | None = None) -> tuple[np.ndarray, int, str]:
-        """Token windows of the calibration text right after the ones calibration consumed."""
-        from eqcompiler.data import load_tokenizer, read_text, tokenize
-
-        data = (self.context.stats.meta or {}).get("data") or {}
-        source = self.context.source_folder
-        if not data.get("path") or not data.get("seq_len") or source is None:
-            raise EqcError("a ppl+X% budget needs statistics that record their calibration text (eqc calibrate) "
-                           "and the source artifact's tokenizer")
-        text, sha = read_text(data["path"])
-        if data.get("sha256") and sha != data["sha256"]:
-            raise EqcError(f"calibration text '{data['path']}' changed since calibration (sha256 differs)")
-        window = int(data["seq_len"])
-        if count is None:
-            count = int(self.options.ppl_windows)
-        if count < 1:
-            raise EqcError(f"ppl windows must be >= 1, got {count}")
-        skip = int(data.get("samples", 0)) * window + int(data.get("decode_steps", 0))
-        ids = tokenize(load_tokenizer(pathlib.Path(source)), text, max_tokens=skip + count * window)[skip:]
-        if len(ids) < count * window:
-            raise EqcError(f"calibration text '{data['path']}' has {len(ids)} tokens after the {skip} calibration "
-                           f"used; {count} held-out windows of {window} are needed (lower --ppl-windows/kl_windows)")
-        return ids[:count * window], window, str(data["path"])
-
-    def _score(self, model: ir.Model, plan: dict[str, Any] | None, ids: np.ndarray, window: int) -> float:
-        """Perplexity of `model` with `plan` applied (None: as it is), through ONNX Runtime."""
-        from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
-
-        from eqcompiler.artifact.folder import MODEL_FILE, save_ir
-        from eqcompiler.analysis.evaluate import score_windows
-        from eqcompiler.runtime.session import causal_feed, make_session
-
-        probe = model.clone()
-        if plan is not None:
-            inner = ApplyPrecisionPlanPass(CompileContext(stats=self.context.stats), plan=plan, probe=True)
-            inner.quantized = self.quantized
-            inner.call(probe)
-            RemoveUnusedNodesPass()(probe)
-            TopologicalSortPass()(probe)
-        with tempfile.TemporaryDirectory(prefix="eqc-ppl-probe-") as tmp:
-            save_ir(probe, pathlib.Path(tmp))
-            del probe
-            session = make_session(pathlib.Path(tmp) / MODEL_FILE)
-            result = score_windows(ids, window, lambda win: session.run(["logits"], causal_feed(session, win))[0][0])
-            del session
-        return float(result["ppl"])
 
     def _apply(self, graph: ir.Graph, group: list[LinearSite], precision: str, layers: dict[str, str]) -> int:
         """Quantize one weight as planned; returns its stored bytes."""

@@ -31,9 +31,9 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, new_initializer, node_order
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.passes.gptq import (WeightOnlyOptions, describe, gram_of, output_error, quantize_kn, replace_weight,
+from eqcompiler.passes.gptq import (WeightOnlyOptions, describe, gram_of, quantize_kn, replace_weight,
                                     site_matrix, stored_bytes, weight_only_sites)
-from eqcompiler.compile.qdq import QuantizedWeight
+from eqcompiler.compile.qdq import QuantizedWeight, output_error
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order, weight_array
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.compile.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, quantize_channelwise
+from eqcompiler.compile.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, output_error, quantize_channelwise
 
 SUB = 16  # rows per inner sub-block of a lazy block (block sizes are powers of two >= 16)
 CLIP_GRID = tuple(np.round(np.arange(1.0, 0.69, -0.025), 3))  # shrink ratios tried by the clip search
@@ -100,12 +100,6 @@ def gram_of(stats: object, name: str | None, pass_name: str) -> tuple[np.ndarray
     g = np.asarray(t.extra["gram"], dtype=np.float64)
     rows = int(np.asarray(t.extra.get("gram_rows", max(t.count // max(g.shape[0], 1), 1))))
     return g, max(rows, 1)
-
-
-def output_error(dw: np.ndarray, gram: np.ndarray) -> float:
-    """trace(dW^T G dW): summed squared output error over the calibration tokens."""
-    dw = np.asarray(dw, dtype=np.float64)
-    return float(np.einsum("kn,kn->", gram @ dw, dw))
 
 
 def site_matrix(site: LinearSite) -> np.ndarray:

@@ -28,11 +28,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from eqcompiler.io_names import STATE_PAST, STATE_PRESENT
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import int_constant, node_order, scalar_initializer, sites_by_activation
 from eqcompiler.compile.pass_base import EqcPass
 
-STATE_PAST, STATE_PRESENT = "past_key_values.act_ema.", "present.act_ema."
 
 
 @dataclasses.dataclass

@@ -42,14 +42,13 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from eqcompiler.errors import EqcError
+from eqcompiler.io_names import PAST, PRESENT
 from eqcompiler.compile.graph import new_initializer
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 
-PAST = "past_key_values."
 # The cache tensors (and, once quantized, their scales and zero points); other carried state, e.g.
 # quantize_activations_ema's running scales, shares the past_key_values. prefix.
 KV_PAST = re.compile(r"^past_key_values\.[0-9]+\.(key|value)(_scale|_zero_point)?$")
-PRESENT = "present."
 GRANULARITIES = ("channel", "token")
 SCALE_FLOOR = 1e-5  # float16-representable; a zero-range group gets this step and quantizes to zp exactly
 # Scales are stored as float16; widening by one float16 ulp before rounding keeps the stored scale >= the
@@ -396,17 +395,3 @@ class QuantizeKVCachePass(EqcPass):
         })
         manifest["kv_cache"] = kv
 
-
-def kv_step(bits: int, keys: str = "auto", values: str = "auto", calib: str | None = None) -> dict[str, Any]:
-    """The recipe step `eqc compile --kv-bits` appends.
-
-    keys "auto" = per channel when calibration is given. values "auto" = per channel for 4 bits with
-    per-channel keys (SmolLM2, 8192 test tokens: frozen per-channel values beat per-token ones at 4 bits and
-    are the only way to reach 0.25x of fp16), per token otherwise (8 bits: -0.01% ppl either way).
-    """
-    if keys == "auto":
-        keys = "channel" if calib else "token"
-    if values == "auto":
-        values = "channel" if (bits == 4 and keys == "channel") else "token"  # frozen keys = kv stats at hand
-    return {"pass": QuantizeKVCachePass.name,
-            "options": {"bits": bits, "key_granularity": keys, "value_granularity": values}}

@@ -16,7 +16,8 @@ from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
                               release_mapping, weight_array)
 from eqcompiler.compile.pass_base import EqcPass
-from eqcompiler.compile.qdq import QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise
+from eqcompiler.compile.qdq import (QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise,
+                                   quantize_site_weight)
 
 
 @dataclasses.dataclass
@@ -51,15 +52,6 @@ class QuantizeWeightsOptions:
             raise EqcError(f"quantize_weights: reduce_range must be true, false or \"auto\", got {self.reduce_range!r}")
         if self.reduce_range is True and not (self.bits == 8 and self.symmetric):
             raise EqcError("quantize_weights: reduce_range applies to symmetric int8 weights (bits 8, symmetric true)")
-
-
-def quantize_site_weight(w: np.ndarray, transposed: bool, bits: int, symmetric: bool, block_size: int,
-                         reduce_range: bool = False) -> QuantizedWeight:
-    """Per output channel, or blocks along the input features, for a [K,N] (or [N,K] if transposed) weight."""
-    if block_size:
-        return quantize_channelwise(w, axis=1 if transposed else 0, bits=bits, symmetric=symmetric, block_size=block_size,
-                                    reduce_range=reduce_range)
-    return quantize_channelwise(w, axis=0 if transposed else 1, bits=bits, symmetric=symmetric, reduce_range=reduce_range)
 
 
 class QuantizeWeightsPass(EqcPass):

@@ -32,16 +32,17 @@ Two opt-in rewrites reach more sites, each with one inserted elementwise Mul (ex
 Alpha is chosen per site from `alpha_grid` by the error of the site's int8 output,
 ||XW - Qa(X/s) Qw(sW)||^2 / ||XW||^2 (Qa: static per-tensor from the calibrated range, Qw: per-channel
 or blocked as `weight_block_size`), where X is either
-- search="ort": a few calibration windows run here through ONNX Runtime on the source artifact
-  (context.source_folder, the text in the statistics' metadata), rows sub-sampled; or
+- search="ort": a few calibration windows of the source artifact run through ONNX Runtime (the text in the
+  statistics' metadata), rows sub-sampled. That model run is calibration's (calibration/smoothing_search.py
+  runs this pass's own scoring on a copy and stores each site's scale with the statistics: `eqc calibrate
+  --for RECIPE` once, or `eqc compile` in memory when its statistics lack it); this pass reads the result;
 - search="gram": the calibration Gram matrix extra ("gram"/"gram_rows"): weight error is exact,
   tr(dW^T G dW), activation rounding is modelled as uniform noise (step^2/12 per element);
 - search="sample": the rows the calibration 'sample' observer stored (extra "sample_rows", a uniform
   random subset of the calibration tokens), scored exactly like "ort" but without any model session;
 - search="auto": gram when every site has it (and the score is per-tensor/total), else sample when
-  every site has it, else ort when the model is small enough for one whole-graph session; on a model
-  whose weights exceed eqcompiler.calibration.layer_stream.AUTO_FRACTION of available memory it fails, naming the
-  observer to add (a silent fixed alpha would hide a worse model); search="none": `alpha` for every site.
+  every site has it, else ort (whose search refuses a model too big for one whole-graph session, naming the
+  observer to add: a silent fixed alpha would hide a worse model); search="none": `alpha` for every site.
 Big models: smoothed weights of memory-mapped (external) sources stay lazy (computed when the next pass
 reads them, their source mapping released after), and the source weights a site scored are released,
 so smoothing never holds the model's weights in memory.
@@ -58,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import pathlib
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,8 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
-from eqcompiler.compile.qdq import quantize_channelwise, step_ratio
+from eqcompiler.compile.qdq import int8_matmul, quantize_channelwise, step_ratio
+from eqcompiler.calibration.smoothing_search import SmoothChoice, search_key, stored_choice
 from eqcompiler.calibration.stats import TensorStats
 
 SEARCHES = ("auto", "ort", "gram", "sample", "none")
@@ -495,26 +496,43 @@ def _quant_weight(w: np.ndarray, block: int) -> np.ndarray:
     return quantize_channelwise(w, axis=0 if block else 1, bits=8, block_size=block).dequantize()
 
 
-def _quant_act(x: np.ndarray, amax: float) -> np.ndarray:
-    scale = amax / 127.0 if amax > 0 else 1.0
-    return np.clip(np.rint(x / scale), -128, 127) * scale
+def _act_step(x: np.ndarray, granularity: str, amax: float) -> np.ndarray | float:
+    """The int8 step of x [R,K]: per row (absmax/127, as quantize_activations_dynamic computes it) or
+    per tensor from the calibrated range."""
+    if granularity == "token":
+        return np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(127.0), np.float32(1e-8))
+    return amax / 127.0 if amax > 0 else 1.0
 
 
-def _quant_act_rows(x: np.ndarray) -> np.ndarray:
-    """Per-row (per-token) symmetric int8, as quantize_activations_dynamic computes it."""
-    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(127.0), np.float32(1e-8))
-    return np.clip(np.rint(x / scale), -128, 127) * scale
+def quantized_output(x: np.ndarray, w: np.ndarray, granularity: str, amax: float, block: int) -> np.ndarray:
+    """int8(x) @ int8(w) [R,N] in float32: x per row or per tensor, w per output channel (block 0) or
+    blocked along K.
+
+    Per channel, the integer codes are multiplied exactly (int8_matmul) and scaled once, which is both
+    faster than a float product of the dequantized values and free of its rounding; a blocked weight's
+    scale changes along K, so it is multiplied dequantized.
+    """
+    step = _act_step(x, granularity, amax)
+    codes = np.clip(np.rint(x / step), -128, 127)
+    if block:
+        return (codes * step).astype(np.float32) @ _quant_weight(w, block)
+    qw = quantize_channelwise(w, axis=1, bits=8)
+    y = int8_matmul(codes.astype(np.int8), qw.q).astype(np.float32)
+    y *= step
+    y *= qw.scale[None, :]
+    return y
 
 
 def score_ort(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray, block: int,
               ref: np.ndarray, granularity: str = "tensor", norm: str = "total") -> float:
     """Relative squared error of the int8 output on sampled rows x [R,K]."""
-    xs = _quant_act_rows(x / s) if granularity == "token" else _quant_act(x / s, float((amax_channel / s).max()))
-    y = xs.astype(np.float32) @ _quant_weight(w * s[:, None], block)
+    err = quantized_output(x / s, w * s[:, None], granularity, float((amax_channel / s).max()), block)
+    err -= ref
     if norm == "row":
-        err = ((y - ref) ** 2).sum(axis=1) / np.maximum((ref ** 2).sum(axis=1), 1e-30)
-        return float(err.mean())
-    return float(((y - ref) ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
+        per_row = np.einsum("ij,ij->i", err, err) / np.maximum(np.einsum("ij,ij->i", ref, ref), 1e-30)
+        return float(per_row.mean())
+    flat, ref_flat = err.reshape(-1), ref.reshape(-1)
+    return float(np.dot(flat, flat) / max(float(np.dot(ref_flat, ref_flat)), 1e-30))
 
 
 def score_gram(gram: np.ndarray, rows: int, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray,
@@ -542,41 +560,6 @@ def stored_samples(t: TensorStats, opts: SmoothQuantOptions) -> np.ndarray:
         raise EqcError("smooth_quant search='sample' needs the 'sample' calibration observer "
                        "(eqc calibrate --observers minmax,absmax_channel,sample)")
     return np.asarray(t.extra["sample_rows"][:opts.search_rows], dtype=np.float32)
-
-
-def sample_activations(source: pathlib.Path, names: list[str], stats_meta: dict[str, Any], opts: SmoothQuantOptions
-                       ) -> dict[str, np.ndarray]:
-    """Rows [R, K] of each activation from a few windows of the calibration text run through ORT."""
-    from eqcompiler.artifact import folder as art_mod
-    from eqcompiler.calibration.calibrate import _encoder_feed, instrumented_session
-    from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
-    from eqcompiler.runtime.session import causal_feed
-
-    art = art_mod.resolve_artifact(source)
-    data = opts.data or (stats_meta.get("data") or {}).get("path")
-    if not data:
-        raise EqcError("smooth_quant search='ort' needs calibration text: set the pass option 'data'")
-    seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
-    text, _ = read_text(data)
-    ids, _ = calibration_ids(load_tokenizer(art.folder), text, seq_len, opts.search_windows, art.task == "causal-lm")
-    session = instrumented_session(art_mod.model_file(art), names)
-    available = {o.name for o in session.get_outputs()}
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise EqcError(f"smooth_quant: source model has no tensor '{missing[0]}'; run smooth_quant first in the recipe")
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for window in windows(ids, seq_len, opts.search_windows):
-        feed = causal_feed(session, window) if art.task == "causal-lm" else _encoder_feed(window)
-        for name, value in zip(names, session.run(names, feed)):
-            rows[name].append(value.reshape(-1, value.shape[-1]))
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, parts in rows.items():
-        x = np.concatenate(parts)
-        if len(x) > opts.search_rows:
-            x = x[np.sort(rng.choice(len(x), opts.search_rows, replace=False))]
-        out[name] = x.astype(np.float32)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,6 +697,21 @@ class SmoothQuantPass(EqcPass):
         return ObserverNeeds(frozenset(required), frozenset(helpful))
     requires_stats = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.choices: dict[str, SmoothChoice] = {}  # per smoothed activation (by its name before smoothing)
+
+    def model_rows_needed(self, model: ir.Model) -> list[str]:
+        """The activations whose token rows the search scores on when it needs a model run (search 'ort'
+        and the statistics lack its result), else []: calibration/smoothing_search.py runs it."""
+        sites, _ = find_smooth_sites(model.graph, self.options, _head_info(self.context.manifest))
+        if not sites or self._method(sites) != "ort":
+            return []
+        key = search_key(self.options)
+        if all(stored_choice(self.context.stats.get(s.activation.name), key) is not None for s in sites):
+            return []
+        return [s.activation.name for s in sites]
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
@@ -728,17 +726,24 @@ class SmoothQuantPass(EqcPass):
                 raise EqcError(f"statistics for '{site.activation.name}' have no per-channel maxima of width {site.channels}")
         method = self._method(sites)
         samples = {}
-        if method == "ort":
-            source = self.context.source_folder
-            if not source:
-                raise EqcError("smooth_quant search='ort' needs the source artifact (compile option source_folder)")
-            samples = sample_activations(pathlib.Path(source), [s.activation.name for s in sites], stats.meta, opts)
-        elif method == "sample":
+        if method == "sample":
             samples = {s.activation.name: stored_samples(stats.get(s.activation.name), opts) for s in sites}
         chosen: dict[str, Any] = {}
+        key = search_key(opts)
         for site in sites:
-            t = stats.get(site.activation.name)
-            s, alpha, score, base, granularity = self._choose_site(site, t, method, samples.get(site.activation.name))
+            name = site.activation.name
+            t = stats.get(name)
+            if method == "ort":  # the search calibration ran on the model (calibration/smoothing_search.py)
+                choice = stored_choice(t, key)
+                if choice is None or choice.scale.shape != (site.channels,):
+                    raise EqcError(f"smooth_quant search='ort': the statistics hold no alpha search for '{name}' with "
+                                   "these options; `eqc calibrate --for RECIPE` stores it (`eqc compile` runs it "
+                                   "when its statistics lack it)")
+            else:
+                choice = SmoothChoice(*self._choose_site(site, t, method, samples.get(name)))
+            self.choices[name] = choice
+            s, alpha, score, base, granularity = (choice.scale, choice.alpha, choice.score, choice.base,
+                                                  choice.granularity)
             read = [x.weight.const_value for x in site.sites + ([site.fold_linear] if site.fold_linear else [])]
             apply_smoothing(graph, site, s)  # an "explicit" site's activation becomes the inserted Mul's output
             if granularity == "token" and opts.activation_granularity == "auto":
@@ -772,19 +777,9 @@ class SmoothQuantPass(EqcPass):
         return "gram" if has_gram else self._rows_method(sites)
 
     def _rows_method(self, sites: list[SmoothSite]) -> str:
-        """search='auto' without gram: stored sample rows, else an ORT session if the model is small."""
+        """search='auto' without gram: stored sample rows, else the search calibration runs on the model."""
         if all("sample_rows" in self.context.stats.get(s.activation.name).extra for s in sites):
             return "sample"
-        source = self.context.source_folder
-        if source:
-            from eqcompiler.artifact import folder as art_mod
-            from eqcompiler.calibration.layer_stream import auto_stream
-
-            big, why = auto_stream(art_mod.model_file(art_mod.resolve_artifact(source)))
-            if big:
-                raise EqcError(f"smooth_quant search='auto' needs the 'sample' (or 'gram') calibration observer on "
-                               f"this model ({why.split(':')[0]}: too big for a whole-model ORT session); rerun "
-                               "`eqc calibrate --observers minmax,absmax_channel,sample`, or set search='none'")
         return "ort"
 
     def _choose_site(self, site: SmoothSite, t: TensorStats, method: str, x: np.ndarray | None

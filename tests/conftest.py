@@ -66,6 +66,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         code = getattr(getattr(item, "function", None), "__code__", None)
         if fixtures & TINY_MODEL_FIXTURES or (code is not None and "run_eqc" in code.co_names):
             item.add_marker(pytest.mark.e2e)
+    items[:] = _schedule_order(items)
+
+
+def _schedule_order(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The order `make test`'s two workers take tests in (pytest-xdist --dist loadgroup --no-loadscope-reorder
+    hands them out in collection order): first the test that needs the longest fixture chain (SmolLM2 export
+    -> calibration -> w8a8-dynamic compile, about two minutes on one core), so one worker builds it while
+    the other runs the browser group (one unit that cannot be split) and the synthetic tests; the other
+    real-model tests last, when what they share is built and no worker waits on the other's lock."""
+    def uses(item: pytest.Item, name: str) -> bool:
+        return name in getattr(item, "fixturenames", ())
+
+    chain = [i for i in items if uses(i, "smollm2_w8a8_dynamic")][:1]
+    rest = [i for i in items if i not in chain]
+    web = [i for i in rest if i.get_closest_marker("xdist_group")]
+    synthetic = [i for i in rest if not i.get_closest_marker("xdist_group") and not i.get_closest_marker("slow")]
+    real = [i for i in rest if not i.get_closest_marker("xdist_group") and i.get_closest_marker("slow")]
+    return chain + web + synthetic + real
 
 
 def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -39,7 +39,8 @@ def test_parse_budget_refuses(text: str, message: str) -> None:
 
 
 def test_stored_bytes_match_the_quantizer() -> None:
-    from eqcompiler.passes.quantize_weights import _stored_bytes, quantize_site_weight
+    from eqcompiler.compile.qdq import quantize_site_weight
+    from eqcompiler.passes.quantize_weights import _stored_bytes
 
     w = np.random.default_rng(0).standard_normal((200, 48)).astype(np.float32)  # K not a multiple of 64
     for name, spec in bw.PRECISIONS.items():
@@ -450,7 +451,7 @@ def test_ppl_budget_unreachable_without_float(tiny_artifact, gram_stats, tmp_pat
 
 def test_w8a8_proxy_matches_measured_activation_noise() -> None:
     """The w8a8 proxy minus the int8 one is the output error of int8-rounding the input (s^2/12 model)."""
-    from eqcompiler.passes.quantize_weights import quantize_site_weight
+    from eqcompiler.compile.qdq import quantize_site_weight
     from eqcompiler.compile.qdq import activation_scale
 
     rng = np.random.default_rng(0)
@@ -578,7 +579,7 @@ def test_weight_input_session_equals_compiled_one_layer_plan(tiny_artifact, tmp_
     from eqcompiler.calibration import sensitivity as sens
     from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact
     from eqcompiler.passes.gptq import weight_only_sites
-    from eqcompiler.passes.quantize_weights import quantize_site_weight
+    from eqcompiler.compile.qdq import quantize_site_weight
     from eqcompiler.compile.pipeline import compile_model
 
     art = tiny_artifact("llama")

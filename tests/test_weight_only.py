@@ -12,7 +12,8 @@ import pytest
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.awq import AwqPass
-from eqcompiler.passes.gptq import GptqPass, gptq_quantize, output_error, quantize_kn
+from eqcompiler.compile.qdq import output_error
+from eqcompiler.passes.gptq import GptqPass, gptq_quantize, quantize_kn
 from eqcompiler.passes.lower_matmul_nbits import LowerMatMulNBitsPass, to_matmul_nbits
 from eqcompiler.passes.quantize_weights import QuantizeWeightsPass
 from eqcompiler.calibration.stats import CalibrationStats, TensorStats

@@ -34,6 +34,7 @@ from eqcompiler.artifact.folder import load_ir, model_file, resolve_artifact, si
 from eqcompiler.data import find_wikitext
 from eqcompiler.analysis.evaluate import perplexity
 from eqcompiler.compile.pass_base import CompileContext
+from eqcompiler.calibration import precision_search
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
 from eqcompiler.passes.gptq import weight_only_sites
 from eqcompiler.compile.pipeline import compile_model
@@ -82,14 +83,14 @@ def choose_plans(artifact: pathlib.Path, stats_path: str, rises: list[float], wi
     extra: dict[str, Any] = {"sensitivity": sensitivity, "solver": solver}
     if sensitivity == "kl":
         start = time.perf_counter()
-        kl = p.kl_table(model, {g[0].name: g for g in groups}, bw.DEFAULT_CHOICES)
-        extra["kl"] = {**p.kl_info, "load_or_measure_s": round(time.perf_counter() - start, 1)}
+        kl, kl_info = precision_search.kl_table(model, {g[0].name: g for g in groups}, bw.DEFAULT_CHOICES, p)
+        extra["kl"] = {**kl_info, "load_or_measure_s": round(time.perf_counter() - start, 1)}
         extra["spearman_kl_vs_proxy"] = kl_vs_proxy(kl, table)
         print(json.dumps(extra), flush=True)
         table = kl
-    ids, window, text = p._heldout_tokens()
+    ids, window, text = precision_search.heldout_tokens(p)
     start = time.perf_counter()
-    ref = p._score(model, None, ids, window)
+    ref = precision_search.score(model, None, ids, window, p)
     ref_s = time.perf_counter() - start
     memo: dict[tuple, float] = {}
     timing = {"probes": 0, "seconds": 0.0}
@@ -98,7 +99,7 @@ def choose_plans(artifact: pathlib.Path, stats_path: str, rises: list[float], wi
         key = tuple(sorted(plan["layers"].items()))
         if key not in memo:
             t = time.perf_counter()
-            memo[key] = p._score(model, plan, ids, window)
+            memo[key] = precision_search.score(model, plan, ids, window, p)
             timing["probes"] += 1
             timing["seconds"] += time.perf_counter() - t
             print(f"  probe {8 * plan['estimated']['linear_bytes'] / sum(l.params for l in table):.3f} bits: "

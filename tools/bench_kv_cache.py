@@ -19,7 +19,7 @@ import time
 from eqcompiler.artifact.folder import resolve_artifact
 from eqcompiler.data import find_wikitext
 from eqcompiler.runtime.decode import chunked_perplexity
-from eqcompiler.passes.quantize_kv_cache import kv_step
+from eqcompiler.compile.recipes import kv_step
 from eqcompiler.compile.pipeline import compile_model
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

@@ -23,7 +23,7 @@ from eqcompiler.data import find_wikitext, tokenize, windows
 from eqcompiler.compile.pass_base import CompileContext
 from eqcompiler.passes.apply_precision_plan import ApplyPrecisionPlanPass
 from eqcompiler.passes.gptq import weight_only_sites
-from eqcompiler.passes.quantize_weights import quantize_site_weight
+from eqcompiler.compile.qdq import quantize_site_weight
 from eqcompiler.calibration.stats import CalibrationStats
 from eqcompiler.models.loaders import load_source
 

@@ -31,8 +31,9 @@ FIELDS = ("model", "size_bytes", "prefill", "decode", "peak_rss_mb", "kv_cache",
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def kv_bytes_per_token(manifest: dict[str, Any]) -> dict[str, Any] | None:

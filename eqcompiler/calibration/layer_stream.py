@@ -28,7 +28,6 @@ the stage rule guarantees for every exporter eqc knows; otherwise a clear error)
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -135,14 +134,10 @@ def weights_bytes(model_path: pathlib.Path) -> int:
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes), or physical memory where that file does not exist."""
-    try:
-        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Memory available to new allocations without swapping (bytes; MemAvailable on Linux), from psutil."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def auto_stream(model_path: pathlib.Path) -> tuple[bool, str]:

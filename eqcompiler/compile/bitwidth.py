@@ -147,8 +147,7 @@ def layer_sensitivity(name: str, w: np.ndarray, gram: np.ndarray, choices: Seque
     `act_noise` = sum over the layer's inputs of T * s^2 / 12 (T calibration tokens, s the int8
     activation scale); needed only when a choice quantizes the activation (w8a8).
     """
-    from eqcompiler.passes.gptq import output_error
-    from eqcompiler.passes.quantize_weights import quantize_site_weight
+    from eqcompiler.compile.qdq import output_error, quantize_site_weight
 
     k, n = w.shape
     ref = output_error(w, gram)

@@ -31,6 +31,8 @@ class CompileContext:
     recipe_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # pass name -> its options
     source_folder: str | None = None  # the artifact compiled from (its tokenizer and weights)
     max_positions: int | None = None  # the model's longest sequence (its config), for tables a lowering precomputes
+    # apply_precision_plan's plan when its budget needs a model run (calibration/precision_search.py ran it)
+    precision_search: Any = None
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     per_token_inputs: list[str] = dataclasses.field(default_factory=list)

@@ -16,6 +16,7 @@ from eqcompiler.export.upgrade_opset import upgrade_opset
 from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
+from eqcompiler.calibration.model_runs import run_model_searches
 from eqcompiler.calibration.stats import CalibrationStats
 
 
@@ -117,19 +118,17 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         stats = CalibrationStats.load(calib)
         stats.check_model(art_mod.model_fingerprint(model_path), f"'{model_path}'")
         _refuse_missing_observers(stats, recipe, recipe_name, calib, model)
-    ir_model = art_mod.load_ir(model_path)
-    _refuse_cycles(ir_model.graph, model_path)
-    # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
-    ir_model, upgraded_from = upgrade_opset(ir_model, MIN_OPSET, f"'{model_path}'")
+    ir_model, upgraded_from = _load_graph(model_path)
     if upgraded_from is not None:
         target_warnings.append(f"converted from opset {upgraded_from} to {MIN_OPSET} (onnx version converter)")
-    # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
-    # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
-    context = CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
-                             max_positions=art_mod.max_positions(art.folder) if art.manifest else None,
-                             recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
+    context = _context(art, stats, recipe, target)
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
+    # The model runs steps need and the statistics or options lack (`eqc calibrate --for`, `--plan` hold them).
+    try:
+        run_model_searches(ir_model, recipe, passes, context)
+    except Exception as exc:
+        _raise_named("model searches (calibration/model_runs.py)", exc)
     # ORT's contrib ops in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
     # onnxruntime-genai's builder wrote): the source brought them, so the check lets them through.
     brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
@@ -150,6 +149,42 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     art_mod.write_manifest(stage, manifest)
     write_genai_config(stage, manifest, library)
     return manifest
+
+
+def _load_graph(model_path: pathlib.Path) -> tuple[ir.Model, int | None]:
+    """The graph passes rewrite, and the opset it was converted from (None: it was recent enough)."""
+    ir_model = art_mod.load_ir(model_path)
+    _refuse_cycles(ir_model.graph, model_path)
+    # The QDQ forms passes emit (per-axis, blocked, int4 DequantizeLinear) need opset 21.
+    return upgrade_opset(ir_model, MIN_OPSET, f"'{model_path}'")
+
+
+def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], target: str) -> CompileContext:
+    # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
+    # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
+    return CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
+                          max_positions=art_mod.max_positions(art.folder) if art.manifest else None,
+                          recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
+
+
+def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, recipe_names: list[str]) -> list[str]:
+    """Run the model searches the recipes' passes need (SmoothQuant's alpha search) on the statistics in
+    `stats_path` and save them there, so a compile from them runs no model; returns the keys stored."""
+    from eqcompiler.calibration.smoothing_search import search_smoothing_step
+
+    art = art_mod.resolve_artifact(model)
+    stats = CalibrationStats.load(stats_path)
+    ir_model, _ = _load_graph(art_mod.model_file(art))
+    stored: list[str] = []
+    for name in recipe_names:
+        recipe = load_recipe(name)
+        steps = list(recipe["passes"])
+        for i, step in enumerate(steps):
+            if step["pass"] == "smooth_quant":
+                stored += search_smoothing_step(ir_model, steps, i, _context(art, stats, recipe, "portable"))
+    if stored:
+        stats.save(stats_path, overwrite=True)
+    return stored
 
 
 def _check_graph(path: pathlib.Path, brought: set[str]) -> None:
@@ -194,21 +229,24 @@ def run_passes(passes: list[ir.passes.PassBase], model: ir.Model) -> None:
         try:
             step(model)
         except Exception as exc:
-            failure = _pass_failure(step, exc)
-            if failure is exc:
-                raise
-            if isinstance(failure, (InternalError, EnvironmentProblem)):
-                raise failure from exc  # EQC_DEBUG=1 shows the original traceback
-            raise failure from None
+            _raise_named(getattr(step, "name", "") or type(step).__name__, exc)
 
 
-def _pass_failure(step: ir.passes.PassBase, exc: Exception) -> BaseException:
+def _raise_named(name: str, exc: Exception) -> None:
+    failure = _pass_failure(name, exc)
+    if failure is exc:
+        raise exc
+    if isinstance(failure, (InternalError, EnvironmentProblem)):
+        raise failure from exc  # EQC_DEBUG=1 shows the original traceback
+    raise failure from None
+
+
+def _pass_failure(name: str, exc: Exception) -> BaseException:
     """The exception a failed pass ends the compile with: onnx-ir's wrappers (PassError of a nested pass
     manager, Pre/PostconditionError of `requires`/`ensures`) are unwrapped to the original exception."""
     cause: BaseException = exc
     while isinstance(cause, (ir.passes.PassError, ir.passes.InvariantError)) and cause.__cause__ is not None:
         cause = cause.__cause__
-    name = getattr(step, "name", "") or type(step).__name__
     if isinstance(cause, (EqcError, OSError)):
         return cause
     if isinstance(cause, MemoryError):

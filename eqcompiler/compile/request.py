@@ -65,7 +65,7 @@ class CompileRequest:
     def extra_steps(self) -> list[dict[str, Any]]:
         if self.kv_cache is None:
             return []
-        from eqcompiler.passes.quantize_kv_cache import kv_step
+        from eqcompiler.compile.recipes import kv_step
 
         return [kv_step(self.kv_cache.bits, self.kv_cache.keys, self.kv_cache.values, self.calib)]
 

@@ -18,10 +18,10 @@ import onnxruntime as ort
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.data import load_tokenizer, read_text, tokenize
 from eqcompiler.errors import EqcError
+from eqcompiler.io_names import PAST, PRESENT, STATE_PAST
 from eqcompiler.analysis.evaluate import score_windows
 from eqcompiler.runtime.session import empty_past, make_session
 
-PAST, PRESENT = "past_key_values.", "present."
 
 
 class CacheRunner:
@@ -66,8 +66,6 @@ class CacheRunner:
     def cache_bytes(self) -> int:
         """Bytes the KV cache occupies now (data plus per-token scales and zero points); other carried
         state (quantize_activations_ema's running scales, a few bytes per tensor) is not cache."""
-        from eqcompiler.passes.quantize_activations_ema import STATE_PAST
-
         total = 0
         for name, value in self.past.items():
             if not name.startswith(STATE_PAST):
