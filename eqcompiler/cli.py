@@ -225,12 +225,17 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="Store int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels do not saturate on x86 without "
                    "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision. Default: the recipe's choice "
-                   "(w8a8: auto = on when compiling on such a CPU for --target ort-cpu). --reduce-range also turns "
+                   "(w8a8: auto = on with --cpu avx2 for --target ort-cpu). --reduce-range also turns "
                    "--uint8-encoding off.")
+@click.option("--cpu", type=click.Choice(["vnni", "avx2", "host"]), default=None,
+              help="The CPU class ONNX Runtime's int8 kernels will run the artifact on: vnni (x86 with AVX512-VNNI/AVX-VNNI/"
+                   "AMX, ARM; the default), avx2 (x86 without VNNI, where they saturate on full-range int8: static W8A8 "
+                   "gets uint8-encoded or 7-bit weights), host (this machine's). The artifact never depends on the "
+                   "compiling host unless --cpu host says so.")
 @click.option("--uint8-encoding/--no-uint8-encoding", default=None,
               help="Store static W8A8 layers' int8 codes as uint8 with zero point 128 (same values) so ONNX Runtime "
                    "uses its exact uint8 x uint8 CPU kernels on x86 without VNNI; not for TensorRT. Default: the "
-                   "recipe's choice (w8a8, w8a8-smooth: auto = on when compiling on such a CPU for --target portable).")
+                   "recipe's choice (w8a8, w8a8-smooth: auto = on with --cpu avx2 for --target portable).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Quantize the KV cache (graph inputs/outputs) to 8 or 4 bits on top of the recipe.")
 @click.option("--kv-keys", type=click.Choice(["auto", "channel", "token"]), default="auto", show_default=True,
@@ -255,7 +260,7 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                reduce_range: bool | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
+                reduce_range: bool | None, cpu: str | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
                 ppl_windows: int | None,
                 sensitivity: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
@@ -264,7 +269,7 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 
     request = CompileRequest(
         model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
-        reduce_range=reduce_range, uint8_encoding=uint8_encoding,
+        reduce_range=reduce_range, uint8_encoding=uint8_encoding, cpu=cpu,
         kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
         precision=PrecisionRequest(budget=budget, plan_file=plan_file, save_plan_file=save_plan_file,
                                    ppl_windows=ppl_windows, sensitivity=sensitivity, solver=solver))
@@ -273,6 +278,7 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
     def lines(r: dict[str, Any]) -> list[str]:
         out_lines = [f"compiled with recipe '{r['recipe']}' -> {out} ({r['size_bytes'] / 1e6:.1f} MB, {r['seconds']} s)"]
         out_lines += [f"warning: {w}" for w in r["warnings"]]
+        out_lines += [f"hint: {h}" for h in r["hints"]]
         if "apply_precision_plan" in r["report"]:  # recipe mixed: the per-layer table (and ppl probes)
             from eqcompiler.compile.bitwidth import plan_table
 

@@ -13,7 +13,7 @@ kernel. quantize_weights' 7-bit `reduce_range` is the other remedy; it costs a b
 precision (SmolLM2 w8a8-smooth: +3.7% ppl at 7 bits vs +2.6% at 8), this pass costs nothing in
 accuracy but makes an artifact TensorRT does not accept (TensorRT wants int8, zero point 0).
 
-`when`: "always"; "never"; "auto" = only when compiling on such a CPU (cpu_features.int8_gemm_saturates)
+`when`: "always"; "never"; "auto" = only when compiling for such a CPU (`eqc compile --cpu avx2`, or `--cpu host` on one)
 for the portable target (tensorrt needs int8; ort-cpu lowers to MatMulIntegerToFloat from int8 and
 uses quantize_weights' reduce_range instead). Weights that are not symmetric per-channel int8
 and activations without a static int8 pair are left as they are; a tied embedding table is re-encoded
@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.lowering.cpu_features import int8_gemm_saturates
+from eqcompiler.lowering.cpu_features import int8_saturates_on
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import (const_array, find_linear_sites, is_constant, new_initializer, static_activation_quantize,
                               weight_dequantize_node)
@@ -127,7 +127,7 @@ class EncodeInt8AsUint8Pass(EqcPass):
             _reencode_everywhere(graph, zp, np.full(const_array(zp).shape, 128, np.uint8))
         if left:
             self.context.warn(f"encode_int8_as_uint8: {len(left)} static int8 layer(s) keep int8 weights "
-                              f"(e.g. {next(iter(left))}: {next(iter(left.values()))}); on this CPU ORT's int8 "
+                              f"(e.g. {next(iter(left))}: {next(iter(left.values()))}); on such CPUs ORT's int8 "
                               "kernels may saturate on them")
         self.report({"applied": True, "why": why, "weights": len(weights), "activation_pairs": len(pairs),
                      "left_int8": left})
@@ -143,6 +143,6 @@ class EncodeInt8AsUint8Pass(EqcPass):
             return when == "always", f"when={when}"
         if target != "portable":
             return False, f"auto: target {target} (only portable artifacts are re-encoded)"
-        if not int8_gemm_saturates():
-            return False, "auto: this CPU's ORT int8 kernels are exact (VNNI/AMX, or not x86)"
-        return True, "auto: x86 CPU without VNNI, portable target"
+        if not int8_saturates_on(self.context.cpu):
+            return False, f"auto: --cpu {self.context.cpu}: ORT's int8 kernels are exact there (VNNI/AMX, or not x86)"
+        return True, f"auto: --cpu {self.context.cpu} (x86 without VNNI), portable target"

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from eqcompiler.lowering.cpu_features import REDUCED_MARK, int8_gemm_saturates
+from eqcompiler.lowering.cpu_features import REDUCED_MARK, int8_saturates_on
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
                               release_mapping, weight_array)
@@ -115,8 +115,8 @@ class QuantizeWeightsPass(EqcPass):
         return self._reduce_range_resolved
 
     def _resolve_reduce_range(self) -> bool:
-        """reduce_range "auto": on when this host's ORT int8 CPU kernels would run the output and
-        saturate, i.e. static activation scales (ORT fuses those QDQ pairs into its int8 GEMMs, and
+        """reduce_range "auto": on when ORT's int8 CPU kernels on the target CPU class (context.cpu, `--cpu`) would
+        run the output and saturate, i.e. static activation scales (ORT fuses those QDQ pairs into its int8 GEMMs, and
         ort-cpu lowers them to the same kernels) for an ORT CPU target. Per-token chains stay in float
         compute in ORT (or go to eqc's exact FusedInt8Gemm), so they keep 8-bit weights."""
         opts = self.options
@@ -129,12 +129,12 @@ class QuantizeWeightsPass(EqcPass):
         encode = recipe.get("encode_int8_as_uint8")
         encoded = encode is not None and encode.get("when", "auto") != "never" and target == "portable"
         int8_kernels = static and target in ("portable", "ort-cpu") and not encoded
-        on = opts.bits == 8 and opts.symmetric and int8_kernels and int8_gemm_saturates()
+        on = opts.bits == 8 and opts.symmetric and int8_kernels and int8_saturates_on(self.context.cpu)
         if on:
             self.context.warn(
-                f"int8 weights kept in {REDUCED_MARK} (reduce_range auto): this CPU has no VNNI, and ONNX Runtime's int8 "
-                "kernels saturate on full-range weights here; --no-reduce-range keeps 8-bit weights (GPU, TensorRT, "
-                "VNNI CPUs)")
+                f"int8 weights kept in {REDUCED_MARK} (reduce_range auto, --cpu avx2): ONNX Runtime's int8 kernels "
+                "saturate on full-range weights on CPUs without VNNI; --no-reduce-range keeps 8-bit weights (GPU, "
+                "TensorRT, VNNI CPUs)")
         return on
 
     def _quantize_table(self, graph: ir.Graph, gathers: list[ir.Node], tied_sites: list[LinearSite],

@@ -137,14 +137,16 @@ def test_uint8_encoding_keeps_values_and_gets_exact_kernels(tiny_artifact, tiny_
     assert saturation_warning(json.loads((encoded / "manifest.json").read_text())) is None
 
 
-@pytest.mark.parametrize("target", ["portable", "tensorrt"])
-def test_auto_follows_host_and_target(tiny_artifact, tiny_llama_stats, tmp_path, target):
+@pytest.mark.parametrize("target, cpu", [("portable", "avx2"), ("portable", None), ("tensorrt", "avx2")])
+def test_auto_follows_cpu_and_target(tiny_artifact, tiny_llama_stats, tmp_path, target, cpu):
+    """when "auto" re-encodes portable artifacts for --cpu avx2 only: the default (vnni) artifact is the same on
+    every host."""
     out = tmp_path / target
     proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8-smooth", "--calib", tiny_llama_stats,
-                   "--target", target, "-o", out, "--json")
+                   "--target", target, "-o", out, "--json", *(["--cpu", cpu] if cpu else []))
     report = json.loads(proc.stdout)["report"]
     applied = report["encode_int8_as_uint8"]["applied"]
-    assert applied is (int8_gemm_saturates() and target == "portable")
+    assert applied is (cpu == "avx2" and target == "portable")
     assert report["quantize_weights"]["reduce_range"] is False  # the encoding, not 7-bit weights
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     has_u8 = any(t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 2 for t in model.graph.initializer)
@@ -165,3 +167,19 @@ def test_cli_flags(tiny_artifact, tiny_llama_stats, tmp_path):
     bad = run_eqc("compile", src, "--recipe", "w4-rtn", "--uint8-encoding", "-o", tmp_path / "bad", check=False)
     assert bad.returncode == 2 and "has no pass with option 'when'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_default_artifact_does_not_depend_on_the_host(tiny_artifact, tiny_llama_stats, tmp_path, monkeypatch):
+    """The same compile gives the same bytes on a VNNI host and on one without; only --cpu host follows the host."""
+    from eqcompiler.lowering import cpu_features
+
+    src = tiny_artifact("llama")
+    compile_model(src, "w8a8-smooth", tmp_path / "here", calib=str(tiny_llama_stats))
+    monkeypatch.setattr(cpu_features, "int8_gemm_saturates", lambda: True)  # as on an AVX2-only host
+    compile_model(src, "w8a8-smooth", tmp_path / "avx2-host", calib=str(tiny_llama_stats))
+    def model_bytes(folder: pathlib.Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.name.startswith("model.onnx")}
+
+    assert model_bytes(tmp_path / "here") == model_bytes(tmp_path / "avx2-host")
+    followed = compile_model(src, "w8a8-smooth", tmp_path / "host", calib=str(tiny_llama_stats), cpu="host")
+    assert followed["cpu"] == "avx2" and followed["quantization"]["report"]["encode_int8_as_uint8"]["applied"] is True

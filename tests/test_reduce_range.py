@@ -110,7 +110,7 @@ def test_reduce_range_keeps_ort_int8_kernels_exact(tiny_artifact, tiny_llama_sta
     assert full_range_int8_layers(full_manifest)
     if int8_gemm_saturates():
         assert _worst_case_layer_error(full) >= 1.0 and _ort_vs_qdq(full) > 1e-2
-        assert "compile with --reduce-range" in saturation_warning(full_manifest)
+        assert "compile with --cpu avx2" in saturation_warning(full_manifest)
     else:
         assert _worst_case_layer_error(full) == 0.0
         assert saturation_warning(full_manifest) is None
@@ -133,20 +133,24 @@ def test_eval_ort_config_reaches_the_session(tiny_artifact, tmp_path):
     assert bad.returncode == 2 and "is not KEY=VALUE" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
-def test_w8a8_recipe_picks_the_range_for_the_host(tiny_artifact, tiny_llama_stats, tmp_path, target):
+@pytest.mark.parametrize("target, cpu", [("ort-cpu", "avx2"), ("ort-cpu", None), ("ort-cuda", "avx2")])
+def test_w8a8_recipe_picks_the_range_for_the_cpu(tiny_artifact, tiny_llama_stats, tmp_path, target, cpu):
     """reduce_range "auto" (recipe w8a8: static uint8 activations, where ORT's AVX2 int8 kernels
-    collapse SmolLM2): 7-bit weights only when compiling on a CPU whose ORT int8 kernels saturate,
-    for the ort-cpu target (portable artifacts get encode_int8_as_uint8 instead, test_encode_uint8);
-    never for GPU targets; the compile says so."""
+    collapse SmolLM2): 7-bit weights only for a CPU class whose ORT int8 kernels saturate (--cpu avx2; the
+    default is vnni, whatever the compiling host), for the ort-cpu target (portable artifacts get
+    encode_int8_as_uint8 instead, test_encode_uint8); never for GPU targets; the compile says so, and on a
+    host the default misfits it prints the flag that fits."""
     out = tmp_path / target
+    flags = ["--cpu", cpu] if cpu else []
     proc = run_eqc("compile", tiny_artifact("llama"), "--recipe", "w8a8", "--calib", tiny_llama_stats,
-                   "--target", target, "-o", out, "--json")
+                   "--target", target, "-o", out, "--json", *flags)
     result = json.loads(proc.stdout)
-    expect = int8_gemm_saturates() and target == "ort-cpu"
+    expect = cpu == "avx2" and target == "ort-cpu"
     assert result["report"]["quantize_weights"]["reduce_range"] is expect
     assert any("reduce_range auto" in w for w in result["warnings"]) is expect
-    assert (full_range_int8_layers(json.loads((out / "manifest.json").read_text())) == []) is expect
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (full_range_int8_layers(manifest) == []) is expect and manifest["cpu"] == (cpu or "vnni")
+    assert bool(result["hints"]) is (cpu is None and int8_gemm_saturates())
 
 
 def test_layer_scan_ignores_non_table_reports():

@@ -28,6 +28,9 @@ class CompileContext:
     stats: Any = None  # eqcompiler.calibration.stats.CalibrationStats or None
     manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
     target: str = "portable"  # eqcompiler.lowering.targets.TARGETS
+    # The CPU class ORT's int8 kernels run on, resolved from `eqc compile --cpu` (lowering.cpu_features):
+    # "vnni" (exact int8 dot products; the default) or "avx2" (x86 without VNNI: they saturate). Never the host.
+    cpu: str = "vnni"
     recipe_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # pass name -> its options
     source_folder: str | None = None  # the artifact compiled from (its tokenizer and weights)
     max_positions: int | None = None  # the model's longest sequence (its config), for tables a lowering precomputes

@@ -69,14 +69,19 @@ def _refuse_missing_observers(stats: CalibrationStats, recipe: dict[str, Any], r
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
                   overwrite: bool = False,
                   extra_steps: list[dict[str, Any]] | None = None, target: str = "portable",
-                  pass_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  pass_overrides: dict[str, Any] | None = None, cpu: str = "vnni") -> dict[str, Any]:
     """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest.
+
+    `cpu` (lowering.cpu_features.CPU_CHOICES) is the CPU class ORT's int8 kernels will run on: an explicit input,
+    so the same call gives the same bytes on every host ("host" asks for this machine's).
 
     `target` (eqcompiler.lowering.targets) appends lowering or check passes after the recipe's own steps;
     `pass_overrides` sets options on every recipe step whose pass has them.
     """
+    from eqcompiler.lowering.cpu_features import resolve_cpu
     from eqcompiler.lowering.targets import target_steps
 
+    cpu = resolve_cpu(cpu)
     art = art_mod.resolve_artifact(model)
     model_path = art_mod.model_file(art)
     if art.manifest:  # a linked or oversized tokenizer/config file is refused before any work
@@ -104,12 +109,12 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     # another writer) comes before statistics or weights are read, and no other writer can take it meanwhile.
     with staged_dir(out, overwrite=overwrite) as stage:
         return _compile_into(stage, art, model_path, model, recipe, recipe_name, calib, parent, target,
-                             target_warnings)
+                             target_warnings, cpu)
 
 
 def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model: str | pathlib.Path,
                   recipe: dict[str, Any], recipe_name: str, calib: str | None, parent: dict[str, Any] | None,
-                  target: str, target_warnings: list[str]) -> dict[str, Any]:
+                  target: str, target_warnings: list[str], cpu: str) -> dict[str, Any]:
     """compile_model's work, inside the claimed output's staging folder `stage`; returns the manifest."""
     from eqcompiler.lowering.targets import runtime_requirements
 
@@ -121,7 +126,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     ir_model, upgraded_from = _load_graph(model_path)
     if upgraded_from is not None:
         target_warnings.append(f"converted from opset {upgraded_from} to {MIN_OPSET} (onnx version converter)")
-    context = _context(art, stats, recipe, target)
+    context = _context(art, stats, recipe, target, cpu)
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
     # The model runs steps need and the statistics or options lack (`eqc calibrate --for`, `--plan` hold them).
@@ -141,6 +146,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
     manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
     manifest["target"] = target
+    manifest["cpu"] = cpu
     needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
     library = None
     if needs is not None:
@@ -159,10 +165,11 @@ def _load_graph(model_path: pathlib.Path) -> tuple[ir.Model, int | None]:
     return upgrade_opset(ir_model, MIN_OPSET, f"'{model_path}'")
 
 
-def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], target: str) -> CompileContext:
+def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], target: str,
+             cpu: str = "vnni") -> CompileContext:
     # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
     # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
-    return CompileContext(stats=stats, manifest=dict(art.manifest), target=target, source_folder=str(art.folder),
+    return CompileContext(stats=stats, manifest=dict(art.manifest), target=target, cpu=cpu, source_folder=str(art.folder),
                           max_positions=art_mod.max_positions(art.folder) if art.manifest else None,
                           recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
 

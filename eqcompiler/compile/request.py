@@ -48,6 +48,7 @@ class CompileRequest:
     uint8_encoding: bool | None = None  # None: the recipe's choice
     kv_cache: KvCacheRequest | None = None
     precision: PrecisionRequest = PrecisionRequest()
+    cpu: str | None = None  # --cpu (lowering.cpu_features); None: the default class, with a hint on a host it misfits
 
     def pass_overrides(self) -> dict[str, Any]:
         """Recipe pass options the flags set (refused by compile when no step of the recipe has them)."""
@@ -108,14 +109,18 @@ def run(request: CompileRequest) -> dict[str, Any]:
     from eqcompiler.compile.pipeline import compile_model
 
     start = time.perf_counter()
+    from eqcompiler.lowering.cpu_features import DEFAULT_CPU, saturation_warning
+
     manifest = compile_model(request.model, request.recipe, request.out, calib=request.calib,
                              overwrite=request.overwrite, target=request.target, extra_steps=request.extra_steps(),
-                             pass_overrides=request.pass_overrides() or None)
+                             pass_overrides=request.pass_overrides() or None, cpu=request.cpu or DEFAULT_CPU)
     seconds = round(time.perf_counter() - start, 1)
+    # The default CPU class is not this host's: say so where it changes what ORT computes here.
+    hint = saturation_warning(manifest) if request.cpu is None else None
     q = manifest["quantization"]
     if request.precision.save_plan_file is not None:
         from eqcompiler.compile.bitwidth import save_plan
 
         save_plan(request.precision.save_plan_file, q["report"]["apply_precision_plan"]["plan"])
     return {"output": str(request.out), "recipe": q["recipe"], "size_bytes": size_bytes(request.out),
-            "warnings": q["warnings"], "report": q["report"], "seconds": seconds}
+            "warnings": q["warnings"], "report": q["report"], "seconds": seconds, "hints": [hint] if hint else []}

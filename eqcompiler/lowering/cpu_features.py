@@ -25,6 +25,30 @@ def _linux_cpu_flags() -> frozenset[str] | None:
     return None
 
 
+# `eqc compile --cpu`: the CPU class whose ONNX Runtime int8 kernels the artifact is made for, an explicit input so
+# the same command gives the same bytes on every host. "vnni": exact int8 dot products (x86 with AVX512-VNNI,
+# AVX-VNNI or AMX; ARM; GPUs and TensorRT never take these kernels); "avx2": x86 without them, where ORT's int8
+# GEMMs saturate on full-range weights (static W8A8 then gets uint8-encoded or 7-bit weights); "host": this machine.
+CPU_CHOICES = ("vnni", "avx2", "host")
+DEFAULT_CPU = "vnni"
+
+
+def resolve_cpu(cpu: str) -> str:
+    """"vnni" or "avx2" for a --cpu value ("host" reads this machine's flags)."""
+    from eqcompiler.errors import EqcError
+
+    if cpu not in CPU_CHOICES:
+        raise EqcError(f"--cpu must be one of {', '.join(CPU_CHOICES)}, got '{cpu}'")
+    if cpu == "host":
+        return "avx2" if int8_gemm_saturates() else "vnni"
+    return cpu
+
+
+def int8_saturates_on(cpu: str) -> bool:
+    """Whether ORT's int8 CPU GEMMs saturate on full-range int8 weights on the resolved `cpu` class."""
+    return cpu == "avx2"
+
+
 def int8_gemm_saturates() -> bool:
     """True on x86-64 CPUs without VNNI/AMX: there ORT multiplies uint8 activations by int8 weights
     with vpmaddubsw, whose int16 pair sums saturate unless |weight| <= 64 (see `--reduce-range`).
@@ -60,4 +84,4 @@ def saturation_warning(manifest: dict) -> str | None:
         return None
     return (f"this CPU has no VNNI: ONNX Runtime's int8 kernels saturate on full-range int8 weights "
             f"({len(layers)} layers here), so scores can be worse than the artifact's QDQ numerics; "
-            "compile with --reduce-range for such CPUs")
+            "compile with --cpu avx2 (or --cpu host) for such CPUs")
