@@ -50,7 +50,7 @@ from eqcompiler.compile.qdq import QuantizedWeight, activation_scale, emit_dequa
 @dataclasses.dataclass
 class ApplyPrecisionPlanOptions:
     budget: str | None = None  # "6bits", "120MB", "ppl+2%"; compile option "budget" fills it
-    plan: str | None = None  # plan file; compile option "plan" (path or dict) fills it
+    plan: str | dict | None = None  # plan file (or the plan itself); compile option "plan" fills it
     solver: str = "dp"  # dp | greedy | grid
     choices: str = ",".join(bw.DEFAULT_CHOICES)  # candidate precisions a budget chooses from
     ppl_windows: int = bw.PPL_WINDOWS  # ppl+X%: held-out calibration windows per probe (compile option too)

@@ -82,7 +82,7 @@ LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identit
 @dataclasses.dataclass
 class SmoothQuantOptions:
     alpha: float = 0.5  # used when search="none" (and as the fallback reported per site)
-    alpha_grid: list = dataclasses.field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)])
+    alpha_grid: list[float] = dataclasses.field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)])
     search: str = "auto"
     allow_identity: bool = True  # s=1 competes with the grid
     min_scale: float = 1e-3  # s is clamped to [min_scale, max_scale]

@@ -351,7 +351,17 @@ def test_unknown_recipe(llama, tmp_path):
     ('{"name": "x", "passes": [{"pass": "quantize_everything"}]}', "unknown pass 'quantize_everything'"),
     ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bitz": 4}}]}', "no option 'bitz'"),
     ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"bits": 3}}]}', "bits"),
-], ids=["truncated-json", "unknown-pass", "unknown-option", "bad-option-value"])
+    # Each option's JSON type is the one its Options dataclass declares, refused before any pass runs.
+    ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"symmetric": "yes"}}]}',
+     "option 'symmetric' must be true or false, got 'yes'"),
+    ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"block_size": "x"}}]}',
+     "option 'block_size' must be an integer"),
+    ('{"name": "x", "passes": [{"pass": "smooth_quant", "options": {"alpha_grid": "abc"}}]}',
+     "option 'alpha_grid' must be a list of numbers"),
+    ('{"name": "x", "passes": [{"pass": "quantize_weights", "options": {"include": 5}}]}',
+     "option 'include' must be a string or null"),
+], ids=["truncated-json", "unknown-pass", "unknown-option", "bad-option-value", "bool-as-string", "int-as-string",
+        "list-as-string", "regex-as-number"])
 def test_bad_recipe_file(llama, tmp_path, recipe, message):
     (tmp_path / "r.json").write_text(recipe)
     out = tmp_path / "out"

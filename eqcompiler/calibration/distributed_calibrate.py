@@ -79,9 +79,12 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
         return {"output": str(out), "tensors": len(stats), **result.meta, "workers": world,
                 "threads_per_worker": threads, "seconds": round(time.perf_counter() - start, 2)}
     finally:
-        if dist.is_initialized():
-            if finished:  # leave together: no rank tears its connections down while another still holds them
-                dist.barrier()
+        # Leave together: no rank tears its connections down while another still holds them. A rank that
+        # failed does not tear down at all (a peer may still be in a collective with it): main() ends it with
+        # os._exit, since gloo's threads destroyed mid-connection abort the process ("terminate called without
+        # an active exception", exit -6) instead of letting it exit with its error's code.
+        if finished and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -105,6 +108,15 @@ def _gather_samples(stats: dict, samples: dict, rank: int, world: int) -> None:
                 merge_extra(stats[name].extra, extra)
 
 
+def _exit_now(message: str, code: int) -> None:
+    """A failed rank says why and exits with `code` without tearing down its process group (see run_rank):
+    what it wrote is complete or was never renamed into place (atomic writes), so nothing is lost."""
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
@@ -126,14 +138,12 @@ def main(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, o
         summary = run_rank(model, text, samples, seq_len, out, overwrite, skip_nonfinite, observers, decode_steps, threads,
                            stream_layers)
     except EqcError as exc:
-        click.echo(f"error: rank {rank}: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _exit_now(f"error: rank {rank}: {exc}", exc.exit_code)
     except Exception as exc:  # a collective failing because a peer died lands here
         if os.environ.get("EQC_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        click.echo(f"error: rank {rank}: {type(exc).__name__}: {first}", err=True)
-        sys.exit(1)
+        _exit_now(f"error: rank {rank}: {type(exc).__name__}: {first}", 1)
     if summary is None:
         return
     path = os.environ.get("EQC_CALIB_SUMMARY")

@@ -9,6 +9,8 @@ import dataclasses
 import importlib
 import pkgutil
 import re
+import types
+import typing
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -81,6 +83,7 @@ class EqcPass(ir.passes.InPlacePass):
         if unknown:
             raise EqcError(f"pass '{self.name}' has no option {', '.join(map(repr, unknown))} "
                            f"(valid: {', '.join(sorted(valid)) or 'none'})")
+        check_option_types(self.name, self.Options, options)
         try:
             self.options = self.Options(**options)
         except (TypeError, ValueError) as exc:
@@ -99,6 +102,52 @@ class EqcPass(ir.passes.InPlacePass):
 
     def report(self, data: dict[str, Any]) -> None:
         self.context.report.setdefault(self.name, {}).update(data)
+
+
+def check_option_types(pass_name: str, options_class: type, values: dict[str, Any]) -> None:
+    """Refuse a recipe value of the wrong JSON type, naming the pass, the option and the type its Options
+    dataclass declares ("bits": "8" or "symmetric": "yes" would otherwise fail deep in a pass, or be taken
+    as true)."""
+    hints = typing.get_type_hints(options_class)
+    for key, value in values.items():
+        expected = hints.get(key)
+        if expected is not None and not _conforms(value, expected):
+            shown = repr(value)
+            raise EqcError(f"pass '{pass_name}' option '{key}' must be {_described(expected)}, got "
+                           f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
+
+
+def _conforms(value: Any, expected: Any) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if expected is list or origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value) if args else isinstance(value, list)
+    if expected is dict or origin is dict:
+        return isinstance(value, dict)
+    return True  # a type the recipe format has no word for: the pass checks it
+
+
+def _described(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_described(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_described(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(expected, str(expected))
 
 
 # Options every layer-selecting pass reads as regexes on layer names (compile.graph.name_selected).
