@@ -60,7 +60,25 @@ def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> np.nda
         text = text[: max(4096, max_tokens * 8)]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = np.asarray(ids, dtype=np.int64)
-    return ids[:max_tokens] if max_tokens else ids
+    ids = ids[:max_tokens] if max_tokens else ids
+    _refuse_unknown_tokens(tokenizer, ids)
+    return ids
+
+
+# Above this share of unknown-token ids the tokenizer does not fit the text (a folder whose tokenizer files are
+# missing or belong to another model): statistics or perplexity on [UNK]s would be meaningless, not just poor.
+MAX_UNKNOWN_SHARE = 0.5
+
+
+def _refuse_unknown_tokens(tokenizer: Any, ids: np.ndarray) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or len(ids) < 16:
+        return
+    share = float(np.mean(ids == unk))
+    if share > MAX_UNKNOWN_SHARE:
+        raise EqcError(f"the tokenizer maps {share:.0%} of the text to its unknown token "
+                       f"{getattr(tokenizer, 'unk_token', unk)!r}: it is not this model's tokenizer, or the text is not "
+                       "in its language; put the model's own tokenizer files in its folder")
 
 
 def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -527,3 +527,27 @@ def test_no_pickle_in_sources():
         for call in re.findall(r"np\.load\([^)]*\)", text):
             assert "allow_pickle=False" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
+
+
+def test_text_the_tokenizer_cannot_read_is_refused(wiki_valid, tiny_artifact):
+    """A tokenizer that maps most of the text to its unknown token (another model's files, or a bare vocabulary)
+    is refused in one line instead of calibrating or scoring on [UNK]s."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from eqcompiler.data import tokenize
+    from eqcompiler.errors import EqcError
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1, ",": 2}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    bare = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    text = wiki_valid.read_text()[:20_000]
+    with pytest.raises(EqcError, match=r"maps \d+% of the text to its unknown token '\[UNK\]'"):
+        tokenize(bare, text)
+    # a real vocabulary with an unknown token (the tiny BERT's WordPiece) on the same text: accepted
+    from eqcompiler.data import load_tokenizer
+
+    wordpiece = load_tokenizer(tiny_artifact("bert"))
+    assert wordpiece.unk_token_id is not None
+    ids = tokenize(wordpiece, text)
+    assert len(ids) > 1000 and float(np.mean(ids == wordpiece.unk_token_id)) < 0.5
