@@ -125,6 +125,9 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
                    "session, for big models); kv (KV-cache present.* per-channel min/max); all (every one but sample).")
 @click.option("--decode-steps", default=0, show_default=True,
               help="After each prefill window run N single-token decode steps (present fed back as past) and observe them.")
+@click.option("--tokenizer", default=None, metavar="DIR|FILE",
+              help="The tokenizer folder or tokenizer.json, for a model that came without one (a bare .onnx); recorded "
+                   "in the statistics, so a compile's searches read the same tokens.")
 @click.option("--workers", default=1, show_default=True,
               help="Local processes (torch.distributed gloo); windows are sharded and statistics merged exactly.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads per worker (default: cores // workers).")
@@ -134,8 +137,8 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
-              skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, workers: int, threads: int | None,
-              stream_layers: bool | None, as_json: bool) -> None:
+              skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, tokenizer: str | None,
+              workers: int, threads: int | None, stream_layers: bool | None, as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
     from eqcompiler.calibration.calibrate import calibrate as do_calibrate, check_options, tqdm_progress
 
@@ -164,6 +167,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
         args = [model, "--data", text, "--samples", str(samples), "--seq-len", str(seq_len), "-o", str(out),
                 "--observers", observers, "--decode-steps", str(decode_steps)]
         args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite + ["--stream-layers"] * stream_layers
+        args += ["--tokenizer", tokenizer] if tokenizer else []
         result = launch_local(workers, args, threads=threads)
     else:
         start = time.perf_counter()
@@ -171,7 +175,8 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
         try:
             stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite,
                                  skip_nonfinite=skip_nonfinite, progress=progress, threads=threads,
-                                 observers=observers, decode_steps=decode_steps, stream_layers=stream_layers)
+                                 observers=observers, decode_steps=decode_steps, stream_layers=stream_layers,
+                                 tokenizer=tokenizer)
         finally:
             close()
         # The run's time and worker count are said here, not written into the statistics file.
@@ -298,14 +303,16 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 @click.option("--latency/--no-latency", default=True, show_default=True, help="Measure decode-step latency.")
 @click.option("--chunk", default=0, show_default=True,
               help="Perplexity through the KV cache: feed each window CHUNK tokens at a time (0: whole window at once).")
+@click.option("--tokenizer", default=None, metavar="DIR|FILE",
+              help="Perplexity: the tokenizer folder or tokenizer.json, for a model that came without one (a bare .onnx).")
 @click.option("--ort-config", "ort_config", multiple=True, metavar="KEY=VALUE",
               help="ONNX Runtime session config entry for every session (repeatable), e.g. "
                    "session.qdq_matmulnbits_accuracy_level=0 to keep weight-only int8 layers in float compute.")
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, embed_ref: str | None,
-             n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, ort_config: tuple[str, ...],
-             as_json: bool) -> None:
+             n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, tokenizer: str | None,
+             ort_config: tuple[str, ...], as_json: bool) -> None:
     """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
     from eqcompiler.analysis import evaluate
     from eqcompiler.runtime import session as runtime
@@ -319,6 +326,8 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
     result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model)),
                               "warnings": [w for w in [saturation_warning(art.manifest or {})] if w],
                               "ort_config": runtime.ort_config_entries()}
+    if tokenizer is not None and (not ppl_text or chunk):
+        raise EqcError("--tokenizer goes with --ppl (without --chunk)")
     if ppl_text and chunk:
         from eqcompiler.runtime.decode import chunked_perplexity
 
@@ -326,7 +335,7 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
                                          progress=_progress("perplexity", not as_json)))
     elif ppl_text:
         result.update(evaluate.perplexity(model, ppl_text, max_tokens=max_tokens, window=window,
-                                          progress=_progress("perplexity", not as_json)))
+                                          progress=_progress("perplexity", not as_json), tokenizer=tokenizer))
     if embed_ref:
         text = sentence_text or _default_text()
         result["embedding"] = evaluate.embedding_similarity(model, embed_ref, text, n_sentences)

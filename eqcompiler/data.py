@@ -41,16 +41,34 @@ def read_text(path: str | pathlib.Path) -> tuple[str, str]:
     return text, hashlib.sha256(raw).hexdigest()
 
 
-def load_tokenizer(folder: pathlib.Path) -> Any:
+def load_tokenizer(folder: pathlib.Path, tokenizer: str | pathlib.Path | None = None) -> Any:
+    """The model folder's own tokenizer, or `tokenizer` (`--tokenizer`: a folder with tokenizer files, or a
+    tokenizer.json) for a model that came without one (a bare .onnx)."""
     import transformers
 
+    if tokenizer is not None:
+        return _explicit_tokenizer(pathlib.Path(tokenizer))
     from eqcompiler.artifact.folder import carried_files
 
     carried_files(folder)  # a tokenizer file that is a link (perhaps leading outside) or oversized: refused
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:
-        raise EqcError(f"no usable tokenizer in '{folder}': {type(exc).__name__}") from None
+        raise EqcError(f"no usable tokenizer in '{folder}': {type(exc).__name__}; pass --tokenizer DIR|FILE "
+                       "(the model's tokenizer folder or tokenizer.json)") from None
+
+
+def _explicit_tokenizer(path: pathlib.Path) -> Any:
+    import transformers
+
+    try:
+        if path.is_dir():
+            return transformers.AutoTokenizer.from_pretrained(str(path))
+        if path.is_file():
+            return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as exc:
+        raise EqcError(f"--tokenizer '{path}' is not a usable tokenizer: {type(exc).__name__}") from None
+    raise EqcError(f"--tokenizer '{path}' does not exist")
 
 
 def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> np.ndarray:

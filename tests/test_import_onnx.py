@@ -1,15 +1,18 @@
 """Bring your own ONNX: a graph exported at an older opset (torch.onnx writes 17-20, Optimum 14-18) is
-converted with onnx's version converter, not refused; a conversion that fails is one line naming the op."""
+converted with onnx's version converter, not refused; a conversion that fails is one line naming the op; a bare
+.onnx without a tokenizer takes one from --tokenizer."""
 from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 
 from conftest import run_eqc
+from eqcompiler.calibration.stats import CalibrationStats
 
 
 def _torch_mlp(path: pathlib.Path, opset: int) -> None:
@@ -96,3 +99,31 @@ def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, 
     ref, got = logits(built / "model.onnx"), logits(tmp_path / "w8" / "model.onnx")
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
+
+
+def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, wiki_valid, wiki_test, tmp_path):
+    """A bare model.onnx (no tokenizer beside it) is refused where text is read, naming --tokenizer; given
+    --tokenizer it calibrates (the statistics record it, so the SmoothQuant search a compile runs reads the same
+    tokens), compiles, and scores the same perplexity as the artifact the graph came from."""
+    src = tiny_artifact("llama")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in src.iterdir():
+        if f.name.startswith("model.onnx"):
+            shutil.copy(f, bare / f.name)
+    stats = tmp_path / "stats.npz"
+    refused = run_eqc("calibrate", bare / "model.onnx", "--data", wiki_valid, "--samples", "4", "--seq-len", "32",
+                      "-o", stats, check=False)
+    assert refused.returncode == 2 and "--tokenizer" in refused.stderr and not stats.exists()
+    run_eqc("calibrate", bare / "model.onnx", "--data", wiki_valid, "--samples", "4", "--seq-len", "32", "-o", stats,
+            "--tokenizer", src / "tokenizer.json")
+    assert CalibrationStats.load(stats).meta["data"]["tokenizer"] == str((src / "tokenizer.json").resolve())
+    run_eqc("compile", bare / "model.onnx", "--recipe", "w8a8-dynamic", "--calib", stats, "-o", tmp_path / "q")
+    scores = {}
+    for name, model, extra in (("source", src, []), ("bare", bare / "model.onnx", ["--tokenizer", src]),
+                               ("compiled", tmp_path / "q", ["--tokenizer", src])):
+        proc = run_eqc("eval", model, "--ppl", wiki_test, "--max-tokens", "256", "--window", "64", "--no-latency",
+                       "--json", *extra)
+        scores[name] = json.loads(proc.stdout)["ppl"]
+    assert scores["bare"] == pytest.approx(scores["source"], rel=1e-6)
+    assert scores["compiled"] == pytest.approx(scores["source"], rel=0.05) and scores["compiled"] != scores["source"]

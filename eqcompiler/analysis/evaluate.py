@@ -24,13 +24,14 @@ def _log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path, max_tokens: int = 16384,
                window: int = 512, threads: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None,
+               tokenizer: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Perplexity over consecutive non-overlapping windows; each window scores tokens 2..window."""
     art = art_mod.resolve_artifact(model)
     if art.task != "causal-lm":
         raise EqcError(f"perplexity needs a causal LM; '{model}' is a {art.task} model")
     text, sha = read_text(text_path)
-    ids = tokenize(load_tokenizer(art.folder), text, max_tokens=max_tokens)
+    ids = tokenize(load_tokenizer(art.folder, tokenizer), text, max_tokens=max_tokens)
     session = make_session(art_mod.model_file(art), threads=threads)
     result = score_windows(ids, window, lambda win: session.run(["logits"], causal_feed(session, win))[0][0], progress)
     return {**result, "text": {"path": str(text_path), "sha256": sha}}

@@ -30,7 +30,8 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
     content, _ = read_text(data)
     causal = art.task == "causal-lm"
-    ids, _ = calibration_ids(load_tokenizer(art.folder), content, seq_len, count, causal)
+    tokenizer = load_tokenizer(art.folder, (stats_meta.get("data") or {}).get("tokenizer"))  # calibration's own
+    ids, _ = calibration_ids(tokenizer, content, seq_len, count, causal)
     session = instrumented_session(art_mod.model_file(art), names)
     available = {o.name for o in session.get_outputs()}
     missing = [n for n in names if n not in available]

@@ -96,7 +96,8 @@ class Calibrator:
 
     def __init__(self, model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
                  observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
-                 skip_nonfinite: bool = False, threads: int | None = None, stream_layers: bool | None = False) -> None:
+                 skip_nonfinite: bool = False, threads: int | None = None, stream_layers: bool | None = False,
+                 tokenizer: str | pathlib.Path | None = None) -> None:
         check_options(samples, seq_len, decode_steps)
         self.art = art_mod.resolve_artifact(model)
         self.model_path = art_mod.model_file(self.art)
@@ -111,8 +112,10 @@ class Calibrator:
         self.linear_inputs = observed_tensors(self.model_path)  # the model is checked first, then the text
         text, self.text_sha = read_text(text_path)
         check_positions(self.art.folder, seq_len, decode_steps)  # before tokenizing and any session
-        tokenizer = load_tokenizer(self.art.folder)
-        self.ids, self.frame = calibration_ids(tokenizer, text, seq_len, samples, self.causal, extra=decode_steps)
+        # An explicit tokenizer is recorded (absolute) so that the searches a compile runs read the same tokens.
+        self.tokenizer = str(pathlib.Path(tokenizer).resolve()) if tokenizer is not None else None
+        self.ids, self.frame = calibration_ids(load_tokenizer(self.art.folder, self.tokenizer), text, seq_len, samples,
+                                               self.causal, extra=decode_steps)
         # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
         available = (len(self.ids) - decode_steps) // seq_len
         if available < 1:
@@ -238,7 +241,8 @@ class Calibrator:
             "model_fingerprint": self.fingerprint,
             "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
                      "seq_len": self.seq_len, "decode_steps": self.decode_steps,
-                     "special_tokens": [list(map(int, self.frame[0])), list(map(int, self.frame[1]))]},
+                     "special_tokens": [list(map(int, self.frame[0])), list(map(int, self.frame[1]))],
+                     **({"tokenizer": self.tokenizer} if self.tokenizer else {})},
             "observers": list(self.observers),
             "stream_layers": self.stream_layers,  # (not why: that depends on free memory, the file must not)
             **more,
@@ -249,14 +253,14 @@ def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples:
               out: pathlib.Path | None = None, overwrite: bool = True, skip_nonfinite: bool = False,
               progress: Progress | None = None, threads: int | None = None,
               observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
-              stream_layers: bool | None = False) -> CalibrationStats:
+              stream_layers: bool | None = False, tokenizer: str | pathlib.Path | None = None) -> CalibrationStats:
     """Compute statistics over `samples` windows of `seq_len` tokens in this process; write them to `out` if given.
 
     stream_layers: True runs one decoder layer at a time (bounded memory), None decides by model size.
     Progress then counts stages, not windows.
     """
     cal = Calibrator(model, text_path, samples, seq_len, observers=observers, decode_steps=decode_steps,
-                     skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
+                     skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers, tokenizer=tokenizer)
     stats = cal.run(range(cal.n_windows), progress=progress)
     result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
     if out is not None:

@@ -284,15 +284,21 @@ def launch_local(workers: int, rank_args: Sequence[str], summary: bool = True,
 
 
 def _watch(procs: list[subprocess.Popen], poll_s: float = 0.1) -> tuple[int, int] | None:
-    """Wait for all ranks; return (rank, exit code) of the first one that fails, or None."""
+    """Wait for all ranks; return (rank, exit code) of the first one that fails, or None.
+
+    A rank whose peer died fails too, a moment later, with exit code 1 (gloo's read error): when one sweep
+    finds several failed ranks, the one that failed otherwise is the cause and is the one named."""
     while True:
         running = False
+        failed: list[tuple[int, int]] = []
         for rank, p in enumerate(procs):
             code = p.poll()
             if code is None:
                 running = True
             elif code != 0:
-                return rank, code
+                failed.append((rank, code))
+        if failed:
+            return min(failed, key=lambda rank_code: (rank_code[1] == 1, rank_code[0]))
         if not running:
             return None
         time.sleep(poll_s)

@@ -25,7 +25,7 @@ from eqcompiler.errors import EqcError
 
 def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
              skip_nonfinite: bool, observers: str, decode_steps: int, threads: int | None,
-             stream_layers: bool = False) -> dict | None:
+             stream_layers: bool = False, tokenizer: str | None = None) -> dict | None:
     """Calibrate this rank's shard, merge with the others; rank 0 writes `out` and returns the summary."""
     import torch
     import torch.distributed as dist
@@ -44,7 +44,7 @@ def run_rank(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pat
         threads = threads or threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         torch.set_num_threads(threads)
         cal = Calibrator(model, text, samples, seq_len, observers=observers, decode_steps=decode_steps,
-                         skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers)
+                         skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers, tokenizer=tokenizer)
         identity = {"model_fingerprint": cal.fingerprint, "data_sha256": cal.text_sha, "windows": cal.n_windows,
                     "seq_len": seq_len, "decode_steps": decode_steps, "observers": list(cal.observers),
                     "stream_layers": bool(cal.stream_layers), "skip_nonfinite": skip_nonfinite}
@@ -129,14 +129,16 @@ def _exit_now(message: str, code: int) -> None:
 @click.option("--decode-steps", default=0, show_default=True, help="Decode steps after each prefill window.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads per rank (default: cores // local ranks).")
 @click.option("--stream-layers", is_flag=True, help="Each rank runs its windows one decoder layer at a time.")
+@click.option("--tokenizer", default=None, help="See `eqc calibrate --help`.")
 @click.option("--json", "as_json", is_flag=True, help="Rank 0 prints the summary as JSON.")
 def main(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool, skip_nonfinite: bool,
-         observers: str, decode_steps: int, threads: int | None, stream_layers: bool, as_json: bool) -> None:
+         observers: str, decode_steps: int, threads: int | None, stream_layers: bool, tokenizer: str | None,
+         as_json: bool) -> None:
     """Calibrate MODEL as one rank of a torch.distributed group (torchrun or `eqc calibrate --workers`)."""
     rank = os.environ.get("RANK", "?")
     try:
         summary = run_rank(model, text, samples, seq_len, out, overwrite, skip_nonfinite, observers, decode_steps, threads,
-                           stream_layers)
+                           stream_layers, tokenizer)
     except EqcError as exc:
         _exit_now(f"error: rank {rank}: {exc}", exc.exit_code)
     except Exception as exc:  # a collective failing because a peer died lands here

@@ -139,7 +139,8 @@ def heldout_tokens(step: Any, count: int | None = None) -> tuple[np.ndarray, int
     if count < 1:
         raise EqcError(f"ppl windows must be >= 1, got {count}")
     skip = int(data.get("samples", 0)) * window + int(data.get("decode_steps", 0))
-    ids = tokenize(load_tokenizer(pathlib.Path(source)), text, max_tokens=skip + count * window)[skip:]
+    ids = tokenize(load_tokenizer(pathlib.Path(source), data.get("tokenizer")), text,
+                   max_tokens=skip + count * window)[skip:]
     if len(ids) < count * window:
         raise EqcError(f"calibration text '{data['path']}' has {len(ids)} tokens after the {skip} calibration "
                        f"used; {count} held-out windows of {window} are needed (lower --ppl-windows/kl_windows)")

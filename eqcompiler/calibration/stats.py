@@ -198,7 +198,8 @@ def _check_header(p: pathlib.Path, header: dict[str, Any], arrays: dict[str, np.
     if data is not None:
         if not isinstance(data, dict):
             raise bad("header 'data' is not an object")
-        for key, kind in (("path", str), ("sha256", str), ("samples", int), ("seq_len", int), ("decode_steps", int)):
+        for key, kind in (("path", str), ("sha256", str), ("samples", int), ("seq_len", int), ("decode_steps", int),
+                          ("tokenizer", str)):
             value = data.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
                                       or (kind is int and value < 0)):
