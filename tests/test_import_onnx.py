@@ -104,7 +104,8 @@ def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, 
 def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, wiki_valid, wiki_test, tmp_path):
     """A bare model.onnx (no tokenizer beside it) is refused where text is read, naming --tokenizer; given
     --tokenizer it calibrates (the statistics record it, so the SmoothQuant search a compile runs reads the same
-    tokens), compiles, and scores the same perplexity as the artifact the graph came from."""
+    tokens), compiles into an artifact that carries that tokenizer, and scores the same perplexity as the artifact
+    the graph came from."""
     src = tiny_artifact("llama")
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -120,8 +121,10 @@ def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, 
     assert CalibrationStats.load(stats).meta["data"]["tokenizer"] == str((src / "tokenizer.json").resolve())
     run_eqc("compile", bare / "model.onnx", "--recipe", "w8a8-dynamic", "--calib", stats, "-o", tmp_path / "q")
     scores = {}
+    # The compiled artifact carries the tokenizer its statistics recorded: it scores without --tokenizer.
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     for name, model, extra in (("source", src, []), ("bare", bare / "model.onnx", ["--tokenizer", src]),
-                               ("compiled", tmp_path / "q", ["--tokenizer", src])):
+                               ("compiled", tmp_path / "q", [])):
         proc = run_eqc("eval", model, "--ppl", wiki_test, "--max-tokens", "256", "--window", "64", "--no-latency",
                        "--json", *extra)
         scores[name] = json.loads(proc.stdout)["ppl"]

@@ -197,13 +197,32 @@ def _check_carried(path: pathlib.Path, info: os.stat_result) -> None:
                        "tokenizer or config file")
 
 
-def copy_carried_files(src: pathlib.Path, dst: pathlib.Path) -> None:
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def carry_tokenizer(tokenizer: pathlib.Path, dst: pathlib.Path) -> None:
+    """Give an artifact compiled from a bare .onnx the tokenizer its statistics were made with (`--tokenizer`):
+    a folder's tokenizer files (not its model config, which describes another graph), or a tokenizer.json with the
+    one-line tokenizer_config.json transformers needs to load it."""
+    if tokenizer.is_dir():
+        copy_carried_files(tokenizer, dst, skip=MODEL_CONFIG_FILES)
+        return
+    if not tokenizer.exists():
+        raise EqcError(f"the tokenizer the statistics were made with ('{tokenizer}') no longer exists; recalibrate "
+                       "with --tokenizer")
+    info = tokenizer.lstat()
+    _check_carried(tokenizer, info)
+    (dst / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    (dst / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}\n')
+
+
+def copy_carried_files(src: pathlib.Path, dst: pathlib.Path, skip: tuple[str, ...] = ()) -> None:
     """Copy the tokenizer/config files (CARRIED_FILES only) from one artifact to the next.
 
     Each is opened without following a symbolic link (O_NOFOLLOW) and checked again on the open
     descriptor, so a file swapped for a link after carried_files() looked at it is refused too.
     """
-    for name in carried_files(src):
+    for name in (n for n in carried_files(src) if n not in skip):
         path = pathlib.Path(src) / name
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
