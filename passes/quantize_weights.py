@@ -207,7 +207,7 @@ def _group_gathers(gathers: list[ir.Node]) -> dict[int, list[ir.Node]]:
 
 
 def _gather_name(node: ir.Node) -> str:
-    from eqcompiler.compile.graph import node_order, layer_name
+    from eqcompiler.compile.graph import layer_name
 
     return layer_name(node)
 

@@ -19,7 +19,6 @@ chooses it when the weights exceed layer_stream.AUTO_FRACTION of the available m
 """
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
