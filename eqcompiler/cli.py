@@ -256,6 +256,9 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--sensitivity", default=None, type=click.Choice(["proxy", "kl"]),
               help="Recipe mixed, --budget: rank layers by the Gram proxy (default) or by measured logits KL "
                    "(one ORT forward per layer and precision on held-out calibration text; cached).")
+@click.option("--sensitivity-cache", "sensitivity_cache", default=None, metavar="DIR",
+              help="Recipe mixed, --sensitivity kl: the folder that caches measured KL tables "
+                   "(default ~/.cache/eqc/sensitivity).")
 @click.option("--solver", default=None, type=click.Choice(["dp", "greedy", "grid", "entropy"]),
               help="Recipe mixed, --budget: dp (exact knapsack, default), greedy, grid (tiny models), "
                    "entropy (more bits to layers whose weights have higher entropy).")
@@ -267,7 +270,7 @@ def _streamed(summary: dict[str, Any]) -> str:
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
                 reduce_range: bool | None, cpu: str | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
                 ppl_windows: int | None,
-                sensitivity: str | None, solver: str | None,
+                sensitivity: str | None, sensitivity_cache: str | None, solver: str | None,
                 plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.compile.request import CompileRequest, KvCacheRequest, PrecisionRequest, run
@@ -277,7 +280,8 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
         reduce_range=reduce_range, uint8_encoding=uint8_encoding, cpu=cpu,
         kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
         precision=PrecisionRequest(budget=budget, plan_file=plan_file, save_plan_file=save_plan_file,
-                                   ppl_windows=ppl_windows, sensitivity=sensitivity, solver=solver))
+                                   ppl_windows=ppl_windows, sensitivity=sensitivity, solver=solver,
+                                   sensitivity_cache=sensitivity_cache))
     result = run(request)
 
     def lines(r: dict[str, Any]) -> list[str]:

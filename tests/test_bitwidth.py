@@ -665,3 +665,20 @@ def test_cli_kl_sensitivity_and_entropy_solver(tiny_artifact, tiny_llama_stats, 
     proc = run_eqc("compile", art, "--recipe", recipe, "--calib", tiny_llama_stats, "--budget", "6bits",
                    "-o", tmp_path / "y", check=False)
     assert proc.returncode == 2 and "drop w8a8" in proc.stderr, proc.stderr
+
+
+def test_cli_sensitivity_cache_folder(tiny_artifact, tiny_llama_stats, tmp_path: pathlib.Path) -> None:
+    """--sensitivity-cache DIR: a folder the user names on the command line (a recipe may only name the user
+    cache) holds the measured KL table, and a second compile with another budget reads it instead of measuring."""
+    art, cache = tiny_artifact("llama"), tmp_path / "my-kl-cache"
+    plans = []
+    for budget in ("6bits", "5bits"):
+        proc = run_eqc("compile", art, "--recipe", "mixed", "--calib", tiny_llama_stats, "--budget", budget,
+                       "--sensitivity", "kl", "--sensitivity-cache", cache, "-o", tmp_path / budget, "--json")
+        plans.append(json.loads(proc.stdout)["report"]["apply_precision_plan"]["plan"]["sensitivity"])
+    assert len(list(cache.glob("kl-*.json"))) == 1
+    assert plans[0]["cached"] is False and plans[1]["cached"] is True and plans[1]["cache"].startswith(str(cache))
+    proc = run_eqc("compile", art, "--recipe", "mixed", "--calib", tiny_llama_stats, "--budget", "6bits",
+                   "--sensitivity-cache", cache, "-o", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "--sensitivity-cache goes with --sensitivity kl" in proc.stderr
+    assert not (tmp_path / "x").exists()

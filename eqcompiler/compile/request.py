@@ -30,6 +30,7 @@ class PrecisionRequest:
     ppl_windows: int | None = None
     sensitivity: str | None = None  # proxy | kl
     solver: str | None = None  # dp | greedy | grid | entropy
+    sensitivity_cache: str | None = None  # --sensitivity-cache: a folder the user chose for the KL table cache
 
     def given(self) -> bool:
         """A budget or a plan was asked for (the flags that need recipe mixed)."""
@@ -99,6 +100,16 @@ def _precision_overrides(recipe: str, request: PrecisionRequest) -> dict[str, An
             if request.budget is None:
                 raise EqcError(f"--{key} goes with --budget (recipe mixed)")
             overrides[key] = value
+    if request.sensitivity_cache is not None:
+        if request.sensitivity != "kl":
+            raise EqcError("--sensitivity-cache goes with --sensitivity kl")
+        from eqcompiler.calibration.sensitivity import grant_cache_folder
+
+        folder = pathlib.Path(request.sensitivity_cache)
+        if folder.exists() and not folder.is_dir():
+            raise EqcError(f"--sensitivity-cache '{folder}' is not a folder")
+        grant_cache_folder(folder)  # the user named it on the command line (a recipe may only name the user cache)
+        overrides["sensitivity_cache"] = str(folder)
     return overrides
 
 
