@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from eqcompiler.compile import bitwidth as bw
 from eqcompiler.calibration import sensitivity as sens
-from eqcompiler.calibration.precision_search import needs_model_run
+from eqcompiler.calibration.precision_search import NEEDS_STATS, needs_model_run
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order
 from eqcompiler.compile.pass_base import CompileContext, EqcPass, ObserverNeeds
@@ -152,13 +152,11 @@ class ApplyPrecisionPlanPass(EqcPass):
             self.sensitivity = {layer.name: layer for layer in searched.table}
             return searched.plan
         if self.context.stats is None:
-            raise EqcError("a --budget needs calibration statistics: with the 'gram' observer (`eqc calibrate "
-                           "--observers minmax,gram`) for the proxy, or any statistics of `eqc calibrate` for "
-                           "sensitivity kl (their calibration text gives the held-out windows); pass --calib STATS")
+            raise EqcError(NEEDS_STATS)
         parsed = bw.parse_budget(budget)
         table = self.proxy_table(by_name, bw.parse_choices(self.options.choices))
         self.sensitivity = {layer.name: layer for layer in table}
-        plan = bw.make_plan(table, parsed, self.solver(), self.fixed_bytes(model, by_name) if parsed.kind == "bytes" else 0)
+        plan = self.solve(model, by_name, table, parsed)
         plan["sensitivity"] = {"method": "proxy"}
         return plan
 
@@ -178,8 +176,12 @@ class ApplyPrecisionPlanPass(EqcPass):
         k, n = (int(d) for d in site_matrix(group[0]).shape)
         return k * n, [bw.stored_bytes(c, k, n) for c in choices], sens.weight_entropy(_checked_weight(group[0].weight))
 
-    def fixed_bytes(self, model: ir.Model, by_name: dict[str, list[LinearSite]]) -> int:
-        return _fixed_bytes(model.graph, by_name)
+    def solve(self, model: ir.Model, by_name: dict[str, list[LinearSite]], table: list[bw.Layer],
+              budget: bw.Budget) -> dict[str, Any]:
+        """The plan a bits or bytes budget gives from a sensitivity table (a bytes budget counts what no plan
+        chooses: embedding tables and other initializers)."""
+        fixed = _fixed_bytes(model.graph, by_name) if budget.kind == "bytes" else 0
+        return bw.make_plan(table, budget, self.solver(), fixed)
 
     def apply_probe(self, model: ir.Model, plan: dict[str, Any]) -> None:
         """Apply a candidate plan to `model` for a perplexity probe, sharing this pass's quantized weights."""

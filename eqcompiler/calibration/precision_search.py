@@ -22,6 +22,12 @@ from eqcompiler.compile.qdq import quantize_site_weight
 from eqcompiler.errors import EqcError
 
 
+# Said by this search and by apply_precision_plan's own (proxy) budget alike.
+NEEDS_STATS = ("a --budget needs calibration statistics: with the 'gram' observer (`eqc calibrate --observers "
+               "minmax,gram`) for the proxy, or any statistics of `eqc calibrate` for sensitivity kl (their "
+               "calibration text gives the held-out windows); pass --calib STATS")
+
+
 @dataclasses.dataclass
 class PrecisionSearch:
     """What apply_precision_plan applies instead of solving a budget itself."""
@@ -43,9 +49,7 @@ def search_precision(model: ir.Model, step: Any) -> PrecisionSearch:
     """Solve the budget of the apply_precision_plan pass `step` on `model` (the graph it will see)."""
     options, context = step.options, step.context
     if context.stats is None:
-        raise EqcError("a --budget needs calibration statistics: with the 'gram' observer (`eqc calibrate "
-                       "--observers minmax,gram`) for the proxy, or any statistics of `eqc calibrate` for "
-                       "sensitivity kl (their calibration text gives the held-out windows); pass --calib STATS")
+        raise EqcError(NEEDS_STATS)
     by_name = step.layer_groups(model)
     budget = bw.parse_budget(options.budget)
     choices = bw.parse_choices(options.choices)
@@ -57,7 +61,7 @@ def search_precision(model: ir.Model, step: Any) -> PrecisionSearch:
     if budget.kind == "ppl":
         plan = search_ppl(model, table, budget, step)
     else:
-        plan = bw.make_plan(table, budget, step.solver(), step.fixed_bytes(model, by_name) if budget.kind == "bytes" else 0)
+        plan = step.solve(model, by_name, table, budget)
     plan["sensitivity"] = {"method": options.sensitivity, **(kl_info or {})}
     return PrecisionSearch(plan, table, str(options.sensitivity), kl_info)
 
