@@ -19,17 +19,24 @@ def run_model_searches(model: ir.Model, recipe: dict[str, Any], passes: list[Any
     """Run the searches `recipe`'s steps need on `model` (not changed); `passes` are the compile's pass instances
     in recipe order. Returns what was searched."""
     from eqcompiler.calibration.precision_search import needs_model_run, search_precision
-    from eqcompiler.calibration.smoothing_search import search_smoothing_step
 
     steps = list(recipe["passes"])
-    done: list[str] = []
+    done: list[str] = run_smoothing_searches(model, recipe, context) if context.stats is not None else []
     for i, step in enumerate(steps):
-        if step["pass"] == "smooth_quant" and context.stats is not None:
-            done += search_smoothing_step(model, steps, i, context)
-        elif step["pass"] == "apply_precision_plan" and needs_model_run(passes[i].options):
+        if step["pass"] == "apply_precision_plan" and needs_model_run(passes[i].options):
             context.precision_search = search_precision(graph_before_step(model, steps, i, context), passes[i])
             done.append("apply_precision_plan")
     return done
+
+
+def run_smoothing_searches(model: ir.Model, recipe: dict[str, Any], context: Any) -> list[str]:
+    """The alpha search of every smooth_quant step of `recipe` that needs one, stored in context.stats (what
+    `eqc calibrate --for` saves); returns the keys searched."""
+    from eqcompiler.calibration.smoothing_search import search_smoothing_step
+
+    steps = list(recipe["passes"])
+    return [key for i, step in enumerate(steps) if step["pass"] == "smooth_quant"
+            for key in search_smoothing_step(model, steps, i, context)]
 
 
 def graph_before_step(model: ir.Model, steps: list[dict[str, Any]], index: int, context: Any) -> ir.Model:

@@ -179,7 +179,7 @@ def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], t
 def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, recipe_names: list[str]) -> list[str]:
     """Run the model searches the recipes' passes need (SmoothQuant's alpha search) on the statistics in
     `stats_path` and save them there, so a compile from them runs no model; returns the keys stored."""
-    from eqcompiler.calibration.smoothing_search import search_smoothing_step
+    from eqcompiler.calibration.model_runs import run_smoothing_searches
 
     art = art_mod.resolve_artifact(model)
     stats = CalibrationStats.load(stats_path)
@@ -187,10 +187,7 @@ def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, re
     stored: list[str] = []
     for name in recipe_names:
         recipe = load_recipe(name)
-        steps = list(recipe["passes"])
-        for i, step in enumerate(steps):
-            if step["pass"] == "smooth_quant":
-                stored += search_smoothing_step(ir_model, steps, i, _context(art, stats, recipe, "portable"))
+        stored += run_smoothing_searches(ir_model, recipe, _context(art, stats, recipe, "portable"))
     if stored:
         stats.save(stats_path, overwrite=True)
     return stored
