@@ -134,3 +134,6 @@ class LowerWeightOnlyInt8Pass(EqcPass):
             zp128 = new_initializer(graph, f"{packed.name}_row_zero_point", np.full(int(n), 128, np.uint8))
             gather.replace_input_with(0, rows_view)
             zp_gather.replace_input_with(0, zp128)
+            for value in (gather.outputs[0], zp_gather.outputs[0], zp_src.outputs[0]):  # rows and zero points: uint8 now
+                if value.dtype is not None:
+                    value.dtype = ir.DataType.UINT8

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import WIKI_VALID, run_eqc
+from eqcompiler.lowering.targets import ORT_CPU_OPTIONS
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "gpt2"]
 SLIDING = ["mistral", "gemma2", "gemma3_text"]  # sliding window TINY_SLIDING_WINDOW (5) < the prompts below
@@ -45,12 +46,16 @@ PPL_TOKENS, PPL_WINDOW = 512, 64
 # - max |logits - fp32| / max |fp32 logits| on a prompt: w8 <= 0.1 (measured 0.020-0.040), w4-rtn <= 0.75
 #   (measured 0.21-0.49); a flat or zeroed artifact scores 1.0 here, so these catch what perplexity alone may not;
 # - ort-cpu vs portable, same arithmetic (w8: portable with float QDQ compute, as eqc's Int8WeightGemm computes;
-#   w4: both through MatMulNBits at accuracy level 4): <= 1e-4 (measured <= 1e-6);
+#   w4: both through MatMulNBits at accuracy level 4, the portable one with only its int8 lm_head lowered as
+#   ort-cpu lowers it, so the fusions and packing are what is compared): <= 1e-4 (measured <= 1e-6; w4 on
+#   gemma2/gemma3 3e-5..6e-5, where the lm_head's int8 rounding of its input amplifies the fused norm's float
+#   differences: w4 gets 5e-4);
 # - ort-cpu vs portable as each runs by default (ORT rewrites the portable w8 graph to int8-activation
-#   MatMulNBits): <= 0.06 (measured w8 0.013-0.023, w4 < 1e-6).
+#   MatMulNBits; ort-cpu runs w4's int8 lm_head with int8 activations too): <= 0.06 (measured w8 0.013-0.023,
+#   w4 0.005-0.007 where the lm_head is tied, < 1e-6 where not).
 PPL_BOUND = {"w8": 0.02, "w4-rtn": 0.10}
 LOGITS_VS_FP32 = {"w8": 0.1, "w4-rtn": 0.75}
-LOWERED_SAME_ARITHMETIC = 1e-4
+LOWERED_SAME_ARITHMETIC = {"w8": 1e-4, "w4-rtn": 5e-4}
 LOWERED_AS_SHIPPED = 0.06
 PROMPT = np.random.default_rng(1).integers(4, 500, (2, 12))  # 12 tokens > the sliding window
 FLOAT_QDQ = "session.qdq_matmulnbits_accuracy_level=0"
@@ -63,6 +68,7 @@ class Built:
     fp32: pathlib.Path
     portable: dict[str, pathlib.Path]
     lowered: dict[str, pathlib.Path]
+    lm_head_lowered: pathlib.Path  # portable w4-rtn with only the int8 lm_head lowered as ort-cpu lowers it
 
     def manifest(self, folder: pathlib.Path) -> dict[str, Any]:
         return json.loads((folder / "manifest.json").read_text())
@@ -85,7 +91,10 @@ def built(request, tmp_path_factory: pytest.TempPathFactory) -> Built:
         compile_model(root / "fp32", recipe, portable[recipe])
         lowered[recipe] = root / f"{recipe}-ort-cpu"
         compile_model(root / "fp32", recipe, lowered[recipe], target="ort-cpu")
-    return Built(family, hf, root / "fp32", portable, lowered)
+    lm_head_lowered = root / "w4-rtn-lm-head"
+    compile_model(portable["w4-rtn"], "none", lm_head_lowered,
+                  extra_steps=[{"pass": "lower_weight_only_int8", "options": ORT_CPU_OPTIONS["lower_weight_only_int8"]}])
+    return Built(family, hf, root / "fp32", portable, lowered, lm_head_lowered)
 
 
 @contextlib.contextmanager
@@ -164,8 +173,8 @@ def test_quantized_perplexity_and_logits(built: Built) -> None:
 def test_ort_cpu_lowering_matches_portable(built: Built, recipe: str) -> None:
     lowered, portable = built.lowered[recipe], built.portable[recipe]
     got = logits(lowered)
-    same_arithmetic = logits(portable, config=FLOAT_QDQ if recipe == "w8" else None)
-    assert rel_err(got, same_arithmetic) <= LOWERED_SAME_ARITHMETIC, (built.family, recipe)
+    same_arithmetic = logits(portable, config=FLOAT_QDQ) if recipe == "w8" else logits(built.lm_head_lowered)
+    assert rel_err(got, same_arithmetic) <= LOWERED_SAME_ARITHMETIC[recipe], (built.family, recipe)
     assert rel_err(got, logits(portable)) <= LOWERED_AS_SHIPPED, (built.family, recipe)
 
     manifest = built.manifest(lowered)
@@ -204,7 +213,7 @@ def test_sliding_window_matches_transformers(built: Built) -> None:
     assert rel_err(incremental_logits(built.fp32, ids, prefill=8), want) < 1e-5
     # the ort-cpu graph (fused attention for mistral: the window travels in GroupQueryAttention's attention_bias)
     lowered = incremental_logits(built.lowered["w4-rtn"], ids, prefill=8)
-    assert rel_err(lowered, incremental_logits(built.portable["w4-rtn"], ids, prefill=8)) <= LOWERED_SAME_ARITHMETIC
+    assert rel_err(lowered, incremental_logits(built.lm_head_lowered, ids, prefill=8)) <= LOWERED_SAME_ARITHMETIC["w4-rtn"]
 
 
 # --- the task, from the config alone (no weights) ---

@@ -153,6 +153,7 @@ def test_graph_without_attention_mask_is_left_alone(llama, tmp_path):
 def test_packed_projections_give_the_unpacked_numbers(llama, recipe, tmp_path):
     """q/k/v and gate/up packed into one MatMulNBits (4-bit) or one MatMul (float): same logits."""
     from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.lowering.targets import ORT_CPU_OPTIONS
     from eqcompiler.runtime.session import causal_feed, make_session
 
     portable = tmp_path / "portable"
@@ -164,8 +165,7 @@ def test_packed_projections_give_the_unpacked_numbers(llama, recipe, tmp_path):
     model = ir.load(portable / "model.onnx")
     context = CompileContext(max_positions=128)
     for name in lowering:
-        options = {"accuracy_level": 4} if name == "lower_matmul_nbits" else {}
-        make_pass(name, context, options)(model)
+        make_pass(name, context, dict(ORT_CPU_OPTIONS.get(name, {})))(model)
     (tmp_path / "unpacked").mkdir()
     ir.save(model, tmp_path / "unpacked" / "model.onnx", external_data="model.onnx.data")
     kind = "MatMulNBits" if recipe == "w4-rtn" else "MatMul"

@@ -212,6 +212,33 @@ def test_w8_ort_cpu_lowers_to_matmul_nbits_with_qdq_numerics(tiny_artifact, tmp_
     assert abs(size(tmp_path / "ort") - size(tmp_path / "qdq")) < 0.03 * size(tmp_path / "qdq")
 
 
+def test_w4_ort_cpu_runs_its_int8_lm_head_on_matmul_nbits_without_eqc_ops(tiny_artifact, tmp_path, monkeypatch):
+    """A 4-bit recipe's layers run with int8 activations (MatMulNBits accuracy level 4), so its int8 tied
+    lm_head does too, on ORT's own kernel: no eqc op library is needed to compile or to run the artifact."""
+    from eqcompiler.compile.pipeline import compile_model
+
+    monkeypatch.setenv("EQC_OPS_LIB", str(tmp_path / "missing.so"))  # no library anywhere
+    src = tiny_artifact("llama")
+    compile_model(src, "w4-rtn", tmp_path / "qdq")
+    cpu = compile_model(src, "w4-rtn", tmp_path / "cpu", target="ort-cpu")
+    passes = [p["pass"] for p in cpu["quantization"]["passes"]]
+    assert passes[-3:] == ["lower_matmul_nbits", "lower_weight_only_int8", "pack_parallel_projections"]
+    assert "runtime_requirements" not in cpu or not cpu["runtime_requirements"]
+    assert cpu["quantization"]["report"]["lower_weight_only_int8"]["lowered"] == 1  # the tied lm_head
+    model = onnx.load(str(tmp_path / "cpu" / "model.onnx"), load_external_data=False)
+    nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {(a["bits"], a["accuracy_level"]) for a in nbits} == {(4, 4), (8, 4)}
+    assert not [n for n in model.graph.node if n.domain == "ai.eqc"]
+    ids = np.arange(5, 5 + 40, dtype=np.int64)[None, :] % 500
+    a, b = _logits(tmp_path / "qdq", ids), _logits(tmp_path / "cpu", ids)
+    err = np.abs(a - b).max() / np.abs(a).max()
+    assert 0 < err < 0.03, err  # the lm_head's int8 activations (measured 0.005-0.007 on the tiny families)
+    # the embedding rows are read from the lm_head's packed table: the 512-row table is stored once
+    tables = [t.name for t in model.graph.initializer if list(t.dims[:1]) == [512] and len(t.dims) == 3]
+    assert tables == ["model.model.embed_tokens.weight_nbits"], tables
+
+
 def test_ort_cuda_lowers_per_token_w8a8_to_the_fused_op(tiny_artifact, tiny_llama_stats, tmp_path):
     """--target ort-cuda: every per-token W8A8 linear becomes ai.eqc::FusedInt8Gemm; the manifest names
     the CUDA provider and library; the graph runs (CPU kernel of the same op) with the QDQ numerics."""

@@ -14,9 +14,16 @@
       the compile is refused, exit 4, naming `make ops`)
     * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
     * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
-    * per-channel int8 weight-only (w8; the tied lm_head/embedding table of every recipe that keeps it int8)
-      -> ai.eqc::Int8WeightGemm (float math on int8 weights; passes/lower_int8_weight_gemm.py). MatMulNBits
-      bits=8 (lower_weight_only_int8) was slower than QDQ; refused like FusedInt8Gemm without the library
+    * per-channel int8 weight-only beside blocked 4-bit layers (the tied lm_head/embedding table of w4-*)
+      -> com.microsoft::MatMulNBits bits=8 at accuracy level 4 (passes/lower_weight_only_int8.py): the
+      recipe's 4-bit layers already run with int8 activations (level 4), and the 49152x576 lm_head, the
+      largest single GEMM per decode step, is then an int8 dot product too: SmolLM2 w4-gptq decodes 1.25x
+      faster through onnxruntime-genai (97.3 -> 121.8 tok/s, ppl +19.27% -> +19.44%;
+      tools/results/vs_genai_lm_head.md), and the artifact needs no eqc op library
+    * per-channel int8 weight-only otherwise (w8; the tied table of w8a8-*)
+      -> ai.eqc::Int8WeightGemm (float math on int8 weights, the QDQ graph's numerics;
+      passes/lower_int8_weight_gemm.py). MatMulNBits bits=8 at accuracy level 0 was slower than QDQ;
+      refused like FusedInt8Gemm without the library
   Last, projections that read the same input (q/k/v, gate/up) are packed into one GEMM
   (passes/pack_parallel_projections.py).
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
@@ -35,14 +42,12 @@ TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda")
 # Transformer-block fusions for ort-cpu, run first (they need ONNX shape inference, so standard ops only).
 ORT_CPU_FUSIONS = ("fuse_skip_rms_norm", "fuse_group_query_attention")
 # Lowering passes for ort-cpu in preference order (see module docstring).
-ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits", "lower_int8_weight_gemm")
+ORT_CPU_LOWERINGS = ("lower_fused_int8_gemm", "lower_qdq_to_ort_int8", "lower_matmul_nbits", "lower_weight_only_int8",
+                     "lower_int8_weight_gemm")
 # MatMulNBits at accuracy level 4: ORT quantizes the activations to int8 per block and runs integer dot
 # products (AVX2 / AVX-512 VNNI); on a CPU without them it falls back to float compute by itself.
-ORT_CPU_OPTIONS = {"lower_matmul_nbits": {"accuracy_level": 4}}
+ORT_CPU_OPTIONS = {"lower_matmul_nbits": {"accuracy_level": 4}, "lower_weight_only_int8": {"accuracy_level": 4}}
 EQC_LIBRARY_LOWERINGS = {"lower_fused_int8_gemm": "per-token W8A8 layers", "lower_int8_weight_gemm": "int8 weight-only layers"}
-# Not scheduled: lower_weight_only_int8 (per-channel int8 -> MatMulNBits bits=8, exact numerics) measured
-# 6x slower than the QDQ graph at decode on ORT 1.32 (accuracy_level 0 takes a float32 path), see speed.md;
-# it stays available to recipes and `extra_steps`.
 
 
 def _require_eqc_library(what: str) -> None:
@@ -61,7 +66,7 @@ def _require_eqc_library(what: str) -> None:
 def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
     """Which ort-cpu lowerings a recipe's output can use (lowering passes refuse graphs they cannot match)."""
     if recipe is None:
-        return set(ORT_CPU_LOWERINGS)
+        return set(ORT_CPU_LOWERINGS) - {"lower_weight_only_int8"}
     needs: set[str] = set()
     for step in recipe.get("passes", []):
         name, opts = step.get("pass"), step.get("options", {}) or {}
@@ -73,6 +78,9 @@ def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
             needs.add("lower_matmul_nbits")
         if name == "quantize_weights":  # per-channel int8 layers, or a tied int8 table (any block size)
             needs.add("lower_int8_weight_gemm")
+    if "lower_matmul_nbits" in needs and "lower_int8_weight_gemm" in needs:
+        # 4-bit layers run with int8 activations (accuracy level 4): the int8 ones do the same, on ORT's kernel.
+        needs = (needs - {"lower_int8_weight_gemm"}) | {"lower_weight_only_int8"}
     return needs
 
 
