@@ -288,6 +288,13 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
         out_lines = [f"compiled with recipe '{r['recipe']}' -> {out} ({r['size_bytes'] / 1e6:.1f} MB, {r['seconds']} s)"]
         out_lines += [f"warning: {w}" for w in r["warnings"]]
         out_lines += [f"hint: {h}" for h in r["hints"]]
+        kl = r["model_runs"].get("kl_sensitivity")
+        if kl:  # how this run got the KL table (the artifact records only what was measured)
+            if kl["cached"]:
+                out_lines.append(f"kl sensitivity: read from {kl['cache']}")
+            else:
+                saved = f", saved to {kl['cache']}" if kl["cache"] else " (cache off)"
+                out_lines.append(f"kl sensitivity: measured ({kl['probes']} ORT probes, {kl['measure_seconds']} s){saved}")
         if "apply_precision_plan" in r["report"]:  # recipe mixed: the per-layer table (and ppl probes)
             from eqcompiler.compile.bitwidth import plan_table
 

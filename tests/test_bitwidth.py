@@ -523,14 +523,16 @@ def test_report_has_the_plan_section(tiny_artifact, gram_stats, tmp_path: pathli
 # ---------------------------------------------------------------- measured (KL) sensitivity, entropy solver
 
 def _kl_compile(art: pathlib.Path, stats: pathlib.Path, out: pathlib.Path, cache: pathlib.Path, budget: str,
-                **extra) -> dict:
+                **extra) -> tuple[dict, dict]:
+    """The apply_precision_plan report, and how this run got its KL table (kept out of the artifact)."""
     from eqcompiler.calibration.sensitivity import grant_cache_folder
     from eqcompiler.compile.pipeline import compile_model
 
     grant_cache_folder(cache)  # a folder the caller chose (a recipe alone may only name the user cache folder)
-    manifest = compile_model(art, "mixed", out, calib=str(stats), overwrite=True,
+    facts: dict = {}
+    manifest = compile_model(art, "mixed", out, calib=str(stats), overwrite=True, run_facts=facts,
                              pass_overrides={"budget": budget, "sensitivity": "kl", "sensitivity_cache": str(cache), **extra})
-    return manifest["quantization"]["report"]["apply_precision_plan"]
+    return manifest["quantization"]["report"]["apply_precision_plan"], facts["kl_sensitivity"]
 
 
 def test_kl_sensitivity_on_tiny_llama(tiny_artifact, tiny_llama_stats, tmp_path: pathlib.Path) -> None:
@@ -538,12 +540,12 @@ def test_kl_sensitivity_on_tiny_llama(tiny_artifact, tiny_llama_stats, tmp_path:
     plan re-applies byte for byte. Needs no 'gram' observer (tiny_llama_stats has minmax only)."""
     art = tiny_artifact("llama")
     cache = tmp_path / "cache"
-    report = _kl_compile(art, tiny_llama_stats, tmp_path / "k6", cache, "6bits")
+    report, run = _kl_compile(art, tiny_llama_stats, tmp_path / "k6", cache, "6bits")
     info = report["plan"]["sensitivity"]
-    assert info["method"] == "kl" and info["cached"] is False and info["probes"] == 14 * 3
+    assert info["method"] == "kl" and info["probes"] == 14 * 3 and run["cached"] is False
     assert info["windows"] == 1 and info["tokens"] == 64  # min(kl_tokens 256, the calibration window 64)
     assert report["sensitivity"] == "kl" and 4.5 < report["average_bits"] <= 6.0
-    record = json.loads(pathlib.Path(info["cache"]).read_text())
+    record = json.loads(pathlib.Path(run["cache"]).read_text())
     assert len(record["table"]) == 14
     for name, row in record["table"].items():
         assert row["float"] == 0.0, name
@@ -552,11 +554,16 @@ def test_kl_sensitivity_on_tiny_llama(tiny_artifact, tiny_llama_stats, tmp_path:
     for name, row in by_layer.items():
         assert row["proxy"] == pytest.approx(record["table"][name][report["plan"]["layers"][name]])
     # another budget re-uses the measurement instead of redoing it
-    report5 = _kl_compile(art, tiny_llama_stats, tmp_path / "k5", cache, "5bits")
-    assert report5["plan"]["sensitivity"]["cached"] is True and report5["average_bits"] <= 5.0
+    report5, run5 = _kl_compile(art, tiny_llama_stats, tmp_path / "k5", cache, "5bits")
+    assert run5["cached"] is True and report5["average_bits"] <= 5.0
+    # measured or read from the cache, the same inputs give the same artifact (the run's facts stay out of it)
+    _, again = _kl_compile(art, tiny_llama_stats, tmp_path / "k6-cached", cache, "6bits")
+    assert again["cached"] is True
+    for name in ("manifest.json", "model.onnx", "model.onnx.data"):
+        assert (tmp_path / "k6-cached" / name).read_bytes() == (tmp_path / "k6" / name).read_bytes(), name
     # different measurement options are a different cache entry
-    report2 = _kl_compile(art, tiny_llama_stats, tmp_path / "k6b", cache, "6bits", kl_tokens=32)
-    assert report2["plan"]["sensitivity"]["cached"] is False and report2["plan"]["sensitivity"]["tokens"] == 32
+    report2, run2 = _kl_compile(art, tiny_llama_stats, tmp_path / "k6b", cache, "6bits", kl_tokens=32)
+    assert run2["cached"] is False and report2["plan"]["sensitivity"]["tokens"] == 32
     plan_path = tmp_path / "plan.json"
     bw.save_plan(plan_path, report["plan"])
     run_eqc("compile", art, "--recipe", "mixed", "--plan", plan_path, "-o", tmp_path / "again")
@@ -675,7 +682,7 @@ def test_cli_sensitivity_cache_folder(tiny_artifact, tiny_llama_stats, tmp_path:
     for budget in ("6bits", "5bits"):
         proc = run_eqc("compile", art, "--recipe", "mixed", "--calib", tiny_llama_stats, "--budget", budget,
                        "--sensitivity", "kl", "--sensitivity-cache", cache, "-o", tmp_path / budget, "--json")
-        plans.append(json.loads(proc.stdout)["report"]["apply_precision_plan"]["plan"]["sensitivity"])
+        plans.append(json.loads(proc.stdout)["model_runs"]["kl_sensitivity"])
     assert len(list(cache.glob("kl-*.json"))) == 1
     assert plans[0]["cached"] is False and plans[1]["cached"] is True and plans[1]["cache"].startswith(str(cache))
     proc = run_eqc("compile", art, "--recipe", "mixed", "--calib", tiny_llama_stats, "--budget", "6bits",

@@ -38,6 +38,11 @@ class PrecisionSearch:
     kl_info: dict[str, Any] | None = None  # how the KL table was obtained (measured or cached, cost)
 
 
+# What the plan (and so the manifest) records of a KL measurement: what it measured, not how this run got it
+# (measured or read from a cache, where, in how many seconds), so a cached compile gives the same bytes.
+KL_PLAN_FIELDS = ("key", "windows", "tokens", "probes")
+
+
 def needs_model_run(options: Any) -> bool:
     """Whether apply_precision_plan's options (a budget without a plan) need the model run."""
     if options.plan is not None or options.budget is None:
@@ -62,7 +67,8 @@ def search_precision(model: ir.Model, step: Any) -> PrecisionSearch:
         plan = search_ppl(model, table, budget, step)
     else:
         plan = step.solve(model, by_name, table, budget)
-    plan["sensitivity"] = {"method": options.sensitivity, **(kl_info or {})}
+    plan["sensitivity"] = {"method": options.sensitivity,
+                           **{k: v for k, v in (kl_info or {}).items() if k in KL_PLAN_FIELDS}}
     return PrecisionSearch(plan, table, str(options.sensitivity), kl_info)
 
 

@@ -69,8 +69,12 @@ def _refuse_missing_observers(stats: CalibrationStats, recipe: dict[str, Any], r
 def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path, calib: str | None = None,
                   overwrite: bool = False,
                   extra_steps: list[dict[str, Any]] | None = None, target: str = "portable",
-                  pass_overrides: dict[str, Any] | None = None, cpu: str = "vnni") -> dict[str, Any]:
+                  pass_overrides: dict[str, Any] | None = None, cpu: str = "vnni",
+                  run_facts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compile `model` with a recipe into the artifact folder `out`; returns the new manifest.
+
+    `run_facts`, when given, receives what this run did that the artifact does not record (a KL table
+    measured or read from its cache, and in how many seconds): facts for the log, not for the bytes.
 
     `cpu` (lowering.cpu_features.CPU_CHOICES) is the CPU class ORT's int8 kernels will run on: an explicit input,
     so the same call gives the same bytes on every host ("host" asks for this machine's).
@@ -109,12 +113,12 @@ def compile_model(model: str | pathlib.Path, recipe_name: str, out: pathlib.Path
     # another writer) comes before statistics or weights are read, and no other writer can take it meanwhile.
     with staged_dir(out, overwrite=overwrite) as stage:
         return _compile_into(stage, art, model_path, model, recipe, recipe_name, calib, parent, target,
-                             target_warnings, cpu)
+                             target_warnings, cpu, run_facts if run_facts is not None else {})
 
 
 def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model: str | pathlib.Path,
                   recipe: dict[str, Any], recipe_name: str, calib: str | None, parent: dict[str, Any] | None,
-                  target: str, target_warnings: list[str], cpu: str) -> dict[str, Any]:
+                  target: str, target_warnings: list[str], cpu: str, run_facts: dict[str, Any]) -> dict[str, Any]:
     """compile_model's work, inside the claimed output's staging folder `stage`; returns the manifest."""
     from eqcompiler.lowering.targets import runtime_requirements
 
@@ -134,6 +138,8 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         run_model_searches(ir_model, recipe, passes, context)
     except Exception as exc:
         _raise_named("model searches (calibration/model_runs.py)", exc)
+    if context.precision_search is not None and context.precision_search.kl_info:
+        run_facts["kl_sensitivity"] = dict(context.precision_search.kl_info)
     # ORT's contrib ops in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
     # onnxruntime-genai's builder wrote): the source brought them, so the check lets them through.
     brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}

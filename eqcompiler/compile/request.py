@@ -122,9 +122,11 @@ def run(request: CompileRequest) -> dict[str, Any]:
     start = time.perf_counter()
     from eqcompiler.lowering.cpu_features import DEFAULT_CPU, saturation_warning
 
+    run_facts: dict[str, Any] = {}
     manifest = compile_model(request.model, request.recipe, request.out, calib=request.calib,
                              overwrite=request.overwrite, target=request.target, extra_steps=request.extra_steps(),
-                             pass_overrides=request.pass_overrides() or None, cpu=request.cpu or DEFAULT_CPU)
+                             pass_overrides=request.pass_overrides() or None, cpu=request.cpu or DEFAULT_CPU,
+                             run_facts=run_facts)
     seconds = round(time.perf_counter() - start, 1)
     # The default CPU class is not this host's: say so where it changes what ORT computes here.
     hint = saturation_warning(manifest) if request.cpu is None else None
@@ -134,4 +136,5 @@ def run(request: CompileRequest) -> dict[str, Any]:
 
         save_plan(request.precision.save_plan_file, q["report"]["apply_precision_plan"]["plan"])
     return {"output": str(request.out), "recipe": q["recipe"], "size_bytes": size_bytes(request.out),
-            "warnings": q["warnings"], "report": q["report"], "seconds": seconds, "hints": [hint] if hint else []}
+            "warnings": q["warnings"], "report": q["report"], "seconds": seconds, "hints": [hint] if hint else [],
+            "model_runs": run_facts}
