@@ -130,3 +130,51 @@ def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, 
         scores[name] = json.loads(proc.stdout)["ppl"]
     assert scores["bare"] == pytest.approx(scores["source"], rel=1e-6)
     assert scores["compiled"] == pytest.approx(scores["source"], rel=0.05) and scores["compiled"] != scores["source"]
+
+
+def _with_data(stats: pathlib.Path, out: pathlib.Path, **changes: object) -> pathlib.Path:
+    """A copy of the statistics file with its header's data record changed (None removes a key)."""
+    with np.load(stats, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    header = json.loads(bytes(arrays["header"]).decode())
+    data = {**header["data"], **changes}
+    header["data"] = {k: v for k, v in data.items() if v is not None}
+    np.savez(out, **{**arrays, "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)})
+    return out
+
+
+def test_paths_a_statistics_file_names_are_read_only_with_their_recorded_digest(tiny_artifact, wiki_valid, tmp_path):
+    """A statistics file names its calibration text and tokenizer; compile reads them back (SmoothQuant's alpha
+    search) and copies the tokenizer into a bare model's artifact. A crafted file pointing elsewhere (another file,
+    or the right path with its digest removed) is refused in one line, exit 2, nothing written or copied."""
+    src = tiny_artifact("llama")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in src.iterdir():
+        if f.name.startswith("model.onnx"):
+            shutil.copy(f, bare / f.name)
+    stats = tmp_path / "stats.npz"
+    run_eqc("calibrate", bare / "model.onnx", "--data", wiki_valid, "--samples", "4", "--seq-len", "32", "-o", stats,
+            "--tokenizer", src / "tokenizer.json")
+    data = CalibrationStats.load(stats).meta["data"]
+    assert len(data["tokenizer_sha256"]) == 64 and len(data["sha256"]) == 64
+    secret = tmp_path / "elsewhere" / "secret.json"
+    secret.parent.mkdir()
+    secret.write_text('{"api_key": "do-not-copy"}')
+    cases = {
+        "tokenizer elsewhere": (_with_data(stats, tmp_path / "a.npz", tokenizer=str(secret)), "tokenizer", "sha256"),
+        "tokenizer digest removed": (_with_data(stats, tmp_path / "b.npz", tokenizer_sha256=None), "tokenizer", "sha256"),
+        "text elsewhere": (_with_data(stats, tmp_path / "c.npz", path=str(secret)), "calibration text", "sha256"),
+        "text digest removed": (_with_data(stats, tmp_path / "d.npz", sha256=None), "calibration text", "sha256"),
+    }
+    for case, (bad, *words) in cases.items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        proc = run_eqc("compile", bare / "model.onnx", "--recipe", "w8a8-dynamic", "--calib", bad, "-o", out,
+                       check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (case, proc.stderr)
+        (line,) = proc.stderr.strip().splitlines()
+        assert all(w in line for w in words), (case, line)
+        assert not out.exists(), case
+    # the untouched file still compiles, carrying the tokenizer it names
+    run_eqc("compile", bare / "model.onnx", "--recipe", "w8a8-dynamic", "--calib", stats, "-o", tmp_path / "ok")
+    assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

@@ -216,6 +216,25 @@ def carry_tokenizer(tokenizer: pathlib.Path, dst: pathlib.Path) -> None:
     (dst / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}\n')
 
 
+def tokenizer_digest(tokenizer: pathlib.Path) -> str:
+    """sha256 over a tokenizer's files (a folder's carried tokenizer files by name, or one tokenizer.json): what
+    statistics record beside the tokenizer's path, so a path read back from a statistics file is used only while
+    it still holds what calibration read (a statistics file cannot make eqc read, or carry, any other file)."""
+    tokenizer = pathlib.Path(tokenizer)
+    digest = hashlib.sha256()
+    if tokenizer.is_dir():
+        for name in (n for n in carried_files(tokenizer) if n not in MODEL_CONFIG_FILES):
+            digest.update(name.encode() + b"\0" + hashlib.sha256((tokenizer / name).read_bytes()).digest())
+        return digest.hexdigest()
+    try:
+        info = tokenizer.lstat()
+    except FileNotFoundError:
+        raise EqcError(f"tokenizer '{tokenizer}' does not exist") from None
+    _check_carried(tokenizer, info)
+    digest.update(tokenizer.read_bytes())
+    return digest.hexdigest()
+
+
 def copy_carried_files(src: pathlib.Path, dst: pathlib.Path, skip: tuple[str, ...] = ()) -> None:
     """Copy the tokenizer/config files (CARRIED_FILES only) from one artifact to the next.
 

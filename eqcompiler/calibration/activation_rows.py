@@ -19,18 +19,18 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     """Rows [R, K] (R <= `rows`, float32) of each activation in `names` from `count` windows of the text."""
     from eqcompiler.artifact import folder as art_mod
     from eqcompiler.calibration.calibrate import _encoder_feed, instrumented_session
+    from eqcompiler.calibration.stats import recorded_text, recorded_tokenizer
     from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
     from eqcompiler.runtime.session import causal_feed
 
     art = art_mod.resolve_artifact(source)
-    data = text or (stats_meta.get("data") or {}).get("path")
-    if not data:
+    if not text and not (stats_meta.get("data") or {}).get("path"):
         raise EqcError("the SmoothQuant alpha search needs calibration text: statistics from `eqc calibrate` "
                        "record theirs, or set the smooth_quant option 'data'")
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
-    content, _ = read_text(data)
+    content = read_text(text)[0] if text else recorded_text(stats_meta)[0]
     causal = art.task == "causal-lm"
-    tokenizer = load_tokenizer(art.folder, (stats_meta.get("data") or {}).get("tokenizer"))  # calibration's own
+    tokenizer = load_tokenizer(art.folder, recorded_tokenizer(stats_meta))  # calibration's own
     ids, _ = calibration_ids(tokenizer, content, seq_len, count, causal)
     session = instrumented_session(art_mod.model_file(art), names)
     available = {o.name for o in session.get_outputs()}

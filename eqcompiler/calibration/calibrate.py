@@ -241,7 +241,9 @@ class Calibrator:
             "data": {"path": str(self.text_path), "sha256": self.text_sha, "samples": windows,
                      "seq_len": self.seq_len, "decode_steps": self.decode_steps,
                      "special_tokens": [list(map(int, self.frame[0])), list(map(int, self.frame[1]))],
-                     **({"tokenizer": self.tokenizer} if self.tokenizer else {})},
+                     **({"tokenizer": self.tokenizer,
+                         "tokenizer_sha256": art_mod.tokenizer_digest(pathlib.Path(self.tokenizer))}
+                        if self.tokenizer else {})},
             "observers": list(self.observers),
             "stream_layers": self.stream_layers,  # (not why: that depends on free memory, the file must not)
             **more,

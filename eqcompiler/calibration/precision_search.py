@@ -133,28 +133,28 @@ def search_ppl(model: ir.Model, table: list[bw.Layer], budget: bw.Budget, step: 
 
 def heldout_tokens(step: Any, count: int | None = None) -> tuple[np.ndarray, int, str]:
     """Token windows of the calibration text right after the ones calibration consumed."""
-    from eqcompiler.data import load_tokenizer, read_text, tokenize
+    from eqcompiler.calibration.stats import recorded_text, recorded_tokenizer
+    from eqcompiler.data import load_tokenizer, tokenize
 
-    data = (step.context.stats.meta or {}).get("data") or {}
+    meta = step.context.stats.meta or {}
+    data = meta.get("data") or {}
     source = step.context.source_folder
     if not data.get("path") or not data.get("seq_len") or source is None:
         raise EqcError("a ppl+X% budget needs statistics that record their calibration text (eqc calibrate) "
                        "and the source artifact's tokenizer")
-    text, sha = read_text(data["path"])
-    if data.get("sha256") and sha != data["sha256"]:
-        raise EqcError(f"calibration text '{data['path']}' changed since calibration (sha256 differs)")
+    text, path = recorded_text(meta)
     window = int(data["seq_len"])
     if count is None:
         count = int(step.options.ppl_windows)
     if count < 1:
         raise EqcError(f"ppl windows must be >= 1, got {count}")
     skip = int(data.get("samples", 0)) * window + int(data.get("decode_steps", 0))
-    ids = tokenize(load_tokenizer(pathlib.Path(source), data.get("tokenizer")), text,
+    ids = tokenize(load_tokenizer(pathlib.Path(source), recorded_tokenizer(meta)), text,
                    max_tokens=skip + count * window)[skip:]
     if len(ids) < count * window:
-        raise EqcError(f"calibration text '{data['path']}' has {len(ids)} tokens after the {skip} calibration "
+        raise EqcError(f"calibration text '{path}' has {len(ids)} tokens after the {skip} calibration "
                        f"used; {count} held-out windows of {window} are needed (lower --ppl-windows/kl_windows)")
-    return ids[:count * window], window, str(data["path"])
+    return ids[:count * window], window, path
 
 
 def score(model: ir.Model, plan: dict[str, Any] | None, ids: np.ndarray, window: int, step: Any) -> float:

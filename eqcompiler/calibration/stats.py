@@ -199,7 +199,7 @@ def _check_header(p: pathlib.Path, header: dict[str, Any], arrays: dict[str, np.
         if not isinstance(data, dict):
             raise bad("header 'data' is not an object")
         for key, kind in (("path", str), ("sha256", str), ("samples", int), ("seq_len", int), ("decode_steps", int),
-                          ("tokenizer", str)):
+                          ("tokenizer", str), ("tokenizer_sha256", str)):
             value = data.get(key)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)
                                       or (kind is int and value < 0)):
@@ -224,3 +224,45 @@ def _check_header(p: pathlib.Path, header: dict[str, Any], arrays: dict[str, np.
     extra = sorted(int(k[1:].split(".", 1)[0]) for k in arrays if k != "header")
     if extra and extra[-1] >= len(names):
         raise bad(f"array t{extra[-1]} belongs to no tensor in the header")
+
+
+# Paths a statistics file names (its calibration text, its tokenizer) are read back by compile (SmoothQuant's
+# alpha search, a ppl budget's held-out windows, the tokenizer a bare model's artifact carries). A statistics
+# file is input like any other: such a path is used only while its content has the digest recorded beside it,
+# so a crafted file cannot make eqc read or copy anything but what calibration itself read.
+
+def recorded_text(meta: dict[str, Any]) -> tuple[str, str]:
+    """(text, path) of the calibration text the statistics `meta` record, checked against its sha256."""
+    from eqcompiler.data import read_text
+
+    data = meta.get("data") or {}
+    path, sha = data.get("path"), data.get("sha256")
+    if not path:
+        raise EqcError("the statistics record no calibration text (made by an older eqc calibrate?); recalibrate")
+    if not sha:
+        raise EqcError(f"the statistics name calibration text '{path}' without its sha256; recalibrate")
+    text, actual = read_text(path)
+    if actual != sha:
+        raise EqcError(f"calibration text '{path}' is not the text the statistics were made from (sha256 differs); "
+                       "recalibrate, or restore that file")
+    return text, str(path)
+
+
+def recorded_tokenizer(meta: dict[str, Any]) -> str | None:
+    """The tokenizer the statistics were made with (`eqc calibrate --tokenizer`), checked against its digest;
+    None when calibration used the model folder's own."""
+    from eqcompiler.artifact.folder import tokenizer_digest
+
+    data = meta.get("data") or {}
+    path = data.get("tokenizer")
+    if not path:
+        return None
+    if not data.get("tokenizer_sha256"):
+        raise EqcError(f"the statistics name tokenizer '{path}' without its sha256; recalibrate")
+    if not pathlib.Path(path).exists():
+        raise EqcError(f"the tokenizer the statistics were made with ('{path}') no longer exists; recalibrate "
+                       "with --tokenizer")
+    if tokenizer_digest(pathlib.Path(path)) != data["tokenizer_sha256"]:
+        raise EqcError(f"tokenizer '{path}' is not the one the statistics were made with (sha256 differs); "
+                       "recalibrate")
+    return str(path)

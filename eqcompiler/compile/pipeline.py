@@ -17,7 +17,7 @@ from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
 from eqcompiler.calibration.model_runs import run_model_searches
-from eqcompiler.calibration.stats import CalibrationStats
+from eqcompiler.calibration.stats import CalibrationStats, recorded_tokenizer
 
 
 MIN_OPSET = 21
@@ -148,8 +148,8 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     _check_graph(stage / art_mod.MODEL_FILE, brought)
     if art.manifest:
         art_mod.copy_carried_files(art.folder, stage)
-    elif stats is not None and (stats.meta.get("data") or {}).get("tokenizer"):
-        art_mod.carry_tokenizer(pathlib.Path(stats.meta["data"]["tokenizer"]), stage)
+    elif stats is not None and (tokenizer := recorded_tokenizer(stats.meta)) is not None:
+        art_mod.carry_tokenizer(pathlib.Path(tokenizer), stage)
     # Nothing about the run (its time, the host) goes into the artifact: the same inputs give the same bytes.
     manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
     manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
