@@ -26,7 +26,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import run_eqc
+from conftest import WIKI_TEST as WIKI_TEST_PATH, run_eqc
 from test_bad_inputs import assert_no_output, assert_refused, clone, link_outside
 
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -458,3 +458,120 @@ def test_mutated_statistics_never_crash(llama, stats_bytes, data):
         assert code in (2, 3, 4), (code, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in err, err[-2000:]
         assert_no_output(out)
+
+
+# ---------------------------------------------------------------- 6. mutated manifests and graphs (property)
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=True)
+                           | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                           max_leaves=6)
+
+
+def _json_paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every key path into a JSON document (dict keys and list indices)."""
+    paths = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            paths += _json_paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:4]):
+            paths += _json_paths(v, prefix + (i,))
+    return paths
+
+
+def _assert_clean_outcome(code: int, err: str, out: pathlib.Path) -> None:
+    """Success with a whole artifact, or exit 2/3/4 with one `error:` line and nothing written."""
+    if code == 0:
+        assert (out / "manifest.json").is_file() and (out / "model.onnx").is_file()
+        return
+    lines = err.strip().splitlines()
+    assert code in (2, 3, 4), (code, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in err, err[-2000:]
+    assert_no_output(out)
+
+
+PROPERTY = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(data=st.data())
+def test_mutated_manifests_never_crash(llama, data):
+    """A manifest with any one value replaced by random JSON, a key removed, or its text cut short: eqc
+    compile and eqc eval either work or refuse in one line (exit 2/3/4), never a traceback or partial output."""
+    manifest = json.loads((llama / "manifest.json").read_text())
+    text = json.dumps(manifest)
+    how = data.draw(st.sampled_from(["replace", "remove", "truncate"]), label="how")
+    if how == "truncate":
+        text = text[:data.draw(st.integers(0, len(text) - 1), label="length")]
+    else:
+        path = data.draw(st.sampled_from(_json_paths(manifest)), label="path")
+        *parents, last = path
+        holder = manifest
+        for key in parents:
+            holder = holder[key]
+        if how == "remove":
+            del holder[last]
+        else:
+            holder[last] = data.draw(JSON_VALUES, label="value")
+        text = json.dumps(manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        art = pathlib.Path(shutil.copytree(llama, pathlib.Path(tmp) / "art"))
+        (art / "manifest.json").write_text(text)
+        out = pathlib.Path(tmp) / "out"
+        code, err = _invoke(["compile", art, "--recipe", "w8", "-o", out])
+        _assert_clean_outcome(code, err, out)
+        for args in (["eval", art, "--max-tokens", "64", "--window", "32", "--no-latency", "--ppl", WIKI_TEST_PATH],
+                     ["inspect", art]):
+            code, err = _invoke(args)
+            assert code in (0, 2, 3, 4) and "Traceback" not in err and "internal error" not in err, (code, err[-2000:])
+
+
+def _mutate_graph(model: onnx.ModelProto, data: st.DataObject) -> None:
+    """One structural change: a node's op, input, output or attribute; an initializer's shape or type; a graph
+    input's element type; or a node removed."""
+    graph = model.graph
+    node = graph.node[data.draw(st.integers(0, len(graph.node) - 1), label="node")]
+    how = data.draw(st.sampled_from(["op", "input", "output", "attribute", "drop node", "initializer dims",
+                                     "initializer type", "input type", "domain"]), label="how")
+    if how == "op":
+        node.op_type = data.draw(st.sampled_from(["MatMul", "Add", "Relu", "Gather", "Reshape", "NoSuchOp", ""]))
+    elif how == "input" and node.input:
+        node.input[data.draw(st.integers(0, len(node.input) - 1))] = data.draw(
+            st.sampled_from(["", "missing_tensor", graph.input[0].name, graph.node[0].output[0]]))
+    elif how == "output" and node.output:
+        node.output[0] = data.draw(st.sampled_from(["", graph.input[0].name, graph.node[-1].output[0], "dup"]))
+    elif how == "attribute" and node.attribute:
+        attr = node.attribute[data.draw(st.integers(0, len(node.attribute) - 1))]
+        attr.type = data.draw(st.sampled_from([onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT,
+                                               onnx.AttributeProto.STRING, onnx.AttributeProto.INTS]))
+        attr.i = data.draw(st.integers(-10, 10))
+    elif how == "drop node":
+        graph.node.remove(node)
+    elif how in ("initializer dims", "initializer type") and graph.initializer:
+        init = graph.initializer[data.draw(st.integers(0, len(graph.initializer) - 1))]
+        if how == "initializer dims":
+            init.dims[:] = data.draw(st.lists(st.integers(0, 70), min_size=0, max_size=3))
+        else:
+            init.data_type = data.draw(st.sampled_from([onnx.TensorProto.INT8, onnx.TensorProto.DOUBLE,
+                                                        onnx.TensorProto.STRING, 0, 99]))
+    elif how == "input type":
+        graph.input[0].type.tensor_type.elem_type = data.draw(st.sampled_from([onnx.TensorProto.FLOAT, 0, 99]))
+    elif how == "domain":
+        node.domain = data.draw(st.sampled_from(["com.microsoft", "ai.eqc", "no.such.domain"]))
+
+
+@PROPERTY
+@given(data=st.data())
+def test_mutated_graphs_never_crash(llama, data):
+    """A graph with one structural change (see _mutate_graph): eqc compile w8 either writes a whole artifact
+    or refuses in one line (exit 2/3/4), never a traceback, an internal error or a partial output."""
+    model = onnx.load(str(llama / "model.onnx"), load_external_data=False)
+    _mutate_graph(model, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        art = pathlib.Path(shutil.copytree(llama, pathlib.Path(tmp) / "art"))
+        (art / "model.onnx").write_bytes(model.SerializeToString())
+        out = pathlib.Path(tmp) / "out"
+        code, err = _invoke(["compile", art, "--recipe", "w8", "-o", out])
+        _assert_clean_outcome(code, err, out)

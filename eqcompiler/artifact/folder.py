@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import stat
@@ -15,6 +16,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from eqcompiler.artifact.manifest_schema import check_manifest
 from eqcompiler.errors import EqcError
 
 MODEL_FILE = "model.onnx"
@@ -66,8 +68,9 @@ def resolve_artifact(path: str | pathlib.Path) -> Artifact:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EqcError(f"manifest '{manifest_path}' is not valid JSON: {exc}") from None
-        if manifest.get("format") != MANIFEST_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise EqcError(f"'{manifest_path}' is not an eqc manifest")
+        check_manifest(manifest, str(manifest_path))
     art = Artifact(folder=folder, manifest=manifest)
     if model_path.name != MODEL_FILE:
         art = Artifact(folder=folder, manifest={"model_file": model_path.name})
@@ -125,6 +128,68 @@ def _graph_proto(p: pathlib.Path) -> onnx.ModelProto:
         raise EqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__})") from None
 
 
+def schema_less_ops(proto: onnx.ModelProto) -> set[str]:
+    """ORT contrib ops written in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
+    onnxruntime-genai's builder writes): the checker cannot know them, so their wiring is checked, not their schema."""
+    return {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+
+
+def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | None = None) -> None:
+    """onnx.checker on the graph of `proto` (loaded without its external data) and every initializer's byte count
+    against its shape: a damaged or hand-edited graph is refused here, in one line, instead of failing inside a
+    pass. External tensors are checked as graph inputs of their type and shape (the checker cannot see
+    their data without reading it)."""
+    _check_initializer_sizes(proto, what)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        kept = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+        del copy.graph.initializer[:]
+        copy.graph.initializer.extend(kept)
+    unchecked = schema_less_ops(copy) if unchecked_ops is None else unchecked_ops
+    if unchecked:
+        for node in copy.graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in unchecked:
+                node.domain = "eqc.unchecked"
+        copy.opset_import.append(onnx.helper.make_opsetid("eqc.unchecked", 1))
+    try:
+        onnx.checker.check_model(copy)
+    except (onnx.checker.ValidationError, ValueError, TypeError) as exc:
+        raise EqcError(f"{what} fails onnx.checker: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+
+
+def _check_initializer_sizes(proto: onnx.ModelProto, what: str) -> None:
+    for t in proto.graph.initializer:
+        if t.data_type == onnx.TensorProto.STRING:
+            if t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+                raise EqcError(f"{what}: string initializer '{t.name}' is stored as raw bytes (strings are stored "
+                               "as string_data)")
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise EqcError(f"{what}: initializer '{t.name}' has unknown element type {t.data_type}") from None
+        if any(d < 0 for d in t.dims):
+            raise EqcError(f"{what}: initializer '{t.name}' has a negative dimension {list(t.dims)}")
+        count = math.prod(t.dims)
+        want = -(-count // 2) if t.data_type in _FOUR_BIT else count * itemsize  # 4-bit types: two per byte
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            length = {e.key: e.value for e in t.external_data}.get("length")
+            have = int(length) if length is not None and length.isdigit() else None
+        elif t.HasField("raw_data"):
+            have = len(t.raw_data)
+        else:
+            continue  # typed fields (float_data, ...): the checker and the loader count those
+        if have is not None and have != want:
+            raise EqcError(f"{what}: initializer '{t.name}' holds {have} bytes, its shape {list(t.dims)} and type "
+                           f"need {want}")
+
+
+_FOUR_BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
 def load_ir(path: str | pathlib.Path) -> ir.Model:
     """Load an ONNX model into onnx-ir with clear errors; external data stays memory-mapped."""
     p = pathlib.Path(path)
@@ -142,6 +207,7 @@ def load_ir(path: str | pathlib.Path) -> ir.Model:
         raise EqcError(f"'{p}' declares default opset {opset}, newer than this onnx supports "
                        f"({onnx.defs.onnx_opset_version()})")
     _check_external_data(proto, p.parent)
+    check_graph(proto, f"'{p}'")
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:

@@ -145,7 +145,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
     run_passes([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()], ir_model)
     art_mod.save_ir(ir_model, stage)
-    _check_graph(stage / art_mod.MODEL_FILE, brought)
+    art_mod.check_graph(onnx.load(str(stage / art_mod.MODEL_FILE), load_external_data=False), "compiled graph", brought)
     if art.manifest:
         art_mod.copy_carried_files(art.folder, stage)
     elif stats is not None and (tokenizer := recorded_tokenizer(stats.meta)) is not None:
@@ -197,27 +197,6 @@ def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, re
     if stored:
         stats.save(stats_path, overwrite=True)
     return stored
-
-
-def _check_graph(path: pathlib.Path, brought: set[str]) -> None:
-    """onnx.checker on the compiled graph, with the schema-less ONNX-domain ops the source already had moved
-    to a domain the checker does not know (it checks their wiring, not their schema)."""
-    checked = path
-    if brought:
-        proto = onnx.load(str(path), load_external_data=False)
-        for node in proto.graph.node:
-            if node.domain in ("", "ai.onnx") and node.op_type in brought:
-                node.domain = "eqc.unchecked"
-        proto.opset_import.append(onnx.helper.make_opsetid("eqc.unchecked", 1))
-        checked = path.with_name(".checked-" + path.name)  # beside the model: its external data resolves
-        onnx.save(proto, str(checked))
-    try:
-        onnx.checker.check_model(str(checked))
-    except onnx.checker.ValidationError as exc:
-        raise EqcError(f"compiled graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    finally:
-        if checked != path:
-            checked.unlink(missing_ok=True)
 
 
 def _op_library(target: str, warnings: list[str]) -> pathlib.Path | None:
