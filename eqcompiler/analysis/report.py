@@ -86,7 +86,7 @@ def _metrics(models: list[str], ppl_text: str | None, ppl_tokens: int, speed: bo
     for model, sp in zip(models, speeds):
         art = art_mod.resolve_artifact(model)
         row: dict[str, Any] = {"model": str(model), "label": _label(model),
-                               "size_bytes": art_mod.size_bytes(art.folder if art.manifest else pathlib.Path(model))}
+                               "size_bytes": art_mod.size_bytes(art_mod.model_file(art))}
         if ppl_text:
             row["ppl"] = evaluate.perplexity(model, ppl_text, max_tokens=ppl_tokens, window=min(512, ppl_tokens))["ppl"]
         if sp:

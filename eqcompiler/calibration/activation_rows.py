@@ -29,7 +29,7 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
                        "record theirs, or set the smooth_quant option 'data'")
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
     content, _ = read_text(data)
-    causal = art.task == "causal-lm"
+    causal = art.task in ("causal-lm", "causal-lm-nocache")
     tokenizer = load_tokenizer(art.folder, (stats_meta.get("data") or {}).get("tokenizer"))  # calibration's own
     ids, _ = calibration_ids(tokenizer, content, seq_len, count, causal)
     session = instrumented_session(art_mod.model_file(art), names)
