@@ -27,6 +27,9 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     if not data:
         raise EqcError("the SmoothQuant alpha search needs calibration text: statistics from `eqc calibrate` "
                        "record theirs, or set the smooth_quant option 'data'")
+    if (stats_meta.get("data") or {}).get("format") == "npz" and not text:
+        raise EqcError("the SmoothQuant alpha search runs text windows; statistics from --data .npz have none: use "
+                       "recipe w8a8 (or w8), or give smooth_quant a fixed alpha")
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
     content, _ = read_text(data)
     causal = art.task in ("causal-lm", "causal-lm-nocache")
