@@ -199,7 +199,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
                 "--observers", observers, "--decode-steps", str(decode_steps)]
         args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite + ["--stream-layers"] * stream_layers
         args += ["--tokenizer", tokenizer] if tokenizer else []
-        result = launch_local(workers, args, threads=threads)
+        result = launch_local(workers, args, threads=threads)  # ranks inherit the chosen kind and map (environment)
     else:
         start = time.perf_counter()
         progress, close = tqdm_progress("calibrate")

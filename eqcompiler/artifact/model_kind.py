@@ -132,8 +132,8 @@ def choose(model_path: pathlib.Path, manifest: dict[str, Any], kind: str | None 
     inputs, outputs = graph_io(model_path)
     eqc = manifest.get("format") == "eqc-artifact"
     mapping = parse_input_map(input_map, inputs) if input_map else dict(manifest.get("input_map") or {})
-    if eqc and "task" in manifest:
-        stated, source, why = manifest["task"], "manifest", "the eqc manifest's task"
+    if eqc:  # (an eqc manifest without a task predates encoders: a causal LM, as Artifact.task says)
+        stated, source, why = manifest.get("task", "causal-lm"), "manifest", "the eqc manifest's task"
     elif kind is not None:
         stated, source, why = kind, "--kind", "stated with --kind"
     else:
