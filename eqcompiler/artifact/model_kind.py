@@ -129,8 +129,12 @@ def choose(model_path: pathlib.Path, manifest: dict[str, Any], kind: str | None 
            input_map: str | None = None) -> ModelKind:
     """The kind of the model at `model_path` (its eqc `manifest` may be empty), with `--kind` and `--input-map`
     checked against the graph; records the choice for this process and its workers (see module docstring)."""
-    inputs, outputs = graph_io(model_path)
     eqc = manifest.get("format") == "eqc-artifact"
+    if eqc and not input_map and kind is None:  # eqc wrote it and says what it is: the graph need not be read
+        _set_choice("", manifest)
+        kind_ = manifest.get("task", "causal-lm")
+        return ModelKind(kind_, "the eqc manifest's task", "manifest", dict(manifest.get("input_map") or {}))
+    inputs, outputs = graph_io(model_path)
     mapping = parse_input_map(input_map, inputs) if input_map else dict(manifest.get("input_map") or {})
     if eqc:  # (an eqc manifest without a task predates encoders: a causal LM, as Artifact.task says)
         stated, source, why = manifest.get("task", "causal-lm"), "manifest", "the eqc manifest's task"
@@ -144,13 +148,17 @@ def choose(model_path: pathlib.Path, manifest: dict[str, Any], kind: str | None 
     if kind is not None and kind != stated:
         raise EqcError(f"--kind {kind} contradicts '{model_path.parent}': its manifest says {stated}")
     _check_roles(stated, inputs, mapping)
-    os.environ[KIND_ENV] = stated if source == "--kind" else ""
+    _set_choice(stated if source == "--kind" else "", manifest, mapping)
+    return ModelKind(stated, why, source, mapping)
+
+
+def _set_choice(kind: str, manifest: dict[str, Any], mapping: dict[str, str] | None = None) -> None:
+    os.environ[KIND_ENV] = kind
     # A foreign graph (or an artifact compiled from one: its manifest keeps input_map) is fed through the map.
-    if "input_map" in manifest or not eqc:
-        os.environ[INPUT_MAP_ENV] = ",".join(f"{n}={r}" for n, r in mapping.items())
+    if "input_map" in manifest or manifest.get("format") != "eqc-artifact":
+        os.environ[INPUT_MAP_ENV] = ",".join(f"{n}={r}" for n, r in (mapping or manifest.get("input_map") or {}).items())
     else:
         os.environ.pop(INPUT_MAP_ENV, None)
-    return ModelKind(stated, why, source, mapping)
 
 
 def _check_roles(kind: str, inputs: tuple[Tensor, ...], mapping: dict[str, str]) -> None:
