@@ -234,6 +234,13 @@ def _calibrate_tensors(model: str, data: str, samples: int, out: pathlib.Path, o
                                    ("--stream-layers", stream_layers)) if on]
     if given:
         raise EqcError(f"{given[0]} reads text windows; it does not go with --data .npz")
+    from eqcompiler.compile.recipes import KV_CACHE_TARGET, load_recipe
+
+    for name in (r.strip() for r in (for_recipes or "").split(",") if r.strip()):
+        # Refused before any work: the statistics file would be written and the search fail after it.
+        if name == KV_CACHE_TARGET or any(s["pass"] == "smooth_quant" for s in load_recipe(name)["passes"]):
+            raise EqcError(f"--for {name} reads text windows (the KV cache, SmoothQuant's alpha search); it does not "
+                           "go with --data .npz")
     if threads is not None and threads < 1:
         raise EqcError(f"--threads must be at least 1, got {threads}")
     check_output_file(out, overwrite)
