@@ -234,6 +234,11 @@ def test_bert_torchscript_export_through_calibrate_compile_eval_bench(tiny_hf, t
                                "--runs", "2", "--json").stdout)["results"]
     shapes = [(g["batch"], g["seq_len"]) for g in bench[1]["forward"]]
     assert shapes == [(1, 16), (2, 16)] and all(g["tokens_per_s"] > 0 for r in bench for g in r["forward"])
+    # eqc report too: a forward column, no perplexity for an encoder.
+    report = json.loads(run_eqc("report", tmp_path / "r.html", "--models", f"{bert},{tmp_path / 'w8a8'}", "--ppl",
+                                WIKI_VALID, "--prefill", "16", "--runs", "1", "--json").stdout)
+    assert all(r["forward_ms"] > 0 and "ppl" not in r for r in report["rows"])
+    assert "forward (ms)" in (tmp_path / "r.html").read_text()
 
 
 def test_bert_with_other_input_names_takes_an_input_map(tiny_hf, tmp_path):
@@ -291,3 +296,29 @@ def test_causal_lm_without_cache_is_detected_calibrated_and_scored(tiny_hf, wiki
         ppl[name] = result["ppl"]
     # Measured: 456.28 (fp32) vs 456.14 (w8a8) on 504 tokens (random tiny llama: near-uniform predictions).
     assert ppl["w8a8"] == pytest.approx(ppl["fp32"], rel=0.02) and ppl["w8a8"] != ppl["fp32"]
+
+
+def test_causal_lm_with_cache_and_other_input_names_runs_through_the_map(tiny_artifact, wiki_test, tmp_path):
+    """eqc's own llama graph with input_ids/attention_mask renamed (no manifest): one line asks for the map; with
+    it, perplexity equals the source's and the KV-cache loop (bench's decode step, I/O binding) runs."""
+    src = tiny_artifact("llama")
+    proto = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    renamed = {"input_ids": "tokens", "attention_mask": "mask"}
+    for value in proto.graph.input:
+        value.name = renamed.get(value.name, value.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    onnx.save(proto, str(bare / "model.onnx"))
+    (bare / "model.onnx.data").write_bytes((src / "model.onnx.data").read_bytes())
+    ppl_args = ["--ppl", wiki_test, "--max-tokens", "256", "--window", "64", "--no-latency", "--json"]
+    _refused(run_eqc("eval", bare, *ppl_args, "--tokenizer", src, check=False),
+             "a causal-lm model needs input(s) input_ids; the graph's inputs are tokens, mask,")
+    mapping = ["--input-map", "tokens=input_ids,mask=attention_mask"]
+    got = json.loads(run_eqc("eval", bare, *ppl_args, "--tokenizer", src, *mapping).stdout)["ppl"]
+    want = json.loads(run_eqc("eval", src, *ppl_args).stdout)["ppl"]
+    assert got == pytest.approx(want, rel=1e-6)
+    bench = json.loads(run_eqc("bench", bare, *mapping, "--prefill", "16", "--past", "16", "--runs", "2",
+                               "--json").stdout)["results"][0]
+    assert bench["kind"] == "causal-lm" and bench["decode"]["median_ms"] > 0 and bench["prefill"]["tokens"] == 16

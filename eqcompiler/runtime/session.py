@@ -100,6 +100,33 @@ class MappedSession:
     def run(self, output_names: Any, feed: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         return self._session.run(output_names, self.graph_feed(feed), *args, **kwargs)
 
+    def io_binding(self) -> "_MappedBinding":  # the KV-cache loop (runtime/decode.py) binds inputs by role
+        return _MappedBinding(self._session.io_binding(), self._to_graph, self._graph_inputs)
+
+    def run_with_iobinding(self, binding: Any, *args: Any) -> Any:
+        return self._session.run_with_iobinding(getattr(binding, "binding", binding), *args)
+
+
+class _MappedBinding:
+    """An IOBinding that binds a role's input under the graph's name (and skips a role the graph does not take)."""
+
+    def __init__(self, binding: Any, to_graph: dict[str, str], graph_inputs: set[str]) -> None:
+        self.binding, self._to_graph, self._graph_inputs = binding, to_graph, graph_inputs
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.binding, attr)
+
+    def _bind(self, method: str, name: str, value: Any) -> None:
+        name = self._to_graph.get(name, name)
+        if name in self._graph_inputs:
+            getattr(self.binding, method)(name, value)
+
+    def bind_cpu_input(self, name: str, value: Any) -> None:
+        self._bind("bind_cpu_input", name, value)
+
+    def bind_ortvalue_input(self, name: str, value: Any) -> None:
+        self._bind("bind_ortvalue_input", name, value)
+
 
 def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past tensors for every past input, so the graph runs as prefill."""
