@@ -79,6 +79,27 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def kind_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--kind and --input-map, for commands that read a model eqc did not export (artifact/model_kind.py)."""
+    from eqcompiler.artifact.model_kind import KINDS
+
+    fn = click.option("--input-map", "input_map", default=None, metavar="NAME=ROLE[,...]",
+                      help="A text model's input names that are not the conventional ones, each mapped to its role "
+                           "(input_ids, attention_mask, token_type_ids, position_ids), e.g. ids=input_ids,am=attention_mask.")(fn)
+    return click.option("--kind", type=click.Choice(KINDS), default=None,
+                        help="What the model is, when it has no eqc manifest (default: detected from its inputs and "
+                             "outputs; `eqc inspect` says what and why).")(fn)
+
+
+def _choose_kind(model: str, kind: str | None, input_map: str | None) -> Any:
+    """The model's kind, --kind and --input-map checked against its graph (one line, exit 2), for this process."""
+    from eqcompiler.artifact.folder import model_file, resolve_artifact
+    from eqcompiler.artifact.model_kind import choose
+
+    art = resolve_artifact(model)
+    return choose(model_file(art), art.manifest, kind, input_map)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="eqc")
 def main() -> None:
@@ -106,7 +127,9 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 
 @main.command()
 @click.argument("model")
-@click.option("--data", "text", required=True, help="UTF-8 text file (calibration split).")
+@click.option("--data", "text", required=True,
+              help="UTF-8 text file (calibration split), or INPUTS.npz: one array per graph input, samples along the "
+                   "first axis (graphs without text inputs; docs/bring-your-own-onnx.md).")
 @click.option("--samples", default=32, show_default=True, help="Number of windows.")
 @click.option("--seq-len", default=512, show_default=True,
               help="Tokens per window. An encoder's windows are framed by its special tokens ([CLS] ... [SEP]); "
@@ -134,15 +157,23 @@ def export(src: str, out: pathlib.Path, overwrite: bool, no_parity: bool, trust_
 @click.option("--stream-layers/--no-stream-layers", default=None,
               help="Run one decoder layer at a time over all windows (peak memory ~ one layer's weights, same "
                    "statistics). Default: on when the weights exceed 25% of available memory.")
+@kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Path, overwrite: bool,
               skip_nonfinite: bool, for_recipes: str | None, observers: str | None, decode_steps: int, tokenizer: str | None,
-              workers: int, threads: int | None, stream_layers: bool | None, as_json: bool) -> None:
+              workers: int, threads: int | None, stream_layers: bool | None, kind: str | None, input_map: str | None,
+              as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
     from eqcompiler.calibration.calibrate import calibrate as do_calibrate, check_options, tqdm_progress
+    from eqcompiler.calibration.tensor_data import is_tensor_data
 
     check_options(samples, seq_len, decode_steps)  # limits first: one line, exit 2, before any work
+    chosen = _choose_kind(model, kind, input_map)
+    if is_tensor_data(text):
+        _calibrate_tensors(model, text, samples, out, overwrite, skip_nonfinite, for_recipes, observers, decode_steps,
+                           tokenizer, workers, threads, stream_layers, chosen.kind, as_json)
+        return
     if workers < 1:
         raise EqcError(f"--workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
@@ -168,7 +199,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
                 "--observers", observers, "--decode-steps", str(decode_steps)]
         args += ["--overwrite"] * overwrite + ["--skip-nonfinite"] * skip_nonfinite + ["--stream-layers"] * stream_layers
         args += ["--tokenizer", tokenizer] if tokenizer else []
-        result = launch_local(workers, args, threads=threads)
+        result = launch_local(workers, args, threads=threads)  # ranks inherit the chosen kind and map (environment)
     else:
         start = time.perf_counter()
         progress, close = tqdm_progress("calibrate")
@@ -189,6 +220,43 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
                                       f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"]
           + [f"stored the SmoothQuant alpha search of {len(s['keys'])} recipe step(s) ({s['seconds']} s): compiles "
              "from these statistics run no model" for s in [r["searches"]] if s["keys"]])
+
+
+def _calibrate_tensors(model: str, data: str, samples: int, out: pathlib.Path, overwrite: bool, skip_nonfinite: bool,
+                       for_recipes: str | None, observers: str | None, decode_steps: int, tokenizer: str | None,
+                       workers: int, threads: int | None, stream_layers: bool | None, kind: str, as_json: bool) -> None:
+    """`eqc calibrate --data INPUTS.npz`: statistics from named input tensors (graphs without text inputs)."""
+    from eqcompiler.artifact.atomic import check_output_file
+    from eqcompiler.calibration.calibrate import tqdm_progress
+    from eqcompiler.calibration.tensor_data import calibrate_tensors
+
+    given = [flag for flag, on in (("--decode-steps", decode_steps), ("--tokenizer", tokenizer), ("--workers", workers > 1),
+                                   ("--stream-layers", stream_layers)) if on]
+    if given:
+        raise EqcError(f"{given[0]} reads text windows; it does not go with --data .npz")
+    from eqcompiler.compile.recipes import KV_CACHE_TARGET, load_recipe
+
+    for name in (r.strip() for r in (for_recipes or "").split(",") if r.strip()):
+        # Refused before any work: the statistics file would be written and the search fail after it.
+        if name == KV_CACHE_TARGET or any(s["pass"] == "smooth_quant" for s in load_recipe(name)["passes"]):
+            raise EqcError(f"--for {name} reads text windows (the KV cache, SmoothQuant's alpha search); it does not "
+                           "go with --data .npz")
+    if threads is not None and threads < 1:
+        raise EqcError(f"--threads must be at least 1, got {threads}")
+    check_output_file(out, overwrite)
+    chosen = ",".join(_observers_to_collect(observers, for_recipes))
+    start = time.perf_counter()
+    progress, close = tqdm_progress("calibrate")
+    try:
+        stats = calibrate_tensors(model, data, samples, out=out, overwrite=overwrite, observers=chosen,
+                                  skip_nonfinite=skip_nonfinite, threads=threads, progress=progress)
+    finally:
+        close()
+    result = {"output": str(out), "tensors": len(stats.tensors), "kind": kind, **stats.meta, "workers": 1,
+              "seconds": round(time.perf_counter() - start, 2)}
+    result["searches"] = _store_searches(model, out, for_recipes)
+    _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors of a {kind} graph on {r['data']['samples']} "
+                                      f"samples of {data} ({', '.join(r['observers'])}) in {r['seconds']} s -> {out}"])
 
 
 def _store_searches(model: str, out: pathlib.Path, for_recipes: str | None) -> dict[str, Any]:
@@ -265,15 +333,19 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--plan", "plan_file", default=None, help="Recipe mixed: re-apply a saved per-layer precision plan.")
 @click.option("--save-plan", "save_plan_file", default=None, type=click.Path(path_type=pathlib.Path),
               help="Recipe mixed: write the per-layer precision plan used (JSON).")
+@kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
                 reduce_range: bool | None, cpu: str | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
                 ppl_windows: int | None,
                 sensitivity: str | None, sensitivity_cache: str | None, solver: str | None,
-                plan_file: str | None, save_plan_file: pathlib.Path | None, as_json: bool) -> None:
+                plan_file: str | None, save_plan_file: pathlib.Path | None, kind: str | None, input_map: str | None,
+                as_json: bool) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
     from eqcompiler.compile.request import CompileRequest, KvCacheRequest, PrecisionRequest, run
+
+    _choose_kind(model, kind, input_map)  # recorded in a foreign graph's compiled manifest (task, input_map)
 
     request = CompileRequest(
         model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
@@ -315,30 +387,49 @@ def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, o
 @click.option("--chunk", default=0, show_default=True,
               help="Perplexity through the KV cache: feed each window CHUNK tokens at a time (0: whole window at once).")
 @click.option("--tokenizer", default=None, metavar="DIR|FILE",
-              help="Perplexity: the tokenizer folder or tokenizer.json, for a model that came without one (a bare .onnx).")
+              help="Perplexity, --embed-ref: the tokenizer folder or tokenizer.json, for a model that came without one "
+                   "(a bare .onnx).")
 @click.option("--ort-config", "ort_config", multiple=True, metavar="KEY=VALUE",
               help="ONNX Runtime session config entry for every session (repeatable), e.g. "
                    "session.qdq_matmulnbits_accuracy_level=0 to keep weight-only int8 layers in float compute.")
+@click.option("--data", "data", default=None, metavar="INPUTS.npz",
+              help="Input samples (the layout of eqc calibrate --data): with --ref, the relative error and cosine of "
+                   "every output against the reference; the latency runs the first sample.")
+@click.option("--ref", "ref", default=None, help="With --data: the float model the outputs are compared with.")
+@click.option("--samples", "n_samples", default=None, type=int, help="With --data: samples to compare (default: all).")
+@kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
 def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, embed_ref: str | None,
              n_sentences: int, sentence_text: str | None, latency: bool, chunk: int, tokenizer: str | None,
-             ort_config: tuple[str, ...], as_json: bool) -> None:
+             ort_config: tuple[str, ...], data: str | None, ref: str | None, n_samples: int | None, kind: str | None,
+             input_map: str | None, as_json: bool) -> None:
     """Score MODEL (artifact folder or its model.onnx) through ONNX Runtime."""
     from eqcompiler.analysis import evaluate
     from eqcompiler.runtime import session as runtime
-    from eqcompiler.artifact.folder import resolve_artifact, size_bytes
+    from eqcompiler.artifact.folder import model_file, resolve_artifact, size_bytes
     from eqcompiler.lowering.cpu_features import saturation_warning
 
     if ort_config:
         os.environ[runtime.ORT_CONFIG_ENV] = ";".join(ort_config)
         runtime.ort_config_entries()  # refuse a malformed entry before any work
     art = resolve_artifact(model)
-    result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(art.folder if art.manifest else pathlib.Path(model)),
+    chosen = _choose_kind(model, kind, input_map)
+    result: dict[str, Any] = {"model": str(model), "size_bytes": size_bytes(model_file(art)),
                               "warnings": [w for w in [saturation_warning(art.manifest or {})] if w],
-                              "ort_config": runtime.ort_config_entries()}
-    if tokenizer is not None and (not ppl_text or chunk):
-        raise EqcError("--tokenizer goes with --ppl (without --chunk)")
+                              "ort_config": runtime.ort_config_entries(), "kind": chosen.kind}
+    if tokenizer is not None and not embed_ref and (not ppl_text or chunk):
+        raise EqcError("--tokenizer goes with --ppl (without --chunk) or --embed-ref")
+    if (ref or n_samples is not None) and not data:
+        raise EqcError("--ref and --samples go with --data INPUTS.npz")
+    if n_samples is not None and n_samples < 1:
+        raise EqcError(f"--samples must be at least 1, got {n_samples}")
+    if data and not ref and not latency:
+        raise EqcError("--data needs --ref FLOAT_MODEL (output error) or latency")
+    if data and ref:
+        from eqcompiler.analysis.output_error import output_error
+
+        result["output_error"] = output_error(model, ref, data, samples=n_samples)
     if ppl_text and chunk:
         from eqcompiler.runtime.decode import chunked_perplexity
 
@@ -349,11 +440,17 @@ def eval_cmd(model: str, ppl_text: str | None, max_tokens: int, window: int, emb
                                           progress=_progress("perplexity", not as_json), tokenizer=tokenizer))
     if embed_ref:
         text = sentence_text or _default_text()
-        result["embedding"] = evaluate.embedding_similarity(model, embed_ref, text, n_sentences)
+        result["embedding"] = evaluate.embedding_similarity(model, embed_ref, text, n_sentences, tokenizer=tokenizer)
     if latency:
-        result["latency"] = evaluate.decode_latency(model)
+        result["latency"] = evaluate.decode_latency(model, data=data)
     def lines(r: dict[str, Any]) -> list[str]:
-        out = [f"warning: {w}" for w in r["warnings"]] + [f"size: {r['size_bytes'] / 1e6:.1f} MB"]
+        out = [f"warning: {w}" for w in r["warnings"]] + [f"size: {r['size_bytes'] / 1e6:.1f} MB ({r['kind']})"]
+        if "output_error" in r:
+            e = r["output_error"]
+            out.append(f"outputs vs {e['reference']} on {e['samples']} samples: relative error max "
+                       f"{e['rel_error_max']:.4g}, cosine min {e['cosine_min']:.6f}")
+            out += [f"  {name}: rel. error mean {o['rel_error_mean']:.4g} max {o['rel_error_max']:.4g}, cosine mean "
+                    f"{o['cosine_mean']:.6f} min {o['cosine_min']:.6f}" for name, o in e["outputs"].items()]
         if "ppl" in r:
             out.append(f"perplexity: {r['ppl']:.3f} over {r['tokens']} tokens ({r['windows']} windows of {r['window']}"
                        + (f", through the cache in chunks of {r['chunk']})" if r.get("chunk") else ")"))
@@ -389,15 +486,26 @@ def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> Non
 @click.option("--warmup", default=2, show_default=True, help="Untimed runs before timing.")
 @click.option("--runs", default=10, show_default=True, help="Timed runs (median/min/max reported).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--batch-sizes", default="1", show_default=True, metavar="N[,N...]",
+              help="Encoders and causal LMs without a cache: batch sizes to time a forward at.")
+@click.option("--seq-lens", default=None, metavar="N[,N...]",
+              help="Encoders and causal LMs without a cache: sequence lengths to time (default: --prefill).")
+@click.option("--data", "data", default=None, metavar="INPUTS.npz",
+              help="Generic graphs: time the first sample (default: zeros shaped like the inputs).")
+@kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
-def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, runs: int, threads: int, as_json: bool) -> None:
-    """Prefill/decode latency, throughput, peak memory, size and KV bytes/token of MODELS, side by side."""
+def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, runs: int, threads: int, batch_sizes: str,
+              seq_lens: str | None, data: str | None, kind: str | None, input_map: str | None, as_json: bool) -> None:
+    """Latency, throughput, peak memory and size of MODELS, side by side: prefill/decode and KV bytes/token for
+    causal LMs with a cache, forward per batch and sequence length for encoders, forward per sample otherwise."""
     from eqcompiler.analysis.bench import bench, table
 
     if min(prefill, past, runs) < 1 or warmup < 0:
         raise EqcError("--prefill, --past and --runs must be >= 1, --warmup >= 0")
-    results = bench(list(models), prefill=prefill, past=past, warmup=warmup, runs=runs, threads=threads)
+    batches, seqs = _int_list("--batch-sizes", batch_sizes), _int_list("--seq-lens", seq_lens or str(prefill))
+    results = bench(list(models), prefill=prefill, past=past, warmup=warmup, runs=runs, threads=threads,
+                    batch_sizes=batches, seq_lens=seqs, data=data, kind=kind, input_map=input_map)
     if as_json:
         click.echo(json.dumps({"results": results}, indent=2, sort_keys=True))
     else:
@@ -405,15 +513,30 @@ def bench_cmd(models: tuple[str, ...], prefill: int, past: int, warmup: int, run
             click.echo(line)
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EqcError(f"{flag} takes comma-separated whole numbers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise EqcError(f"{flag} takes numbers >= 1, got '{text}'")
+    return values
+
+
 @main.command(name="inspect")
 @click.argument("model")
+@kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
-def inspect_cmd(model: str, as_json: bool) -> None:
-    """Op counts, quantized MatMuls (bits, granularity, activation kind), KV-cache format, size by precision."""
+def inspect_cmd(model: str, kind: str | None, input_map: str | None, as_json: bool) -> None:
+    """Model kind (and why), op counts, quantized MatMuls (bits, granularity, activation kind), KV-cache format,
+    size by precision."""
     from eqcompiler.analysis.inspect_model import inspect, lines
 
-    _emit(inspect(model), as_json, lines)
+    chosen = _choose_kind(model, kind, input_map)
+    result = inspect(model)
+    result["kind"] = {"kind": chosen.kind, "why": chosen.why, "source": chosen.source, "input_map": chosen.input_map}
+    _emit(result, as_json, lines)
 
 
 @main.command(name="report")

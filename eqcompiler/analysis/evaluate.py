@@ -28,7 +28,7 @@ def perplexity(model: str | pathlib.Path, text_path: str | pathlib.Path, max_tok
                tokenizer: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Perplexity over consecutive non-overlapping windows; each window scores tokens 2..window."""
     art = art_mod.resolve_artifact(model)
-    if art.task != "causal-lm":
+    if art.task not in ("causal-lm", "causal-lm-nocache"):
         raise EqcError(f"perplexity needs a causal LM; '{model}' is a {art.task} model")
     text, sha = read_text(text_path)
     ids = tokenize(load_tokenizer(art.folder, tokenizer), text, max_tokens=max_tokens)
@@ -72,10 +72,20 @@ def timed(fn: Callable[[], Any], warmup: int, runs: int) -> dict[str, float]:
 
 
 def decode_latency(model: str | pathlib.Path, past_len: int = 128, warmup: int = 3, runs: int = 20,
-                   threads: int | None = None) -> dict[str, Any]:
-    """Latency of one decode step (1 new token, `past_len` cached tokens, batch 1)."""
+                   threads: int | None = None, data: str | None = None) -> dict[str, Any]:
+    """Latency of one decode step (1 new token, `past_len` cached tokens, batch 1); without a cache, of one
+    forward (128 tokens; a generic graph: the first `data` sample, or zeros shaped like its inputs)."""
     art = art_mod.resolve_artifact(model)
     session = make_session(art_mod.model_file(art), threads=threads)
+    if art.task == "generic":
+        from eqcompiler.analysis.output_error import sample_feed
+
+        feed = sample_feed(session, art_mod.model_file(art), data)
+        result = timed(lambda: session.run(None, feed), warmup, runs)
+        return {**result, "what": "forward, first --data sample" if data else "forward, zero inputs"}
+    if art.task == "causal-lm-nocache":
+        feed = causal_feed(session, np.ones((1, 128), dtype=np.int64))
+        return {**timed(lambda: session.run(None, feed), warmup, runs), "what": "forward, 128 tokens, no cache"}
     if art.task != "causal-lm":
         ids = np.ones((1, 128), dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": ids, "token_type_ids": np.zeros_like(ids)}
@@ -108,12 +118,13 @@ def sentences(text: str, count: int, min_words: int = 6, max_words: int = 60) ->
     return picked
 
 
-def embeddings(model: str | pathlib.Path, texts: list[str], batch: int = 16, threads: int | None = None) -> np.ndarray:
+def embeddings(model: str | pathlib.Path, texts: list[str], batch: int = 16, threads: int | None = None,
+               tokenizer: str | pathlib.Path | None = None) -> np.ndarray:
     """Mean-pooled (mask-aware) last hidden states of an encoder artifact, [n, hidden]."""
     art = art_mod.resolve_artifact(model)
     if art.task != "encoder":
         raise EqcError(f"embeddings need an encoder model; '{model}' is a {art.task} model")
-    tok = load_tokenizer(art.folder)
+    tok = load_tokenizer(art.folder, tokenizer)
     session = make_session(art_mod.model_file(art), threads=threads)
     out = []
     for i in range(0, len(texts), batch):
@@ -127,9 +138,16 @@ def embeddings(model: str | pathlib.Path, texts: list[str], batch: int = 16, thr
 
 
 def embedding_similarity(model: str | pathlib.Path, reference: str | pathlib.Path, text_path: str | pathlib.Path,
-                         count: int = 200) -> dict[str, Any]:
+                         count: int = 200, tokenizer: str | pathlib.Path | None = None) -> dict[str, Any]:
+    """Cosine of the two models' sentence embeddings; `tokenizer` (--tokenizer) serves a side that came without
+    one (a bare .onnx), the other keeps its own."""
     text, _ = read_text(text_path)
     sents = sentences(text, count)
-    a, b = embeddings(model, sents), embeddings(reference, sents)
+
+    def own_or_given(m: str | pathlib.Path) -> str | pathlib.Path | None:
+        return None if art_mod.resolve_artifact(m).manifest.get("format") == art_mod.MANIFEST_FORMAT else tokenizer
+
+    a = embeddings(model, sents, tokenizer=own_or_given(model))
+    b = embeddings(reference, sents, tokenizer=own_or_given(reference))
     cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "sentences": len(sents)}

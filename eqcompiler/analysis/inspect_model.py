@@ -144,13 +144,17 @@ def inspect(model: str | pathlib.Path) -> dict[str, Any]:
                      "bits": (kv.get("quantized") or {}).get("bits"), "bytes_per_token": kv.get("bytes_per_token")} if kv else None,
         "runtime_graph": _runtime_graph(graph, ops),
         "size_by_precision": _size_by_precision(graph),
-        "size_bytes": art_mod.size_bytes(art.folder if art.manifest else pathlib.Path(model)),
+        "size_bytes": art_mod.size_bytes(art_mod.model_file(art)),
     }
 
 
 def lines(result: dict[str, Any]) -> list[str]:
     out = [f"{result['model']}: recipe {result['recipe']}, target {result['target']}, {result['nodes']} nodes, "
            f"{result['size_bytes'] / 1e6:.1f} MB"]
+    kind = result.get("kind")
+    if kind:
+        mapped = ", ".join(f"{n} as {r}" for n, r in kind["input_map"].items())
+        out.append(f"kind: {kind['kind']} ({kind['source']}: {kind['why']})" + (f"; inputs read {mapped}" if mapped else ""))
     out.append("ops: " + ", ".join(f"{k} {v}" for k, v in list(result["op_counts"].items())[:12])
                + (" ..." if len(result["op_counts"]) > 12 else ""))
     out.append(f"linear layers: {result['linear_layers']} ({result['quantized_matmuls']} quantized)")

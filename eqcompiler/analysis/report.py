@@ -86,12 +86,14 @@ def _metrics(models: list[str], ppl_text: str | None, ppl_tokens: int, speed: bo
     for model, sp in zip(models, speeds):
         art = art_mod.resolve_artifact(model)
         row: dict[str, Any] = {"model": str(model), "label": _label(model),
-                               "size_bytes": art_mod.size_bytes(art.folder if art.manifest else pathlib.Path(model))}
-        if ppl_text:
+                               "size_bytes": art_mod.size_bytes(art_mod.model_file(art))}
+        if ppl_text and art.task in ("causal-lm", "causal-lm-nocache"):  # an encoder's row has no perplexity
             row["ppl"] = evaluate.perplexity(model, ppl_text, max_tokens=ppl_tokens, window=min(512, ppl_tokens))["ppl"]
-        if sp:
+        if sp and "decode" in sp:
             row.update(prefill_ms=sp["prefill"]["median_ms"], decode_ms=sp["decode"]["median_ms"],
                        peak_rss_mb=sp["peak_rss_mb"], kv_bytes_per_token=(sp["kv_cache"] or {}).get("bytes_per_token"))
+        elif sp:  # encoders and graphs without a cache: one forward of batch 1 x --prefill tokens (bench)
+            row.update(forward_ms=sp["forward"][0]["median_ms"], peak_rss_mb=sp["peak_rss_mb"])
         rows.append(row)
     return rows
 
@@ -99,7 +101,7 @@ def _metrics(models: list[str], ppl_text: str | None, ppl_tokens: int, speed: bo
 def _table(rows: list[dict[str, Any]]) -> str:
     ref = rows[0]
     cols = [("label", "model"), ("size_bytes", "size (MB)"), ("ppl", "perplexity"), ("prefill_ms", "prefill (ms)"),
-            ("decode_ms", "decode step (ms)"), ("peak_rss_mb", "peak RSS (MB)"), ("kv_bytes_per_token", "KV bytes/token")]
+            ("decode_ms", "decode step (ms)"), ("forward_ms", "forward (ms)"), ("peak_rss_mb", "peak RSS (MB)"), ("kv_bytes_per_token", "KV bytes/token")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
     body = []
@@ -113,7 +115,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"<td title='{html.escape(r['model'])}'>{html.escape(v)}</td>")
             elif key == "size_bytes":
                 cells.append(f"<td>{v / 1e6:.1f} <span class=r>({v / ref['size_bytes']:.2f}x)</span></td>")
-            elif key in ("prefill_ms", "decode_ms") and ref.get(key):
+            elif key in ("prefill_ms", "decode_ms", "forward_ms") and ref.get(key):
                 cells.append(f"<td>{v:.1f} <span class=r>({v / ref[key]:.2f}x)</span></td>")
             elif key == "ppl":
                 cells.append(f"<td>{v:.3f}</td>")
@@ -305,7 +307,8 @@ def build_report(out: pathlib.Path, models: list[str], ppl_text: str | None = No
     if ppl_text:
         notes.append(f"perplexity on <code>{html.escape(str(ppl_text))}</code>, first {ppl_tokens} tokens, windows of {min(512, ppl_tokens)}")
     if speed:
-        notes.append(f"speed: ONNX Runtime CPU, 2 threads, prefill {prefill} tokens, decode 1 token with {past} cached, "
+        notes.append(f"speed: ONNX Runtime CPU, 2 threads, prefill {prefill} tokens, decode 1 token with {past} cached "
+                     f"(encoders: one forward of 1 x {prefill} tokens), "
                      f"median of {runs} runs after 1 warm-up, each model in its own process; ratios vs the first row")
     parts.append("<p class=note>" + "<br>".join(notes) + "</p>")
     figures = 0

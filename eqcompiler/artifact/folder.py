@@ -46,7 +46,12 @@ class Artifact:
 
     @property
     def task(self) -> str:
-        return self.manifest.get("task", "causal-lm")
+        """The model kind (artifact/model_kind.py): the eqc manifest's task, else --kind or the detected kind."""
+        if self.manifest.get("format") == MANIFEST_FORMAT:
+            return self.manifest.get("task", "causal-lm")
+        from eqcompiler.artifact.model_kind import kind_of
+
+        return kind_of(model_file(self))
 
     @property
     def kv_cache(self) -> dict[str, Any] | None:

@@ -27,9 +27,12 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     if not text and not (stats_meta.get("data") or {}).get("path"):
         raise EqcError("the SmoothQuant alpha search needs calibration text: statistics from `eqc calibrate` "
                        "record theirs, or set the smooth_quant option 'data'")
+    if (stats_meta.get("data") or {}).get("format") == "npz" and not text:
+        raise EqcError("the SmoothQuant alpha search runs text windows; statistics from --data .npz have none: use "
+                       "recipe w8a8 (or w8), or give smooth_quant a fixed alpha")
     seq_len = int((stats_meta.get("data") or {}).get("seq_len") or 512)
     content = read_text(text)[0] if text else recorded_text(stats_meta)[0]
-    causal = art.task == "causal-lm"
+    causal = art.task in ("causal-lm", "causal-lm-nocache")
     tokenizer = load_tokenizer(art.folder, recorded_tokenizer(stats_meta))  # calibration's own
     ids, _ = calibration_ids(tokenizer, content, seq_len, count, causal)
     session = instrumented_session(art_mod.model_file(art), names)

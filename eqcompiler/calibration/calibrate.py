@@ -103,10 +103,13 @@ class Calibrator:
         self.text_path = text_path
         self.observers = parse_observers(observers)
         self.seq_len, self.decode_steps, self.skip_nonfinite, self.threads = seq_len, decode_steps, skip_nonfinite, threads
-        self.causal = self.art.task == "causal-lm"
+        if self.art.task not in ("causal-lm", "causal-lm-nocache", "encoder"):
+            raise EqcError(f"'{model}' is a {self.art.task} graph (no text inputs): calibrate it with --data "
+                           "INPUTS.npz (docs/bring-your-own-onnx.md), or state its kind with --kind")
+        self.causal = self.art.task in ("causal-lm", "causal-lm-nocache")
         if decode_steps and not self.causal:
             raise EqcError(f"--decode-steps needs a causal LM; '{model}' is a {self.art.task} model")
-        if "kv" in self.observers and not self.causal:
+        if "kv" in self.observers and self.art.task != "causal-lm":
             raise EqcError(f"the 'kv' observer needs a causal LM with a KV cache; '{model}' is a {self.art.task} model")
         self.linear_inputs = observed_tensors(self.model_path)  # the model is checked first, then the text
         text, self.text_sha = read_text(text_path)

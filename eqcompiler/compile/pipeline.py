@@ -152,6 +152,10 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         art_mod.carry_tokenizer(pathlib.Path(tokenizer), stage)
     # Nothing about the run (its time, the host) goes into the artifact: the same inputs give the same bytes.
     manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
+    if art.manifest.get("format") != art_mod.MANIFEST_FORMAT:  # a foreign graph: its kind and input names travel
+        from eqcompiler.artifact.model_kind import active_input_map
+
+        manifest.update(task=art.task, input_map=active_input_map() or {})
     manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
     manifest["target"] = target
     manifest["cpu"] = cpu

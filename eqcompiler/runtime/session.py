@@ -56,12 +56,76 @@ def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
     try:
         # MatMulAddFusion rebuilds an int8 activation QuantizeLinear with a uint8 zero point on some
         # static-shape graphs and then refuses the graph it made (found by tools/fuzz_recipes.py).
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=["MatMulAddFusion"])
+        session = ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=["MatMulAddFusion"])
     except Exception as exc:  # ORT raises its own exception types with multi-line messages
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = external_data_dir if isinstance(model, bytes) else model
         raise EqcError(f"ONNX Runtime cannot load '{where}': {first}") from None
+    from eqcompiler.artifact.model_kind import active_input_map
+
+    mapping = active_input_map()
+    return session if mapping is None else MappedSession(session, mapping)
+
+
+class _Renamed:
+    """A NodeArg under its role's name (shape and type unchanged)."""
+
+    def __init__(self, arg: Any, name: str) -> None:
+        self.name, self.shape, self.type = name, arg.shape, arg.type
+
+
+class MappedSession:
+    """A session on a graph eqc did not export (artifact/model_kind.py): it shows the graph's inputs under their
+    roles (input_ids, attention_mask, ...), renames the feeds eqc builds to the graph's names, and drops a role
+    feed the graph does not take (a BERT exported without token_type_ids)."""
+
+    def __init__(self, session: ort.InferenceSession, mapping: dict[str, str]) -> None:
+        self._session = session
+        self._graph_inputs = {i.name for i in session.get_inputs()}
+        # Only names this graph has: a reference model beside a mapped one (eval --embed-ref) keeps its own names.
+        self._to_graph = {role: name for name, role in mapping.items() if name in self._graph_inputs}
+
+    def __getattr__(self, attr: str) -> Any:  # everything else: the session's own
+        return getattr(self._session, attr)
+
+    def get_inputs(self) -> list[Any]:
+        roles = {name: role for role, name in self._to_graph.items()}
+        return [_Renamed(i, roles.get(i.name, i.name)) for i in self._session.get_inputs()]
+
+    def graph_feed(self, feed: dict[str, Any]) -> dict[str, Any]:
+        renamed = {self._to_graph.get(k, k): v for k, v in feed.items()}
+        return {k: v for k, v in renamed.items() if k in self._graph_inputs}
+
+    def run(self, output_names: Any, feed: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return self._session.run(output_names, self.graph_feed(feed), *args, **kwargs)
+
+    def io_binding(self) -> "_MappedBinding":  # the KV-cache loop (runtime/decode.py) binds inputs by role
+        return _MappedBinding(self._session.io_binding(), self._to_graph, self._graph_inputs)
+
+    def run_with_iobinding(self, binding: Any, *args: Any) -> Any:
+        return self._session.run_with_iobinding(getattr(binding, "binding", binding), *args)
+
+
+class _MappedBinding:
+    """An IOBinding that binds a role's input under the graph's name (and skips a role the graph does not take)."""
+
+    def __init__(self, binding: Any, to_graph: dict[str, str], graph_inputs: set[str]) -> None:
+        self.binding, self._to_graph, self._graph_inputs = binding, to_graph, graph_inputs
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.binding, attr)
+
+    def _bind(self, method: str, name: str, value: Any) -> None:
+        name = self._to_graph.get(name, name)
+        if name in self._graph_inputs:
+            getattr(self.binding, method)(name, value)
+
+    def bind_cpu_input(self, name: str, value: Any) -> None:
+        self._bind("bind_cpu_input", name, value)
+
+    def bind_ortvalue_input(self, name: str, value: Any) -> None:
+        self._bind("bind_ortvalue_input", name, value)
 
 
 def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
