@@ -1,0 +1,187 @@
+"""Edge targets (issue 24): `--target ort-mobile` (model.ort + the reduced-build operator list, made by
+onnxruntime's own converter), `--target web` (weights folded at load for onnxruntime-web), and the refusal of
+graphs an edge runtime cannot run (exit 2, one line, nothing written)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_eqc
+
+
+def _session(path: pathlib.Path, level=None, optimized: pathlib.Path | None = None, config: dict | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    if level is not None:
+        opts.graph_optimization_level = level
+    if optimized is not None:
+        opts.optimized_model_filepath = str(optimized)
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _logits(path: pathlib.Path, ids: np.ndarray, level=None) -> np.ndarray:
+    from eqcompiler.runtime.session import causal_feed
+
+    sess = _session(path, level)
+    return sess.run(["logits"], causal_feed(sess, ids))[0]
+
+
+IDS = (np.arange(3, 51, dtype=np.int64)[None] * 7) % 500
+
+
+@pytest.fixture(scope="module")
+def edge_artifacts(tiny_artifact, tmp_path_factory) -> dict[str, pathlib.Path]:
+    from eqcompiler.compile.pipeline import compile_model
+
+    root = tmp_path_factory.mktemp("edge")
+    src = tiny_artifact("llama")
+    out = {}
+    for recipe in ("w8", "w4-rtn"):
+        for target in ("portable", "ort-mobile", "web"):
+            out[f"{recipe}-{target}"] = root / f"{recipe}-{target}"
+            compile_model(src, recipe, out[f"{recipe}-{target}"], target=target)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4-rtn"])
+def test_ort_mobile_model_ort_gives_the_onnx_logits(edge_artifacts, recipe):
+    art = edge_artifacts[f"{recipe}-ort-mobile"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"] == "ort-mobile"
+    assert manifest["runtime_requirements"]["ort_format"]["model"] == "model.ort"
+    a = _logits(art / "model.ort", IDS)  # onnxruntime loads the ORT-format model itself
+    b = _logits(art / "model.onnx", IDS)
+    assert a.shape == b.shape == (1, IDS.shape[1], a.shape[-1])
+    # The .ort graph is the .onnx graph after ORT's own optimizations: the same kernels, the same numbers.
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    # and the QDQ numerics of the portable artifact, up to MatMulNBits' int8 activations (accuracy level 4)
+    p = _logits(edge_artifacts[f"{recipe}-portable"] / "model.onnx", IDS)
+    assert np.abs(a - p).max() < 0.05 * np.abs(p).max()
+
+
+def _config_ops(path: pathlib.Path) -> set[tuple[str, str]]:
+    ops = set()
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            domain, _opset, names = line.split(";")
+            ops |= {(domain, name) for name in names.split(",")}
+    return ops
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4-rtn"])
+def test_ort_mobile_operator_config_lists_the_graph_ops(edge_artifacts, recipe, tmp_path):
+    import onnxruntime as ort
+
+    art = edge_artifacts[f"{recipe}-ort-mobile"]
+    config = art / "model.required_operators.config"
+    listed = _config_ops(config)
+    # Independently: the graph ORT runs for this artifact, optimized as the converter does (level all, ARM: no
+    # NCHWc layout, int8 QDQ allowed), saved as ONNX.
+    copy = tmp_path / "m"
+    shutil.copytree(art, copy)
+    _session(copy / "model.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized=copy / "opt.onnx",
+             config={"session.qdqisint8allowed": "1", "session.disable_aot_function_inlining": "0"})
+    opt = onnx.load(str(copy / "opt.onnx"), load_external_data=False)
+    graph_ops = {("ai.onnx" if n.domain in ("", "ai.onnx") else n.domain, n.op_type) for n in opt.graph.node}
+    assert graph_ops - {("ai.onnx", "Constant")} == listed
+    # what the w4 graph needs from a minimal build: the 4-bit kernel, the fused attention, the ONNX ops
+    if recipe == "w4-rtn":
+        assert {("com.microsoft", "MatMulNBits"), ("com.microsoft", "GroupQueryAttention"), ("ai.onnx", "MatMul")} <= listed
+    # the manifest records the same list, and the ops/opsets of model.onnx
+    needs = json.loads((art / "manifest.json").read_text())["runtime_requirements"]
+    recorded = {(d, op) for d, by_opset in needs["ort_format"]["ops"].items() for ops in by_opset.values() for op in ops}
+    assert recorded == listed
+    assert needs["ops"]["ai.onnx"]["opset"] == 21 and "MatMul" in needs["ops"]["ai.onnx"]["ops"]
+    assert needs["provider"] == "CPUExecutionProvider"
+    assert str(tmp_path.parent) not in config.read_text() and ".tmp-" not in config.read_text()
+
+
+@pytest.mark.parametrize("recipe", ["w8", "w4-rtn"])
+def test_web_weights_fold_to_the_qdq_numbers(edge_artifacts, recipe, tmp_path):
+    import onnxruntime as ort
+
+    web, portable = edge_artifacts[f"{recipe}-web"], edge_artifacts[f"{recipe}-portable"]
+    ref = _logits(portable / "model.onnx", IDS, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)  # QDQ as written
+    as_written = _logits(web / "model.onnx", IDS, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    assert np.array_equal(as_written, ref)  # (q - zp) * scale, the same float operations as DequantizeLinear
+    folded = _logits(web / "model.onnx", IDS)
+    assert np.abs(folded - ref).max() <= 1e-5 * np.abs(ref).max()
+    # no weight is dequantized at run time: after ORT's basic (constant-folding) level every linear weight is a
+    # float initializer, and the unpacking ops are gone
+    copy = tmp_path / "w"
+    shutil.copytree(web, copy)
+    _session(copy / "model.onnx", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized=copy / "opt.onnx")
+    opt = onnx.load(str(copy / "opt.onnx"), load_external_data=False)
+    inits = {i.name: i for i in opt.graph.initializer}
+    float_weights = [n for n in opt.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                     and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+    assert len(float_weights) == 15  # 2 layers x 7 projections + lm_head; the other 4 MatMuls are attention
+    assert not any(n.op_type == "Mod" for n in opt.graph.node)
+    # storage stays quantized: the web artifact's weights take the portable QDQ artifact's bytes (4-bit zero points
+    # take a byte instead of a nibble)
+    data = lambda folder: (folder / "model.onnx.data").stat().st_size  # noqa: E731
+    assert data(portable) <= data(web) < 1.1 * data(portable)
+    manifest = json.loads((web / "manifest.json").read_text())
+    assert manifest["runtime_requirements"]["provider"] == "wasm"
+    # 14 projections + the lm_head; the embedding table is gathered int8 and its rows dequantized (cheap)
+    assert manifest["quantization"]["report"]["lower_weights_for_web"]["lowered"] == 15
+
+
+def _eqc_op_recipe(tmp_path: pathlib.Path) -> pathlib.Path:
+    recipe = tmp_path / "w8-eqc-ops.json"
+    recipe.write_text(json.dumps({"name": "w8-eqc-ops", "passes": [
+        {"pass": "quantize_weights", "options": {"bits": 8, "symmetric": True, "block_size": 0}},
+        {"pass": "lower_int8_weight_gemm", "options": {}}]}))
+    return recipe
+
+
+@pytest.mark.parametrize("target", ["ort-mobile", "web"])
+def test_edge_target_refuses_eqc_ops_in_one_line(llama, tmp_path, target):
+    out = tmp_path / "out"
+    proc = run_eqc("compile", llama, "--recipe", _eqc_op_recipe(tmp_path), "--target", target, "-o", out, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ai.eqc::Int8WeightGemm" in lines[0] and f"--target {target}" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written
+
+
+def test_edge_target_refuses_ops_onnxruntime_has_no_kernel_for(llama, tmp_path):
+    """A bare .onnx with an ONNX op ORT's CPU provider lacks (ImageDecoder) and an op of an unknown domain."""
+    proto = onnx.load(str(llama / "model.onnx"), load_external_data=False)
+    onnx.load_external_data_for_model(proto, str(llama))
+    graph = proto.graph
+    graph.input.append(onnx.helper.make_tensor_value_info("jpeg", onnx.TensorProto.UINT8, [None]))
+    graph.node.append(onnx.helper.make_node("ImageDecoder", ["jpeg"], ["pixels"]))
+    graph.node.append(onnx.helper.make_node("Blur", ["pixels"], ["blurred"], domain="com.example"))
+    graph.output.append(onnx.helper.make_tensor_value_info("blurred", onnx.TensorProto.UINT8, None))
+    proto.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(proto, str(src / "custom.onnx"), save_as_external_data=True, location="custom.onnx.data")
+    out = tmp_path / "out"
+    proc = run_eqc("compile", src / "custom.onnx", "--recipe", "none", "--target", "ort-mobile", "-o", out, check=False)
+    assert proc.returncode == 2, proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "cannot run 2 op types" in line and "ImageDecoder (opset 21)" in line and "com.example::Blur" in line
+    assert not out.exists()
+
+
+def test_edge_target_keeps_function_ops_and_constant(llama):
+    """Ops ORT expands (ONNX functions) or resolves at load (Constant) are not refused."""
+    import onnx_ir as ir
+
+    from eqcompiler.lowering.edge import unrunnable_ops
+
+    model = ir.serde.deserialize_model(onnx.load(str(llama / "model.onnx"), load_external_data=False))
+    assert unrunnable_ops(model) == []
