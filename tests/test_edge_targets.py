@@ -185,3 +185,29 @@ def test_edge_target_keeps_function_ops_and_constant(llama):
 
     model = ir.serde.deserialize_model(onnx.load(str(llama / "model.onnx"), load_external_data=False))
     assert unrunnable_ops(model) == []
+
+
+def test_web_weights_are_split_into_files_a_page_can_fetch(tiny_artifact, edge_artifacts, tmp_path, monkeypatch):
+    """Over the per-file limit, the external data is split (whole tensors); the graph names each file, the
+    manifest lists them in order, and the logits do not change."""
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.lowering import edge
+
+    monkeypatch.setattr(edge, "WEB_MAX_FILE_BYTES", 32 << 10)
+    out = tmp_path / "split"
+    manifest = compile_model(tiny_artifact("llama"), "w4-rtn", out, target="web")
+    web = manifest["runtime_requirements"]["web_files"]
+    assert len(web["external_data"]) >= 2 and web["external_data"][0] == "model.onnx.data"
+    assert web["external_data"][1:] == [f"model.onnx.data.{i}" for i in range(1, len(web["external_data"]))]
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    tensors_in: dict[str, int] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            tensors_in[location] = tensors_in.get(location, 0) + 1
+    assert sorted(tensors_in) == sorted(web["external_data"])
+    for name in web["external_data"]:
+        assert (out / name).stat().st_size == web["files"][name]
+        assert web["files"][name] <= (32 << 10) or tensors_in[name] == 1  # a bigger tensor gets a file of its own
+    whole = edge_artifacts["w4-rtn-web"]
+    assert np.array_equal(_logits(out / "model.onnx", IDS), _logits(whole / "model.onnx", IDS))

@@ -116,7 +116,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
                   recipe: dict[str, Any], recipe_name: str, calib: str | None, parent: dict[str, Any] | None,
                   target: str, target_warnings: list[str], cpu: str) -> dict[str, Any]:
     """compile_model's work, inside the claimed output's staging folder `stage`; returns the manifest."""
-    from eqcompiler.lowering.edge import EDGE_TARGETS, graph_ops, refuse_unrunnable, write_ort_format
+    from eqcompiler.lowering.edge import EDGE_TARGETS, graph_ops, lay_out_for_web, refuse_unrunnable, write_ort_format
     from eqcompiler.lowering.targets import runtime_requirements
 
     stats = None
@@ -145,6 +145,8 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     art_mod.save_ir(ir_model, stage)
     _check_graph(stage / art_mod.MODEL_FILE, brought)
     ort_format = write_ort_format(stage) if target == "ort-mobile" else None
+    if target == "web":  # files a page fetches whole, named as the graph's external-data locations
+        ort_format = {"web_files": lay_out_for_web(stage)}
     if art.manifest:
         art_mod.copy_carried_files(art.folder, stage)
     elif stats is not None and (stats.meta.get("data") or {}).get("tokenizer"):

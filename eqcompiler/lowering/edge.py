@@ -152,3 +152,66 @@ def read_ops_config(path: pathlib.Path) -> dict[str, dict[str, list[str]]]:
         domain, opset, names = line.split(";", 2)
         ops.setdefault(domain, {})[opset] = sorted(n.split("{")[0].strip() for n in names.split(",") if n.strip())
     return ops
+
+
+# A page fetches each external-data file into one ArrayBuffer and hands it to onnxruntime-web by the exact
+# `location` string the graph names; browsers cap one buffer (Chromium: 2 GiB on some builds), and a file no
+# larger than this loads everywhere. Larger weights are split over model.onnx.data, model.onnx.data.1, ...
+WEB_MAX_FILE_BYTES = (2 << 30) - (64 << 20)
+WEB_MAX_GRAPH_BYTES = WEB_MAX_FILE_BYTES
+
+
+def lay_out_for_web(folder: pathlib.Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """Split folder/model.onnx's external data into files of at most `max_bytes` (whole tensors, in graph order;
+    a tensor larger than that gets a file of its own) and return what the manifest records: each file and its
+    size, in the order the page passes them to onnxruntime-web as `externalData`."""
+    from eqcompiler.artifact import folder as art_mod
+
+    max_bytes = WEB_MAX_FILE_BYTES if max_bytes is None else max_bytes
+    folder = pathlib.Path(folder)
+    model_path = folder / art_mod.MODEL_FILE
+    proto = onnx.load(str(model_path), load_external_data=False)
+    source = folder / art_mod.DATA_FILE
+    if source.is_file() and source.stat().st_size > max_bytes:
+        _split_external_data(proto, folder, source, max_bytes)
+        onnx.save(proto, str(model_path))
+    files = {art_mod.MODEL_FILE: model_path.stat().st_size}
+    for location in art_mod.external_data_locations(proto):
+        files[location] = (folder / location).stat().st_size
+    if files[art_mod.MODEL_FILE] > WEB_MAX_GRAPH_BYTES:  # ir.save keeps the weights outside; only a huge graph
+        raise EqcError(f"--target web: the graph file is {files[art_mod.MODEL_FILE]} bytes, over the "
+                       f"{WEB_MAX_GRAPH_BYTES} a page can fetch in one buffer")
+    return {"files": files, "external_data": [loc for loc in files if loc != art_mod.MODEL_FILE]}
+
+
+def _split_external_data(proto: onnx.ModelProto, folder: pathlib.Path, source: pathlib.Path, max_bytes: int) -> None:
+    tensors = [t for t in onnx.external_data_helper._get_all_tensors(proto)
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    out, index, written = None, 0, 0
+    with open(source, "rb") as src:
+        try:
+            for tensor in tensors:
+                info = {e.key: e.value for e in tensor.external_data}
+                length = int(info.get("length", 0))
+                if out is None or (written and written + length > max_bytes):
+                    if out is not None:
+                        out.close()
+                        index += 1
+                    name = source.name + (f".{index}" if index else "")
+                    out, written = open(folder / (name + ".part"), "wb"), 0
+                src.seek(int(info.get("offset", 0)))
+                data = src.read(length)
+                pad = -written % 4096  # aligned offsets, as onnx and ir write them
+                out.write(b"\0" * pad)
+                written += pad
+                del tensor.external_data[:]
+                for key, value in (("location", name), ("offset", str(written)), ("length", str(len(data)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                out.write(data)
+                written += len(data)
+        finally:
+            if out is not None:
+                out.close()
+    for part in folder.glob(source.name + "*.part"):
+        part.replace(part.with_suffix(""))
