@@ -15,11 +15,14 @@ Matched: DequantizeLinear(q, scale[, zero_point]) with every input a constant (w
 activation and KV-cache quantizers are left alone), int8/uint8/int4/uint4 codes, per tensor, per axis or
 blocked. Rewritten as the ONNX definition of DequantizeLinear, (q - zero_point) * scale, with
   8-bit codes:  Cast(q -> float)
-  4-bit codes:  stored packed two per uint8 byte (the same bytes as int4), unpacked by Cast/Mod/Div/Concat/
-                Reshape on int32 (every op onnxruntime-web has), sign-extended for int4, then Cast to float
-  blocked scales: Unsqueeze/Expand/Reshape(/Slice) from [.., K/B, ..] to [.., K, ..]
-The weight storage stays int8 / packed int4 (the file size of the QDQ artifact); in memory, after loading,
-the weights take float32 size (reported, and a warning above 2 GiB: wasm32 memory ends at 4 GiB).
+  4-bit codes:  stored packed two per uint8 byte (offset-binary, the halves of the first axis in the low and
+                high nibbles), unpacked by BitwiseAnd / BitShift / Concat on uint8, u - zp in int8, one Cast to float
+  blocked scales (and zero points): one Gather of the block rows, [K/B, N] -> [K, N]
+ORT's constant folding keeps every intermediate it computes until the pass ends, so the chains are kept short:
+a first 4-bit form (int32 unpacking, Expand/Reshape/Slice scales) needed 6 GB to load SmolLM2 natively and ran
+out of WASM memory in Chromium; the int8 form peaks at 1.3 GB. The weight storage stays int8 / packed int4
+(the QDQ artifact's size); in memory, after loading, the weights take float32 size (reported, and a warning
+above 2 GiB: wasm32 memory ends at 4 GiB).
 """
 from __future__ import annotations
 
@@ -104,34 +107,16 @@ class LowerWeightsForWebPass(EqcPass):
                 self._shared[key] = new_initializer(graph, f"web_{suffix}", array)
             return self._shared[key]
 
+        zp = zp_value.const_value.numpy().astype(np.int32) if zp_value is not None else None
         if bits == 8:
             codes = op("Cast", q_value, to=float_type)
+            if zp is not None and zp.any():  # stored as 8-bit integers, cast at load
+                zp_codes = self._per_axis(zp.astype(np.int8 if signed else np.uint8), shape, axis, block, op, const,
+                                          shared, "zero_point")
+                codes = op("Sub", codes, op("Cast", zp_codes, to=float_type))
+            weight = op("Mul", codes, self._per_axis(scale, shape, axis, block, op, const, shared, "scale"))
         else:
-            codes = op("Cast", self._unpacked_int4(q_value, shape, signed, op, const, shared), to=float_type)
-
-        def broadcast(arr: np.ndarray, suffix: str) -> ir.Value:
-            """`arr` (a scale, or zero points as int8/uint8) shaped to broadcast against the codes, as float."""
-            if arr.size == 1 and not block:
-                value = const(suffix, arr.reshape(()))
-            elif not block:  # per axis: [d_axis] -> [d_axis, 1, ...]
-                value = const(suffix, arr.reshape([shape[axis]] + [1] * (rank - 1 - axis)))
-            else:
-                blocks = arr.shape[axis]
-                value = op("Unsqueeze", const(suffix, arr), shared("axis", np.array([axis + 1], np.int64)))
-                expanded = list(arr.shape[:axis]) + [blocks, block] + list(arr.shape[axis + 1:])
-                value = op("Expand", value, shared("expand", np.array(expanded, np.int64)))
-                merged = list(arr.shape[:axis]) + [blocks * block] + list(arr.shape[axis + 1:])
-                value = op("Reshape", value, shared("merge", np.array(merged, np.int64)))
-                if blocks * block != shape[axis]:
-                    value = op("Slice", value, shared("zero", np.array([0], np.int64)),
-                               shared("end", np.array([shape[axis]], np.int64)), shared("axis", np.array([axis], np.int64)))
-            return value if arr.dtype == scale.dtype else op("Cast", value, to=float_type)
-
-        if zp_value is not None:
-            zp = zp_value.const_value.numpy().astype(np.int32)
-            if zp.any():  # stored as 8-bit integers (a float copy would cost as much as the scales), cast at load
-                codes = op("Sub", codes, broadcast(zp.astype(np.int8 if signed else np.uint8), "zero_point"))
-        weight = op("Mul", codes, broadcast(scale, "scale"))
+            weight = self._int4_weight(q_value, zp, scale, shape, axis, block, signed, float_type, op, const, shared)
         for node in nodes:
             graph.insert_before(dq, node)
         weight.shape, weight.dtype = dq.outputs[0].shape, dq.outputs[0].dtype or float_type
@@ -141,23 +126,45 @@ class LowerWeightsForWebPass(EqcPass):
         return int(np.prod(shape)) * np.dtype(scale.dtype).itemsize
 
     @staticmethod
-    def _unpacked_int4(q_value, shape, signed, op, const, shared) -> ir.Value:
-        """int32 codes of shape `shape` from the 4-bit weight stored packed two per uint8 (low nibble first)."""
-        q = q_value.const_value.numpy().astype(np.int32).ravel()
-        nibbles = (q & 0xF).astype(np.uint8)
-        if nibbles.size % 2:
-            nibbles = np.append(nibbles, np.uint8(0))
-        packed = const("packed", (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8))
-        as_int = op("Cast", packed, to=ir.DataType.INT32)
-        sixteen = shared("sixteen", np.array(16, np.int32))
-        last = shared("last", np.array([-1], np.int64))
-        low = op("Unsqueeze", op("Mod", as_int, sixteen), last)
-        high = op("Unsqueeze", op("Div", as_int, sixteen), last)
-        flat = op("Reshape", op("Concat", low, high, axis=-1), last)
-        if q.size % 2:
-            flat = op("Slice", flat, shared("zero", np.array([0], np.int64)), shared("end", np.array([q.size], np.int64)))
-        codes = op("Reshape", flat, shared("shape", np.array(shape, np.int64)))
-        if signed:  # two's complement nibble: ((u + 8) mod 16) - 8
-            eight = shared("eight", np.array(8, np.int32))
-            codes = op("Sub", op("Mod", op("Add", codes, eight), sixteen), eight)
-        return codes
+    def _per_axis(arr: np.ndarray, shape: list[int], axis: int, block: int, op, const, shared, suffix: str) -> ir.Value:
+        """`arr` (a scale or zero points, as DequantizeLinear reads them) as a value that broadcasts against the
+        weight: a scalar, [d_axis, 1, ...] per axis, or for blocks the rows of [n_blocks, ...] gathered for every
+        index along the axis (one Gather: the folded result is the only full-size copy)."""
+        rank = len(shape)
+        if arr.size == 1 and not block:
+            return const(suffix, arr.reshape(()))
+        if not block:
+            return const(suffix, arr.reshape([shape[axis]] + [1] * (rank - 1 - axis)))
+        rows = shared(f"block_rows_{shape[axis]}_{block}", np.arange(shape[axis], dtype=np.int64) // block)
+        return op("Gather", const(suffix, arr), rows, axis=axis)
+
+    def _int4_weight(self, q_value, zp, scale, shape, axis, block, signed, float_type, op, const, shared) -> ir.Value:
+        """(q - zp) * scale from 4-bit codes stored two per byte, with as few full-size constants for ORT's
+        constant folding to hold as possible (it keeps every intermediate until the end of the pass: WASM memory).
+
+        Codes are stored offset-binary, u = q + 8 for int4 (so u is 0..15 and q - zp = u - (zp + 8)), the first
+        half of the rows of the first axis in the low nibbles and the second half in the high nibbles; unpacked
+        with BitwiseAnd / BitShift on uint8 and one Concat, the difference u - zp taken in int8, then one Cast to
+        float and one Mul."""
+        q = q_value.const_value.numpy().astype(np.int32)
+        offset = 8 if signed else 0
+        u = (q + offset).astype(np.uint8)
+        rows = shape[0]
+        if rows % 2:  # an odd first axis: pad one row, sliced off after unpacking
+            u = np.concatenate([u, np.zeros((1,) + u.shape[1:], np.uint8)])
+        half = u.shape[0] // 2
+        packed = const("packed", (u[:half] | (u[half:] << 4)).astype(np.uint8))
+        low = op("BitwiseAnd", packed, shared("low_nibble", np.array(15, np.uint8)))
+        high = op("BitShift", packed, shared("four", np.array(4, np.uint8)), direction="RIGHT")
+        codes = op("Concat", low, high, axis=0)
+        if rows % 2:
+            codes = op("Slice", codes, shared("zero", np.array([0], np.int64)), shared(f"end_{rows}", np.array([rows], np.int64)))
+        codes = op("Cast", codes, to=ir.DataType.INT8)
+        zp_total = (np.zeros(1, np.int32) if zp is None else zp) + offset  # q - zp = u - (zp + offset), in -23..15
+        if zp_total.any():
+            if np.all(zp_total == zp_total.flat[0]):
+                zp_value = shared(f"zero_point_{zp_total.flat[0]}", np.array(zp_total.flat[0], np.int8))
+            else:
+                zp_value = self._per_axis(zp_total.astype(np.int8), shape, axis, block, op, const, shared, "zero_point")
+            codes = op("Sub", codes, zp_value)
+        return op("Mul", op("Cast", codes, to=float_type), self._per_axis(scale, shape, axis, block, op, const, shared, "scale"))

@@ -193,7 +193,7 @@ def _split_external_data(proto: onnx.ModelProto, folder: pathlib.Path, source: p
             for tensor in tensors:
                 info = {e.key: e.value for e in tensor.external_data}
                 length = int(info.get("length", 0))
-                if out is None or (written and written + length > max_bytes):
+                if out is None or (written and written + (-written % 4096) + length > max_bytes):
                     if out is not None:
                         out.close()
                         index += 1
