@@ -11,7 +11,8 @@ Builds (into --work), from the fp32 artifact:
 and measures, for each and fp32: the model files' size, perplexity (eqc eval, native ORT: the web artifacts fold
 to the same float weights there; WikiText-2 test, --max-tokens windows of 512), greedy decode tokens/s in headless
 Chromium (tools/web, onnxruntime-web WASM, one run each) and natively (eqc generate), and whether the browser's
-tokens equal eqc generate's on the same artifact. Writes tools/results/edge.json and edge.md (--out).
+tokens equal eqc generate's on the same artifact. Writes tools/results/edge.json and edge.md (--out; --md-only
+rewrites the .md from the .json, --forms adds a bench_forms.py table).
 """
 from __future__ import annotations
 
@@ -110,6 +111,38 @@ def measure(name: str, art: pathlib.Path, wiki: pathlib.Path, max_tokens: int, t
     return row
 
 
+def markdown(meta: dict, rows: list[dict], forms: dict | None) -> str:
+    out = ["# Edge: eqc `--target web` vs ONNX Runtime's quantizers (transformers.js style), SmolLM2-135M",
+           "",
+           f"`tools/bench_edge.py`; browser: headless Chromium, onnxruntime-web WASM, {meta['threads']} thread, one run "
+           f"each; prompt \"{meta['prompt']}\", greedy, {meta['new_tokens']} new tokens (tokens/s: the decode steps "
+           "after the prefill). ppl: `eqc eval --ppl` on WikiText-2 test, "
+           f"{meta['max_tokens']} tokens in windows of 512, native ORT (the web artifacts fold to the same float "
+           "weights there). **The machine was shared** (2 vCPUs, 1-minute load average "
+           f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} at the end; single runs vary by ±40 % or more): "
+           "compare tokens/s within this table only, not with tools/results/web.md.",
+           "",
+           "| artifact | size MB | ppl | browser tok/s | browser prefill ms | browser load s | browser tokens = eqc generate on it |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ppl = r["ppl"] if isinstance(r["ppl"], (int, float)) else float("nan")
+        if "browser_error" in r:
+            out.append(f"| {r['artifact']} | {r['bytes'] / 1e6:.1f} | {ppl:.3f} | failed | | | |")
+            continue
+        same = "yes" if r["browser_tokens_equal_native"] else f"no (from token {r['first_differing_token']})"
+        out.append(f"| {r['artifact']} | {r['bytes'] / 1e6:.1f} | {ppl:.3f} | {r['browser_tokens_per_s']:.2f} | "
+                   f"{r['browser_prefill_ms']:.0f} | {r['browser_load_ms'] / 1000:.1f} | {same} |")
+    if meta.get("notes"):
+        out += ["", f"Note: {meta['notes']}."]
+    if forms:
+        out += ["", "Linear-layer forms in the same browser (`tools/web/bench_forms.py`: 8 layers of SmolLM2's MLP "
+                "shapes, median ms per run, 1 thread):", "",
+                "| form | decode ms (1 token) | prefill ms (32 tokens) |", "|---|---|---|"]
+        for form, r in forms["browser"]["forms"].items():
+            out.append(f"| {form} | {r['decode_ms']:.2f} | {r['prefill_ms']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", type=pathlib.Path, required=True)
@@ -121,7 +154,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--out", type=pathlib.Path, default=REPO / "tools" / "results" / "edge")
+    ap.add_argument("--forms", type=pathlib.Path, default=None, help="a bench_forms.py --out JSON to include")
+    ap.add_argument("--md-only", action="store_true", help="rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    forms = json.loads(args.forms.read_text()) if args.forms else None
+    if args.md_only:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(markdown(saved["meta"], saved["rows"], forms))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     arts = build(args.fp32, args.w4, args.work)
     server = web.serve({})
@@ -135,6 +175,7 @@ def main() -> None:
     meta = {"threads": args.threads, "max_tokens": args.max_tokens, "new_tokens": args.new_tokens, "prompt": PROMPT,
             "load_average": os.getloadavg()}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(meta, rows, forms))
     print(json.dumps(meta))
 
 
