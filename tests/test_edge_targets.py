@@ -211,3 +211,77 @@ def test_web_weights_are_split_into_files_a_page_can_fetch(tiny_artifact, edge_a
         assert web["files"][name] <= (32 << 10) or tensors_in[name] == 1  # a bigger tensor gets a file of its own
     whole = edge_artifacts["w4-rtn-web"]
     assert np.array_equal(_logits(out / "model.onnx", IDS), _logits(whole / "model.onnx", IDS))
+
+
+def _dq_matmul_model(q: onnx.TensorProto, scale: np.ndarray, zp: onnx.TensorProto | None, axis: int, block: int,
+                     k: int, n: int) -> onnx.ModelProto:
+    from onnx import helper, numpy_helper
+
+    inits = [q, numpy_helper.from_array(scale, "s")] + ([zp] if zp is not None else [])
+    attrs = {"axis": axis, **({"block_size": block} if block else {})}
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s"] + (["z"] if zp is not None else []), ["w"], **attrs),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+CASES = {  # name: (dtype, k, n, axis, block, zero point)
+    "int4 blocked, K not a multiple of the block, odd K": (onnx.TensorProto.INT4, 75, 6, 0, 16, False),
+    "uint4 blocked with zero points": (onnx.TensorProto.UINT4, 64, 5, 0, 32, True),
+    "int4 per output channel": (onnx.TensorProto.INT4, 12, 7, 1, 0, False),
+    "uint8 per tensor with a zero point": (onnx.TensorProto.UINT8, 10, 4, 1, 0, True),
+    "int8 per channel": (onnx.TensorProto.INT8, 9, 3, 1, 0, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lower_weights_for_web_is_dequantize_linear_exactly(case, tmp_path):
+    """Every DequantizeLinear form eqc writes: the rewritten graph computes the same bits, as written and folded."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import helper
+
+    from eqcompiler.compile.pass_base import CompileContext, make_pass
+
+    dtype, k, n, axis, block, with_zp = CASES[case]
+    rng = np.random.default_rng(len(case))
+    lo, hi = {onnx.TensorProto.INT4: (-8, 7), onnx.TensorProto.UINT4: (0, 15), onnx.TensorProto.UINT8: (0, 255),
+              onnx.TensorProto.INT8: (-128, 127)}[dtype]
+    codes = rng.integers(lo, hi + 1, (k, n))
+    q = helper.make_tensor("q", dtype, [k, n], codes.flatten().tolist())
+    if block:
+        sshape = [-(-k // block), n]
+    elif dtype == onnx.TensorProto.UINT8:
+        sshape = []
+    else:
+        sshape = [[k, n][axis]]
+    scale = (rng.random(sshape) * 0.1 + 0.01).astype(np.float32)
+    zp = (helper.make_tensor("z", dtype, sshape, rng.integers(lo, hi + 1, sshape).flatten().tolist())
+          if with_zp else None)
+    proto = _dq_matmul_model(q, scale, zp, axis, block, k, n)
+    model = ir.serde.deserialize_model(proto)
+    context = CompileContext()
+    make_pass("lower_weights_for_web", context, {})(model)
+    assert context.report["lower_weights_for_web"]["lowered"] == 1
+    lowered = ir.serde.serialize_model(model)
+    assert not any(node.op_type == "DequantizeLinear" for node in lowered.graph.node)
+    onnx.checker.check_model(lowered, full_check=True)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    run = lambda m, level=None: _session_bytes(m, level).run(None, {"x": x})[0]  # noqa: E731
+    ref = run(proto, off)
+    assert np.array_equal(run(lowered, off), ref)  # as written: the same float operations
+    assert np.array_equal(run(lowered), run(proto, off))  # folded at load: the same weights, the same MatMul
+
+
+def _session_bytes(model: onnx.ModelProto, level=None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    if level is not None:
+        opts.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
