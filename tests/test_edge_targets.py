@@ -285,3 +285,16 @@ def _session_bytes(model: onnx.ModelProto, level=None):
     if level is not None:
         opts.graph_optimization_level = level
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_inspect_names_what_an_edge_target_added(edge_artifacts):
+    from eqcompiler.analysis.inspect_model import inspect, lines
+
+    web = inspect(edge_artifacts["w4-rtn-web"])
+    assert web["edge"]["folded_weights"] == 15 and web["edge"]["web_files"] == ["model.onnx.data"]
+    assert any(line.startswith("web: 15 quantized weights folded") for line in lines(web))
+    mobile = inspect(edge_artifacts["w4-rtn-ort-mobile"])
+    config = edge_artifacts["w4-rtn-ort-mobile"] / "model.required_operators.config"
+    assert mobile["edge"]["ort_op_types"] == len(_config_ops(config)) > 10
+    assert any(line.startswith("ort-mobile: model.ort + model.required_operators.config") for line in lines(mobile))
+    assert inspect(edge_artifacts["w4-rtn-portable"])["edge"] is None
