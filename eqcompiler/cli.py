@@ -293,8 +293,9 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--calib", default=None, help="Statistics file from `eqc calibrate`.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=pathlib.Path))
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu", "ort-cuda"]), default="portable", show_default=True,
-              help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels; ort-cuda: per-token W8A8 -> ai.eqc::FusedInt8Gemm (libeqc_ops_cuda.so).")
+@click.option("--target", type=click.Choice(["portable", "tensorrt", "ort-cpu", "ort-cuda", "ort-mobile", "web"]), default="portable", show_default=True,
+              help="portable: standard QDQ; tensorrt: QDQ + TensorRT placement check; ort-cpu: fastest ORT CPU kernels; ort-cuda: per-token W8A8 -> ai.eqc::FusedInt8Gemm (libeqc_ops_cuda.so); "
+                   "ort-mobile: + model.ort and the reduced-build operator list; web: weights for onnxruntime-web (WASM).")
 @click.option("--reduce-range/--no-reduce-range", default=None,
               help="Store int8 weights in [-64, 63] so ONNX Runtime's int8 CPU kernels do not saturate on x86 without "
                    "VNNI (AVX2/AVX-512 without VNNI); costs one bit of weight precision. Default: the recipe's choice "

@@ -117,7 +117,7 @@ def test_tiny_llama_browser_stops_at_eos_like_eqc_generate(browser_ready, tiny_w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["fp32", "w8"])
+@pytest.mark.parametrize("recipe", ["fp32", "w8", "w8-web"])
 def test_smollm2_browser_tokens_equal_eqc_generate(browser_ready, smollm2_artifact, server, recipe: str,
                                                    tmp_path_factory, monkeypatch, record_property) -> None:
     art = smollm2_artifact
@@ -131,6 +131,38 @@ def test_smollm2_browser_tokens_equal_eqc_generate(browser_ready, smollm2_artifa
         # 6th token on "The capital of France is"). onnxruntime-web computes the QDQ graph as written, with
         # float activations; the same arithmetic natively is accuracy_level 1, which eqc passes through.
         monkeypatch.setenv("EQC_ORT_CONFIG", "session.qdq_matmulnbits_accuracy_level=1")
+    if recipe == "w8-web":  # weights folded to float at load, in the browser and natively: no reference setting
+        art = tmp_path_factory.mktemp("web-smollm2-w8-web") / "w8-web"
+        run_eqc("compile", smollm2_artifact, "--recipe", "w8", "--target", "web", "-o", art)
     ref = _eqc_generate(art, SMOL_PROMPT, new_tokens)
     result = _run(server, f"smollm2-{recipe}", art, SMOL_PROMPT, new_tokens, 2, timeout_s=600)
     _check(result, ref, _python_prompt_ids(art, SMOL_PROMPT), record_property, f"smollm2_{recipe}_threads2")
+
+
+@pytest.fixture(scope="module")
+def tiny_web_target(tiny_web_artifacts) -> pathlib.Path:
+    """The tiny llama as w4-rtn --target web, its weights split over several files (as a model over the per-file
+    limit is) so the page must hand each to onnxruntime-web under the location string the graph names."""
+    from eqcompiler.compile.pipeline import compile_model
+    from eqcompiler.lowering import edge
+
+    out = tiny_web_artifacts["fp32"].parent / "w4-web"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(edge, "WEB_MAX_FILE_BYTES", 32 << 10)
+        compile_model(tiny_web_artifacts["fp32"], "w4-rtn", out, target="web")
+    return out
+
+
+@pytest.mark.e2e
+def test_tiny_web_target_browser_tokens_equal_eqc_generate(browser_ready, tiny_web_target, server,
+                                                             record_property) -> None:
+    """--target web folds the int4 weights to float when the session is created; the page (onnxruntime-web) and
+    `eqc generate` (native ORT) both run that same artifact, so the tokens are equal."""
+    art = tiny_web_target
+    files = json.loads((art / "manifest.json").read_text())["runtime_requirements"]["web_files"]["external_data"]
+    assert len(files) > 1
+    ref = _eqc_generate(art, TINY_PROMPT, 16)
+    assert ref["stopped"] == "max_new_tokens" and len(set(ref["tokens"])) > 4
+    result = _run(server, "tiny-w4-web", art, TINY_PROMPT, 16, 1, timeout_s=180)
+    _check(result, ref, _python_prompt_ids(art, TINY_PROMPT), record_property, "tiny_llama_w4_web")
+    assert sorted(result["external_data"]) == sorted(files)

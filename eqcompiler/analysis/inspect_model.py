@@ -145,7 +145,23 @@ def inspect(model: str | pathlib.Path) -> dict[str, Any]:
         "runtime_graph": _runtime_graph(graph, ops),
         "size_by_precision": _size_by_precision(graph),
         "size_bytes": art_mod.size_bytes(art_mod.model_file(art)),
+        "edge": _edge(art),
     }
+
+
+def _edge(art: Any) -> dict[str, Any] | None:
+    """What an edge target (ort-mobile, web) added, from the manifest: the folded weights, the ORT-format files."""
+    needs = art.manifest.get("runtime_requirements") or {}
+    folded = ((art.manifest.get("quantization") or {}).get("report") or {}).get("lower_weights_for_web")
+    if not folded and "ort_format" not in needs:
+        return None
+    ort_format = needs.get("ort_format") or {}
+    return {"folded_weights": (folded or {}).get("lowered"),
+            "float_weight_bytes_after_load": (folded or {}).get("float_weight_bytes_after_load"),
+            "web_files": (needs.get("web_files") or {}).get("external_data"),
+            "ort_model": ort_format.get("model"),
+            "operator_config": ort_format.get("operator_config"),
+            "ort_op_types": sum(len(ops) for by_opset in (ort_format.get("ops") or {}).values() for ops in by_opset.values())}
 
 
 def lines(result: dict[str, Any]) -> list[str]:
@@ -171,5 +187,13 @@ def lines(result: dict[str, Any]) -> list[str]:
                    + (f"; {rt['unfused_attention']} attention block(s) unfused" if rt["unfused_attention"] else ""))
     for level, count in rt["matmulnbits_accuracy_levels"].items():
         out.append(f"MatMulNBits accuracy_level {level} ({count} nodes): {ACCURACY_LEVELS.get(level, 'unknown level')}")
+    edge = result.get("edge")
+    if edge and edge["folded_weights"] is not None:
+        out.append(f"web: {edge['folded_weights']} quantized weights folded to float32 when the session is created "
+                   f"({(edge['float_weight_bytes_after_load'] or 0) / 1e6:.1f} MB in memory after loading); data files "
+                   + ", ".join(edge["web_files"] or []))
+    if edge and edge["ort_model"]:
+        out.append(f"ort-mobile: {edge['ort_model']} + {edge['operator_config']} ({edge['ort_op_types']} op types "
+                   "for a reduced build)")
     out.append("stored bytes by precision: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in result["size_by_precision"].items()))
     return out

@@ -120,6 +120,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
                   recipe: dict[str, Any], recipe_name: str, calib: str | None, parent: dict[str, Any] | None,
                   target: str, target_warnings: list[str], cpu: str, run_facts: dict[str, Any]) -> dict[str, Any]:
     """compile_model's work, inside the claimed output's staging folder `stage`; returns the manifest."""
+    from eqcompiler.lowering.edge import EDGE_TARGETS, graph_ops, lay_out_for_web, refuse_unrunnable, write_ort_format
     from eqcompiler.lowering.targets import runtime_requirements
 
     stats = None
@@ -144,8 +145,14 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     # onnxruntime-genai's builder wrote): the source brought them, so the check lets them through.
     brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
     run_passes([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()], ir_model)
+    edge = target in EDGE_TARGETS
+    if edge:  # before anything is written: ops the edge runtime cannot run end the compile (exit 2)
+        refuse_unrunnable(ir_model, target)
     art_mod.save_ir(ir_model, stage)
     art_mod.check_graph(onnx.load(str(stage / art_mod.MODEL_FILE), load_external_data=False), "compiled graph", brought)
+    ort_format = write_ort_format(stage) if target == "ort-mobile" else None
+    if target == "web":  # files a page fetches whole, named as the graph's external-data locations
+        ort_format = {"web_files": lay_out_for_web(stage)}
     if art.manifest:
         art_mod.copy_carried_files(art.folder, stage)
     elif stats is not None and (tokenizer := recorded_tokenizer(stats.meta)) is not None:
@@ -162,8 +169,11 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     needs = runtime_requirements(target, [step["pass"] for step in manifest["quantization"]["passes"]])
     library = None
     if needs is not None:
+        if edge:  # the ops and opsets the runtime must have (a reduced build includes these)
+            needs = {**needs, "ops": graph_ops(ir_model), **(ort_format or {})}
         manifest["runtime_requirements"] = needs
-        library = _op_library(target, manifest["quantization"]["warnings"])
+        if "custom_op_library" in needs:
+            library = _op_library(target, manifest["quantization"]["warnings"])
     art_mod.write_manifest(stage, manifest)
     write_genai_config(stage, manifest, library)
     return manifest

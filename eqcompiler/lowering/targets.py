@@ -30,6 +30,13 @@
   cuda_ops/src/fused_int8_gemm.cu) lives in libeqc_ops_cuda.so; every other layer stays QDQ, which the
   CUDA provider runs as is. The artifact's manifest names the provider and library it needs. The
   lowering needs no library at compile time. The CUDA kernel's H100 figures: tools/results/cuda_gemm.md.
+- ort-mobile: the ort-cpu fusions and the lowerings to ONNX Runtime's own contrib ops (no ai.eqc op: a minimal
+  build cannot load eqc's library), then the graph is converted with onnxruntime's tool to model.ort plus the
+  reduced-build operator list (lowering/edge.py); ops the runtime cannot run are refused at compile time.
+- web: onnxruntime-web (WASM). Its CPU kernels do not fuse DequantizeLinear into MatMul, so a QDQ weight is
+  dequantized on every run (w8 ~2 tok/s on SmolLM2); the int8/int4 weights are rewritten into standard
+  integer-to-float ops on constants, which ORT's constant folding turns into float weights once at session
+  creation (passes/lower_weights_for_web.py, measured in tools/results/edge.md). Refusal as ort-mobile.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from typing import Any
 
 from eqcompiler.errors import EqcError
 
-TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda")
+TARGETS = ("portable", "tensorrt", "ort-cpu", "ort-cuda", "ort-mobile", "web")
 
 # Transformer-block fusions for ort-cpu, run first (they need ONNX shape inference, so standard ops only).
 ORT_CPU_FUSIONS = ("fuse_skip_rms_norm", "fuse_group_query_attention")
@@ -94,6 +101,8 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
         return [{"pass": "check_tensorrt_placement", "options": {"fail": True}}]
     if target == "ort-cuda":
         return _ort_cuda_steps(warnings, recipe)
+    if target == "web":
+        return [{"pass": "lower_weights_for_web", "options": {}}]
     from eqcompiler.compile.pass_base import available_passes
 
     known = available_passes()
@@ -102,11 +111,13 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
     for name in ORT_CPU_LOWERINGS:
         if name not in known or name not in needs:
             continue
+        if name in EQC_LIBRARY_LOWERINGS and target == "ort-mobile":
+            continue  # a minimal build cannot load eqc's library: those layers stay QDQ (ORT fuses them itself)
         if name in EQC_LIBRARY_LOWERINGS:
             _require_eqc_library(EQC_LIBRARY_LOWERINGS[name])
         steps.append({"pass": name, "options": dict(ORT_CPU_OPTIONS.get(name, {}))})
     if len(steps) == len(ORT_CPU_FUSIONS) and warnings is not None and (recipe is None or recipe.get("passes")):
-        warnings.append("ort-cpu: no integer lowering applies to this recipe (only the transformer-block fusions run)")
+        warnings.append(f"{target}: no integer lowering applies to this recipe (only the transformer-block fusions run)")
     if "pack_parallel_projections" in known:  # last: it joins what the lowerings made
         steps.append({"pass": "pack_parallel_projections", "options": {}})
     return steps
@@ -122,7 +133,12 @@ def _ort_cuda_steps(warnings: list[str] | None, recipe: dict[str, Any] | None) -
 
 
 def runtime_requirements(target: str, applied_passes: list[str]) -> dict[str, str] | None:
-    """What a runtime needs to load an artifact compiled for `target` (recorded in the manifest)."""
+    """What a runtime needs to load an artifact compiled for `target` (recorded in the manifest; the edge
+    targets add their ops, opsets and files in the pipeline)."""
+    if target == "ort-mobile":
+        return {"provider": "CPUExecutionProvider", "runtime": "onnxruntime minimal or mobile build (ORT format)"}
+    if target == "web":
+        return {"provider": "wasm", "runtime": "onnxruntime-web (WASM backend)"}
     if not set(EQC_LIBRARY_LOWERINGS) & set(applied_passes):
         return None
     if target == "ort-cuda":
