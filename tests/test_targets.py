@@ -157,7 +157,7 @@ def test_a_compiled_artifact_is_lowered_later_without_requantizing(tiny_artifact
     proc = run_eqc("compile", tmp_path / "qdq", "--recipe", "none", "--target", "ort-cpu", "-o", tmp_path / "bad",
                    check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert "'quantization' is not an object" in proc.stderr and not (tmp_path / "bad").exists()
+    assert "field 'quantization' is 'w8', not an object" in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_lowered_artifact_without_the_op_library_is_a_one_line_error(tiny_artifact, tmp_path, monkeypatch):

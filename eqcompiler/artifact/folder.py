@@ -153,6 +153,9 @@ def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | Non
         copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
         del copy.graph.initializer[:]
         copy.graph.initializer.extend(kept)
+    for value in [*copy.graph.input, *copy.graph.output]:  # ONNX Runtime loads graph I/O of unknown rank: so do we
+        if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.shape.SetInParent()
     unchecked = schema_less_ops(copy) if unchecked_ops is None else unchecked_ops
     if unchecked:
         for node in copy.graph.node:
