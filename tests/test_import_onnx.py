@@ -99,6 +99,21 @@ def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, 
     ref, got = logits(built / "model.onnx"), logits(tmp_path / "w8" / "model.onnx")
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
+    # The builder leaves the head size symbolic ('kv_cache_dim'): the artifact records the cache layout read from
+    # the graph's attention, carries the builder folder's tokenizer, and eqc's own KV-cache tools score it.
+    kv = json.loads((tmp_path / "w8" / "manifest.json").read_text())["kv_cache"]
+    assert (kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]) == (2, decoder["num_key_value_heads"],
+                                                                      decoder["head_size"])
+    assert (tmp_path / "w8" / "tokenizer.json").read_bytes() == (built / "tokenizer.json").read_bytes()
+    from eqcompiler.artifact.kv_layout import past_shape_hints  # from the graph alone, no genai_config.json beside it
+
+    for graph in (built / "model.onnx", tmp_path / "w8" / "model.onnx"):  # float, and int8 DequantizeLinear weights
+        assert past_shape_hints(graph, None) == (decoder["num_key_value_heads"], decoder["head_size"]), graph
+    from conftest import WIKI_TEST
+
+    scores = [json.loads(run_eqc("eval", folder, "--ppl", WIKI_TEST, "--max-tokens", "256", "--window", "64",
+                                 "--no-latency", "--json").stdout)["ppl"] for folder in (built / "model.onnx", tmp_path / "w8")]
+    assert np.isfinite(scores).all() and scores[1] == pytest.approx(scores[0], rel=0.05) and scores[1] != scores[0]
 
 
 def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, wiki_valid, wiki_test, tmp_path):

@@ -44,6 +44,8 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
     pad = tokens.get("pad_token_id")
     heads = _config_value(hf_config, "num_attention_heads", "n_head")
     hidden = _config_value(hf_config, "hidden_size", "n_embd")
+    if heads is None or hidden is None or _config_value(hf_config, "vocab_size") is None:
+        return None  # a graph without an HF config.json (a builder folder): GenAI needs these numbers
     context = _config_value(hf_config, "max_position_embeddings", "n_positions") or 2048
     session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
     if custom_ops_library:

@@ -153,16 +153,22 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     ort_format = write_ort_format(stage) if target == "ort-mobile" else None
     if target == "web":  # files a page fetches whole, named as the graph's external-data locations
         ort_format = {"web_files": lay_out_for_web(stage)}
-    if art.manifest:
+    if stats is not None and not art.manifest and (tokenizer := recorded_tokenizer(stats.meta)) is not None:
+        art_mod.carry_tokenizer(pathlib.Path(tokenizer), stage)  # a bare .onnx calibrated with --tokenizer
+    else:  # an artifact's files, or those a bare .onnx came with (a builder or Optimum folder's tokenizer)
         art_mod.copy_carried_files(art.folder, stage)
-    elif stats is not None and (tokenizer := recorded_tokenizer(stats.meta)) is not None:
-        art_mod.carry_tokenizer(pathlib.Path(tokenizer), stage)
     # Nothing about the run (its time, the host) goes into the artifact: the same inputs give the same bytes.
     manifest = {k: v for k, v in context.manifest.items() if k not in ("format", "version", "model_file")}
     if art.manifest.get("format") != art_mod.MANIFEST_FORMAT:  # a foreign graph: its kind and input names travel
         from eqcompiler.artifact.model_kind import active_input_map
 
         manifest.update(task=art.task, input_map=active_input_map() or {})
+        if art.task == "causal-lm" and "kv_cache" not in manifest:  # what eval, bench and generate read
+            from eqcompiler.artifact.kv_layout import foreign_kv_cache
+
+            kv = foreign_kv_cache(model_path, [str(v.name) for v in ir_model.graph.inputs])
+            if kv is not None:
+                manifest["kv_cache"] = kv
     manifest["quantization"] = _merged_quantization(parent, recipe, stats, context, model_path)
     manifest["target"] = target
     manifest["cpu"] = cpu

@@ -62,6 +62,8 @@ def make_session(model: str | pathlib.Path | bytes, threads: int | None = None,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = external_data_dir if isinstance(model, bytes) else model
         raise EqcError(f"ONNX Runtime cannot load '{where}': {first}") from None
+    # where empty_past looks up a KV head size the graph leaves symbolic (the graph and the folder beside it)
+    session.eqc_model_source = (model, external_data_dir if isinstance(model, bytes) else pathlib.Path(model).parent)
     from eqcompiler.artifact.model_kind import active_input_map
 
     mapping = active_input_map()
@@ -130,12 +132,22 @@ class _MappedBinding:
 
 def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past tensors for every past input, so the graph runs as prefill."""
+    from eqcompiler.artifact.kv_layout import HEAD_SIZE, HEADS, past_shape_hints
+
     feed = {}
+    hints: tuple[int, int] | None = None
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
             dims = [batch if i == 0 else (0 if i == 2 else d) for i, d in enumerate(inp.shape)]
+            if len(dims) == 4 and not all(isinstance(dims[i], int) for i in (HEADS, HEAD_SIZE)):
+                source = getattr(session, "eqc_model_source", None)
+                hints = hints or (past_shape_hints(*source) if source else None)
+                if hints:  # a graph that leaves them symbolic (onnxruntime-genai's builder: 'kv_cache_dim')
+                    dims[HEADS] = dims[HEADS] if isinstance(dims[HEADS], int) else hints[0]
+                    dims[HEAD_SIZE] = dims[HEAD_SIZE] if isinstance(dims[HEAD_SIZE], int) else hints[1]
             if any(not isinstance(d, int) for d in dims):
-                raise EqcError(f"past input '{inp.name}' has unknown dims {inp.shape}")
+                raise EqcError(f"past input '{inp.name}' has unknown dims {inp.shape} and nothing beside the model "
+                               "states them (an eqc manifest, genai_config.json or config.json)")
             feed[inp.name] = np.zeros(dims, dtype=_ORT_TYPES.get(inp.type, np.float32))
     return feed
 
