@@ -143,7 +143,7 @@ class AwqPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        groups = weight_only_sites(graph, opts.include, opts.exclude, required_by=self.name)
+        groups = weight_only_sites(graph, opts, required_by=self.name)
         weights = {id(g[0].weight): g for g in groups}
         floats = {wid: site_matrix(g[0]) for wid, g in weights.items()}  # current float [K, N] weights
         order = node_order(graph)

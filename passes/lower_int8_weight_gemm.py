@@ -25,6 +25,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.graph import find_linear_sites, new_initializer, substitute_output
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_fused_int8_gemm import DOMAIN, OP_VERSION, foldable_bias
 from eqcompiler.passes.lower_weight_only_int8 import weight_only_dq
@@ -33,9 +34,8 @@ OP_TYPE = "Int8WeightGemm"
 
 
 @dataclasses.dataclass
-class LowerInt8WeightGemmOptions:
-    include: str | None = None
-    exclude: str | None = None
+class LowerInt8WeightGemmOptions(LayerSelection):
+    pass
 
 
 class LowerInt8WeightGemmPass(EqcPass):
@@ -47,7 +47,7 @@ class LowerInt8WeightGemmPass(EqcPass):
         lowered: list[str] = []
         skipped: dict[str, str] = {}
         b_nk_for: dict[int, ir.Value] = {}  # a weight shared by several MatMuls is transposed once
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
+        for site in find_linear_sites(graph, self.options):
             dq = weight_only_dq(site)
             if dq is None:
                 continue

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import is_constant, layer_name, new_initializer, substitute_output
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -33,10 +34,8 @@ _BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
 
 
 @dataclasses.dataclass
-class LowerMatMulNBitsOptions:
+class LowerMatMulNBitsOptions(LayerSelection):
     accuracy_level: int = 0  # 0/1 float32 compute; 4 int8 compute of A
-    include: str | None = None
-    exclude: str | None = None
 
     def validate(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -100,8 +99,6 @@ class LowerMatMulNBitsPass(EqcPass):
     Options = LowerMatMulNBitsOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import re
-
         graph = model.graph
         opts = self.options
         lowered: list[str] = []
@@ -110,7 +107,7 @@ class LowerMatMulNBitsPass(EqcPass):
             if found is None:
                 continue
             name = layer_name(node)
-            if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)):
+            if not opts.selects(name):
                 continue
             dq, bits, signed = found
             block = dq.attributes.get_int("block_size")

@@ -24,15 +24,15 @@ import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
                               static_activation_quantize, substitute_output, weight_dequantize_node)
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
-class LowerQdqToOrtInt8Options:
-    include: str | None = None
-    exclude: str | None = None
+class LowerQdqToOrtInt8Options(LayerSelection):
+    pass
 
 
 def _weight_dq(site: LinearSite) -> ir.Node | None:
@@ -58,7 +58,7 @@ class LowerQdqToOrtInt8Pass(EqcPass):
         lowered: list[str] = []
         transposed_copies: dict[int, ir.Value] = {}
         originals: list[ir.Value] = []
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
+        for site in find_linear_sites(graph, self.options):
             if site.node.op_type != "MatMul":
                 continue
             q = static_activation_quantize(site.node.inputs[0].producer())

@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.graph import find_linear_sites, int_constant, is_constant, new_initializer, substitute_output
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_matmul_nbits import to_matmul_nbits
 
@@ -31,10 +32,8 @@ MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
-class LowerWeightOnlyInt8Options:
+class LowerWeightOnlyInt8Options(LayerSelection):
     accuracy_level: int = 0  # 0: float32 compute, the QDQ graph's numerics
-    include: str | None = None
-    exclude: str | None = None
 
 
 def _block_for(k: int) -> int:
@@ -73,7 +72,7 @@ class LowerWeightOnlyInt8Pass(EqcPass):
         graph = model.graph
         lowered: list[str] = []
         packed_for: dict[int, tuple[ir.Value, ir.Value, int]] = {}
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
+        for site in find_linear_sites(graph, self.options):
             if site.node.op_type != "MatMul":
                 continue
             dq = weight_only_dq(site)

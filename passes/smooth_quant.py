@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -66,6 +65,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import int8_matmul, quantize_channelwise, step_ratio
 from eqcompiler.calibration.smoothing_search import SmoothChoice, search_key, stored_choice
@@ -80,7 +80,7 @@ LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identit
 
 
 @dataclasses.dataclass
-class SmoothQuantOptions:
+class SmoothQuantOptions(LayerSelection):
     alpha: float = 0.5  # used when search="none" (and as the fallback reported per site)
     alpha_grid: list[float] = dataclasses.field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)])
     search: str = "auto"
@@ -122,8 +122,6 @@ class SmoothQuantOptions:
     explicit_scale: bool = False
     smooth_mlp: bool = True
     smooth_attention: bool = True
-    include: str | None = None  # regex on the first consumer's layer name
-    exclude: str | None = None
 
     def validate(self) -> None:
         if self.search not in SEARCHES:
@@ -366,9 +364,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         x = group[0].activation
         k = group[0].in_features
         name = group[0].name
-        if opts.include and not re.search(opts.include, name):
-            continue
-        if opts.exclude and re.search(opts.exclude, name):
+        if not opts.selects(name):  # the first consumer's layer name
             continue
         nodes = {id(s.node) for s in group}
         if any(s.quantized for s in group):
