@@ -71,7 +71,8 @@ class GptqOptions(WeightOnlyOptions):
 # ----------------------------------------------------------------------------------------------
 # Shared by gptq and awq: which sites, their statistics, the output-error measure.
 
-def weight_only_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER, required_by: str | None = None) -> list[list[LinearSite]]:
+def weight_only_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER,
+                      required_by: str | None = None) -> list[list[LinearSite]]:
     """Unquantized linear sites grouped by stored weight, tied embedding tables excluded.
 
     With `required_by` (a pass name), finding none is an error naming that pass.
