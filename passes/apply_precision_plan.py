@@ -126,7 +126,7 @@ class ApplyPrecisionPlanPass(EqcPass):
 
     def layer_groups(self, model: ir.Model) -> dict[str, list[LinearSite]]:
         """The planned linear layers by name (the sites reading one weight form a group)."""
-        groups = weight_only_sites(model.graph, None, None)
+        groups = weight_only_sites(model.graph)
         by_name = {g[0].name: g for g in groups}
         if len(by_name) != len(groups):
             raise EqcError("apply_precision_plan: two linear layers share a name; cannot key a plan by name")

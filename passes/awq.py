@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, new_initializer, node_order
+from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_uses
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.passes.gptq import (WeightOnlyOptions, describe, gram_of, quantize_kn, replace_weight,
                                     site_matrix, stored_bytes, weight_only_sites)
@@ -71,39 +72,21 @@ class Fold:
     columns_of: int | None = None  # id() of a stored weight whose [K, N] columns are divided by s
 
 
-def _const_vector(value: ir.Value | None, k: int) -> bool:
-    if value is None or value.const_value is None or value.producer() is not None:
-        return False
-    shape = value.const_value.shape
-    return len(shape) >= 1 and shape[-1] == k and int(np.prod(shape)) == k
-
-
 def find_fold(x: ir.Value, k: int, scaled_nodes: set[int], weights: dict[int, list[LinearSite]]) -> Fold | None:
-    """How to fold 1/s into x's producer, or None when it cannot be done exactly."""
-    if x.is_graph_output() or x.is_graph_input():
-        return None
-    if any(id(use.node) not in scaled_nodes and use.node.op_type != "Shape" for use in x.uses()):
+    """How to fold 1/s into x's producer (compile.folds), or None when it cannot be done exactly."""
+    if x.is_graph_output() or x.is_graph_input() or other_uses(x, scaled_nodes):
         return None  # another reader would see x / s (Shape only reads the shape)
     node = x.producer()
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
-    if node.op_type == "LayerNormalization":
-        consts = [v for v in node.inputs[1:3] if v is not None]
-        return Fold(constants=consts, node=node) if consts and all(_const_vector(v, k) for v in consts) else None
-    if node.op_type != "Mul" or len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    for const, other in ((a, b), (b, a)):
-        if _const_vector(const, k) and not _const_vector(other, k):
-            return Fold(constants=[const], node=node)
-    for operand in (a, b):  # gated MLP: x = act(gate) * up(x0); fold into up's output columns
-        prod = operand.producer() if operand is not None else None
-        if prod is None or prod.op_type != "MatMul" or operand.is_graph_output() or len(list(operand.uses())) != 1:
-            continue
-        for wid, group in weights.items():
-            if len(group) == 1 and group[0].node is prod and not group[0].transposed and group[0].out_features == k:
-                return Fold(columns_of=wid)
-    return None
+    norm = norm_fold(x, k)
+    if norm is not None:
+        node, scale, bias = norm
+        return Fold(constants=[scale] + ([bias] if bias is not None else []), node=node)
+    # gated MLP: x = act(gate) * up(x0); fold into the output columns of up's own (unshared, [K, N]) weight
+    single = {id(g[0].node): g[0] for g in weights.values() if len(g) == 1 and not g[0].transposed}
+    up = gated_up_projection(x, k, single, with_bias=False)
+    return Fold(columns_of=id(up[0].weight)) if up is not None else None
 
 
 def _clip_ratios(wp: np.ndarray, s: np.ndarray, gram: np.ndarray, opts: AwqOptions, grid: np.ndarray) -> np.ndarray:
@@ -143,7 +126,7 @@ class AwqPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        groups = weight_only_sites(graph, opts.include, opts.exclude, required_by=self.name)
+        groups = weight_only_sites(graph, opts, required_by=self.name)
         weights = {id(g[0].weight): g for g in groups}
         floats = {wid: site_matrix(g[0]) for wid, g in weights.items()}  # current float [K, N] weights
         order = node_order(graph)

@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, embedding_gathers, find_linear_sites, node_order, weight_array
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import INT_RANGES, QuantizedWeight, emit_dequantize, output_error, quantize_channelwise
 
@@ -32,14 +33,12 @@ CLIP_GRID = tuple(np.round(np.arange(1.0, 0.69, -0.025), 3))  # shrink ratios tr
 
 
 @dataclasses.dataclass
-class WeightOnlyOptions:
+class WeightOnlyOptions(LayerSelection):
     """Options shared by the Gram-based weight-only passes (gptq, awq)."""
 
     bits: int = 4
     block_size: int = 128  # group size along the input features; 0 = one scale per output channel
     symmetric: bool = False  # False: uint zero point per group (asymmetric); True: int, zero point 0
-    include: str | None = None
-    exclude: str | None = None
 
     def validate(self) -> None:
         if self.bits not in (4, 8):
@@ -72,7 +71,7 @@ class GptqOptions(WeightOnlyOptions):
 # ----------------------------------------------------------------------------------------------
 # Shared by gptq and awq: which sites, their statistics, the output-error measure.
 
-def weight_only_sites(graph: ir.Graph, include: str | None, exclude: str | None,
+def weight_only_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER,
                       required_by: str | None = None) -> list[list[LinearSite]]:
     """Unquantized linear sites grouped by stored weight, tied embedding tables excluded.
 
@@ -80,7 +79,7 @@ def weight_only_sites(graph: ir.Graph, include: str | None, exclude: str | None,
     """
     tables = {id(g.inputs[0]) for g in embedding_gathers(graph)}
     by_weight: dict[int, list[LinearSite]] = {}
-    for site in find_linear_sites(graph, include, exclude):
+    for site in find_linear_sites(graph, select):
         if site.quantized or id(site.weight) in tables:
             continue
         by_weight.setdefault(id(site.weight), []).append(site)
@@ -260,7 +259,7 @@ class GptqPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = self.options
-        groups = weight_only_sites(graph, opts.include, opts.exclude, required_by=self.name)
+        groups = weight_only_sites(graph, opts, required_by=self.name)
         layers: dict[str, dict[str, float | str]] = {}
         bytes_before = bytes_after = 0
         skipped: list[str] = []

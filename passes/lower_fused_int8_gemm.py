@@ -27,6 +27,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSe
 
 from eqcompiler.compile.graph import const_array
 from eqcompiler.compile.pass_base import EqcPass
+from eqcompiler.compile.patterns import weight_dequantize
 
 DOMAIN = "ai.eqc"
 OP_TYPE = "FusedInt8Gemm"
@@ -94,12 +95,12 @@ class FusedInt8GemmRule(RewriteRuleClassBase):
             s = op.Div(m, c127)
         q = op.QuantizeLinear(x, s, _allow_other_inputs=True, _outputs=["q"])
         dq = op.DequantizeLinear(q, s, _allow_other_inputs=True, _outputs=["dq"])
-        w = op.DequantizeLinear(wq, w_scale, _allow_other_inputs=True, _outputs=["w"])
+        w = weight_dequantize(op, wq, w_scale, transposed=False)  # binds w_dq
         y = op.MatMul(dq, w, _outputs=["y"])
         return op.Add(y, bias) if self.with_bias else y
 
     def check(self, context, x: ir.Value, c127: ir.Value, wq: ir.Value, w_scale: ir.Value, absmax: ir.Value,
-              q: ir.Value, dq: ir.Value, w: ir.Value, y: ir.Value, eps: ir.Value | None = None,
+              q: ir.Value, dq: ir.Value, w_dq: ir.Value, y: ir.Value, eps: ir.Value | None = None,
               bias: ir.Value | None = None, **_: Any) -> MatchResult:
         result = MatchResult()
         wq_arr, ws_arr = const_array(wq), const_array(w_scale)
@@ -108,7 +109,7 @@ class FusedInt8GemmRule(RewriteRuleClassBase):
         k, n = wq_arr.shape
         if ws_arr is None or ws_arr.dtype != np.float32 or ws_arr.shape != (n,):
             return result.fail(f"weight scale is not a float32 [{n}] constant (per output channel)", w_scale)
-        why = (self._check_weight_dq(w.producer(), n) or self._check_activation(x, k)
+        why = (self._check_weight_dq(w_dq.producer(), n) or self._check_activation(x, k)
                or self._check_scale(absmax.producer(), c127, eps, x)
                or self._check_qdq(q.producer(), dq.producer(), k, x))
         if why:

@@ -19,23 +19,78 @@ only: the CUDA provider runs the weight-only QDQ graph as is).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.compile.graph import find_linear_sites, new_initializer, substitute_output
+from eqcompiler.compile.graph import find_linear_sites, weight_dequantize_node
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, per_channel_int8
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_fused_int8_gemm import DOMAIN, OP_VERSION, foldable_bias
-from eqcompiler.passes.lower_weight_only_int8 import weight_only_dq
 
 OP_TYPE = "Int8WeightGemm"
 
 
 @dataclasses.dataclass
-class LowerInt8WeightGemmOptions:
-    include: str | None = None
-    exclude: str | None = None
+class LowerInt8WeightGemmOptions(LayerSelection):
+    pass
+
+
+class Int8WeightGemmRule(LinearSiteRule):
+    """MatMul(x, [Transpose] per-channel int8 DequantizeLinear) [+ bias] -> Int8WeightGemm.
+
+    Four variants: `transposed` (a tied [N, K] table, read in place) and `with_bias` (a float [N] Add
+    folded into the op). Int8 weights shared by several MatMuls are transposed once (`nk_for`)."""
+
+    def __init__(self, transposed: bool = False, with_bias: bool = False, select: LayerSelection = EVERY_LAYER,
+                 record: RuleRecord | None = None, nk_for: dict[int, ir.Value] | None = None) -> None:
+        super().__init__(f"LowerInt8WeightGemm[{'tied' if transposed else 'kn'}{',bias' if with_bias else ''}]",
+                         transposed=transposed, select=select, with_bias=with_bias, record=record)
+        self.nk_for = nk_for if nk_for is not None else {}
+
+    def check_site(self, x: ir.Value, w_scale: ir.Value, w_dq: ir.Value, y: ir.Value, bias: ir.Value | None = None,
+                   **_: Any) -> str:
+        why = per_channel_int8(w_dq.producer(), self.transposed)
+        if why:
+            return why
+        if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
+            return f"activation is {x.dtype}, not float32"
+        if w_scale.const_value.dtype != ir.DataType.FLOAT:
+            return "weight scale is not float32"
+        n = w_scale.const_value.shape[0]
+        folded = foldable_bias(y, n)
+        if self.with_bias and (bias is None or folded is not bias):
+            return "bias is not a float32 [N] constant added to the MatMul output only"
+        if not self.with_bias and folded is not None:
+            return "a bias Add follows; the bias variant of this rule folds it"
+        return ""
+
+    def rewrite(self, op, x: ir.Value, wq: ir.Value, w_scale: ir.Value, y: ir.Value, bias: ir.Value | None = None,
+                **_: Any):
+        matmul = self.matched(y)
+        b_nk = self.nk_for.get(id(wq))
+        if b_nk is None:
+            if self.transposed:  # tied table: already [N, K]
+                b_nk = wq
+            else:
+                base = (wq.name or "weight").removesuffix("_quantized")
+                b_nk = self.initializer(op, f"{base}_nk", np.ascontiguousarray(wq.const_value.numpy().T))
+            self.nk_for[id(wq)] = b_nk
+        inputs = [x, b_nk, w_scale] + ([bias] if bias is not None else [])
+        out = op.Int8WeightGemm(*inputs, _domain=DOMAIN, _version=OP_VERSION, _name=f"{matmul.name}/{OP_TYPE}")
+        out.dtype = ir.DataType.FLOAT
+        return out
+
+
+def rules(select: LayerSelection = EVERY_LAYER, record: RuleRecord | None = None) -> list[Int8WeightGemmRule]:
+    """Every variant, sharing one record and one transposed-weight cache."""
+    record = record if record is not None else RuleRecord()
+    nk_for: dict[int, ir.Value] = {}
+    return [Int8WeightGemmRule(transposed, bias, select, record, nk_for)
+            for bias in (True, False) for transposed in (False, True)]
 
 
 class LowerInt8WeightGemmPass(EqcPass):
@@ -43,38 +98,13 @@ class LowerInt8WeightGemmPass(EqcPass):
     Options = LowerInt8WeightGemmOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        lowered: list[str] = []
-        skipped: dict[str, str] = {}
-        b_nk_for: dict[int, ir.Value] = {}  # a weight shared by several MatMuls is transposed once
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
-            dq = weight_only_dq(site)
-            if dq is None:
-                continue
-            if site.node.op_type != "MatMul":  # Gemm's alpha/beta/transA would need their own handling
-                skipped[site.name] = f"{site.node.op_type}, not MatMul"
-                continue
-            x = site.node.inputs[0]
-            if x.dtype is not None and x.dtype != ir.DataType.FLOAT:
-                skipped[site.name] = f"activation is {x.dtype}, not float32"
-                continue
-            scale = dq.inputs[1]
-            if scale.const_value.dtype != ir.DataType.FLOAT:
-                skipped[site.name] = "weight scale is not float32"
-                continue
-            wq = dq.inputs[0]
-            if id(wq) not in b_nk_for:
-                if site.transposed:  # tied table: already [N, K]
-                    b_nk_for[id(wq)] = wq
-                else:
-                    base = (wq.name or "weight").removesuffix("_quantized")
-                    arr = np.ascontiguousarray(wq.const_value.numpy().T)
-                    b_nk_for[id(wq)] = new_initializer(graph, f"{base}_nk", arr)
-            self._replace(graph, site, x, b_nk_for[id(wq)], scale)
-            lowered.append(site.name)
+        record = RuleRecord()
+        apply_rules(model, rules(self.options, record))
+        lowered = record.lowered
         if lowered:
             model.opset_imports.setdefault(DOMAIN, OP_VERSION)
             common_passes.RemoveUnusedNodesPass()(model)  # also drops the [K, N] originals now read by nothing
+        skipped = self._left_qdq(model.graph, record.rejected)
         if skipped:  # stays correct (QDQ), but slow: say so instead of leaving it silent
             name, why = next(iter(skipped.items()))
             self.context.warn(f"{self.name}: {len(skipped)} int8 weight-only layer(s) stay QDQ (dequantized every run), "
@@ -82,15 +112,11 @@ class LowerInt8WeightGemmPass(EqcPass):
         self.report({"lowered": len(lowered), "op": f"{DOMAIN}::{OP_TYPE}", "skipped": skipped})
         return ir.passes.PassResult(model, modified=bool(lowered))
 
-    @staticmethod
-    def _replace(graph: ir.Graph, site, x: ir.Value, b_nk: ir.Value, scale: ir.Value) -> None:
-        out = site.node.outputs[0]
-        bias = foldable_bias(out, site.out_features)
-        last = next(iter(out.uses())).node if bias is not None else site.node
-        result = last.outputs[0]
-        node = ir.node(OP_TYPE, [x, b_nk, scale] + ([bias] if bias is not None else []), domain=DOMAIN,
-                       version=OP_VERSION, name=f"{site.node.name}/{OP_TYPE}")
-        substitute_output(graph, result, node, before=site.node, dtype=ir.DataType.FLOAT)
-        if last is not site.node:
-            graph.remove(last, safe=True)
-        graph.remove(site.node, safe=True)
+    def _left_qdq(self, graph: ir.Graph, rejected: dict[int, str]) -> dict[str, str]:
+        """Selected int8 weight-only layers still QDQ, with why: the rule's refusal, or a Gemm the rules do not match."""
+        left: dict[str, str] = {}
+        for site in find_linear_sites(graph, self.options):
+            dq = weight_dequantize_node(site.node)
+            if dq is not None and not per_channel_int8(dq, site.transposed):
+                left[site.name] = rejected.get(id(site.node), f"{site.node.op_type}, not MatMul")
+        return left

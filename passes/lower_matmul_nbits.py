@@ -19,12 +19,15 @@ A to int8 per block (faster decode, slightly different numerics).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.compile.graph import is_constant, layer_name, new_initializer, substitute_output
+from eqcompiler.compile.graph import is_constant
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, optional_input
 from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -33,10 +36,8 @@ _BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
 
 
 @dataclasses.dataclass
-class LowerMatMulNBitsOptions:
+class LowerMatMulNBitsOptions(LayerSelection):
     accuracy_level: int = 0  # 0/1 float32 compute; 4 int8 compute of A
-    include: str | None = None
-    exclude: str | None = None
 
     def validate(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -74,25 +75,44 @@ def to_matmul_nbits(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | N
     return np.ascontiguousarray(packed), scales, np.ascontiguousarray(zps)
 
 
-def _match(node: ir.Node) -> tuple[ir.Node, int, bool] | None:
-    """(DequantizeLinear, bits, signed) when `node` is MatMul(A, blocked-DQ(const [K, N]))."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    dq = node.inputs[1].producer() if node.inputs[1] is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
-        return None
-    block = dq.attributes.get_int("block_size", 0)
-    if not block or block < 16 or block & (block - 1) or dq.attributes.get_int("axis", 1) not in (0, -2):
-        return None
-    q = dq.inputs[0]
-    if not is_constant(q) or q.shape is None or len(q.shape) != 2 or not is_constant(dq.inputs[1]):
-        return None
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None and not is_constant(dq.inputs[2]):
-        return None
-    if q.const_value.dtype not in _BITS:
-        return None
-    bits, signed = _BITS[q.const_value.dtype]
-    return dq, bits, signed
+class MatMulNBitsRule(LinearSiteRule):
+    """MatMul(A, blocked DequantizeLinear(const [K, N] 4/8-bit, axis=0)) -> MatMulNBits."""
+
+    def __init__(self, accuracy_level: int = 0, select: LayerSelection = EVERY_LAYER,
+                 record: RuleRecord | None = None) -> None:
+        super().__init__("LowerMatMulNBits", select=select, record=record)
+        self.accuracy_level = accuracy_level
+
+    def check_site(self, wq: ir.Value, w_scale: ir.Value, w_dq: ir.Value, **_: Any) -> str:
+        dq = w_dq.producer()
+        block = dq.attributes.get_int("block_size", 0)
+        if not block or block < 16 or block & (block - 1):
+            return f"weight DequantizeLinear block_size {block} is not a power of two >= 16"
+        if dq.attributes.get_int("axis", 1) not in (0, -2):
+            return "weight DequantizeLinear is not blocked along K (axis=0)"
+        zp = optional_input(dq, 2)
+        if not is_constant(w_scale) or (zp is not None and not is_constant(zp)):
+            return "weight scale or zero point is not a constant"
+        if wq.const_value.dtype not in _BITS:
+            return f"weight type {wq.const_value.dtype} is not int4/uint4/int8/uint8"
+        return ""
+
+    def rewrite(self, op, x: ir.Value, wq: ir.Value, w_scale: ir.Value, w_dq: ir.Value, y: ir.Value, **_: Any):
+        dq = w_dq.producer()
+        matmul = self.matched(y)
+        bits, signed = _BITS[wq.const_value.dtype]
+        block = dq.attributes.get_int("block_size")
+        zp = optional_input(dq, 2)
+        q = wq.const_value.numpy()
+        k, n = q.shape
+        packed, scales, zps = to_matmul_nbits(q, w_scale.const_value.numpy(),
+                                              zp.const_value.numpy() if zp is not None else None, bits, signed, block)
+        base = wq.name.removesuffix("_quantized")
+        inputs = [x, self.initializer(op, f"{base}_nbits", packed), self.initializer(op, f"{base}_nbits_scales", scales)]
+        if zps is not None:
+            inputs.append(self.initializer(op, f"{base}_nbits_zero_points", zps))
+        return op.MatMulNBits(*inputs, K=k, N=n, bits=bits, block_size=block, accuracy_level=self.accuracy_level,
+                              _domain=MS_DOMAIN, _version=1, _name=f"{matmul.name}/MatMulNBits")
 
 
 class LowerMatMulNBitsPass(EqcPass):
@@ -100,37 +120,10 @@ class LowerMatMulNBitsPass(EqcPass):
     Options = LowerMatMulNBitsOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import re
-
-        graph = model.graph
         opts = self.options
-        lowered: list[str] = []
-        for node in list(graph):
-            found = _match(node)
-            if found is None:
-                continue
-            name = layer_name(node)
-            if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)):
-                continue
-            dq, bits, signed = found
-            block = dq.attributes.get_int("block_size")
-            q = dq.inputs[0].const_value.numpy()
-            scale = dq.inputs[1].const_value.numpy()
-            zp = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-            k, n = q.shape
-            packed, scales, zps = to_matmul_nbits(q, scale, zp, bits, signed, block)
-            base = dq.inputs[0].name.removesuffix("_quantized")
-            inputs = [node.inputs[0], new_initializer(graph, f"{base}_nbits", packed),
-                      new_initializer(graph, f"{base}_nbits_scales", scales)]
-            if zps is not None:
-                inputs.append(new_initializer(graph, f"{base}_nbits_zero_points", zps))
-            attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": opts.accuracy_level}
-            fused = ir.node("MatMulNBits", inputs, attrs, domain=MS_DOMAIN, name=f"{node.name}/MatMulNBits")
-            substitute_output(graph, node.outputs[0], fused, before=node)  # keeps an unset dtype unset
-            graph.remove(node, safe=True)
-            if not list(dq.outputs[0].uses()) and not dq.outputs[0].is_graph_output():
-                graph.remove(dq, safe=True)  # its initializers are dropped when the model is saved
-            lowered.append(name)
+        record = RuleRecord()
+        apply_rules(model, [MatMulNBitsRule(opts.accuracy_level, opts, record)])
+        lowered = record.lowered
         if not lowered:
             raise EqcError("lower_matmul_nbits matched no layer: it needs MatMul(A, blocked DequantizeLinear(4- or "
                            "8-bit weight, axis=0)) as written by quantize_weights/gptq/awq with block_size set")

@@ -17,81 +17,67 @@ copy, and the embedding Gather is redirected to read that copy (axis 1), so the 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.compile.graph import (LinearSite, const_array, find_linear_sites, is_constant, new_initializer,
-                              static_activation_quantize, substitute_output, weight_dequantize_node)
+from eqcompiler.compile.graph import const_array, static_activation_quantize
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
+from eqcompiler.compile.patterns import (LinearSiteRule, RuleRecord, apply_rules, optional_input, per_channel_int8,
+                                         quantize_dequantize)
 from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
-class LowerQdqToOrtInt8Options:
-    include: str | None = None
-    exclude: str | None = None
+class LowerQdqToOrtInt8Options(LayerSelection):
+    pass
 
 
-def _weight_dq(site: LinearSite) -> ir.Node | None:
-    """The per-output-channel int8 weight DequantizeLinear of a site, else None."""
-    src = weight_dequantize_node(site.node)
-    if src is None or src.attributes.get_int("block_size", 0):
-        return None
-    if src.inputs[0].dtype != ir.DataType.INT8 or not is_constant(src.inputs[0]):
-        return None
-    scale = const_array(src.inputs[1])
-    axis = src.attributes.get_int("axis", 1) % 2
-    if scale is None or scale.ndim != 1 or axis != (0 if site.transposed else 1):
-        return None
-    return src
+class MatMulIntegerToFloatRule(LinearSiteRule):
+    """MatMul(static Q->DQ activation, [Transpose] per-channel int8 DequantizeLinear) -> MatMulIntegerToFloat.
 
+    `transposed`: a tied [N, K] table gets one transposed [K, N] int8 copy (`kn_for`, shared by the
+    variants), and the embedding Gathers of its rows are redirected to read columns of the copy."""
 
-class LowerQdqToOrtInt8Pass(EqcPass):
-    name = "lower_qdq_to_ort_int8"
-    Options = LowerQdqToOrtInt8Options
+    def __init__(self, transposed: bool = False, select: LayerSelection = EVERY_LAYER, record: RuleRecord | None = None,
+                 kn_for: dict[int, ir.Value] | None = None) -> None:
+        super().__init__(f"LowerQdqToOrtInt8[{'tied' if transposed else 'kn'}]", transposed=transposed, select=select,
+                         record=record)
+        self.kn_for = kn_for if kn_for is not None else {}
+        self.originals: list[ir.Value] = []  # tied tables, dropped when nothing reads them any more
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        lowered: list[str] = []
-        transposed_copies: dict[int, ir.Value] = {}
-        originals: list[ir.Value] = []
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
-            if site.node.op_type != "MatMul":
-                continue
-            q = static_activation_quantize(site.node.inputs[0].producer())
-            w_dq = _weight_dq(site)
-            if q is None or w_dq is None:
-                continue
-            wq, w_scale = w_dq.inputs[0], w_dq.inputs[1]
-            w_zp = w_dq.inputs[2] if len(w_dq.inputs) > 2 and w_dq.inputs[2] is not None else None
-            if w_zp is None:
-                w_zp = new_initializer(graph, f"{wq.name}_zp0", np.zeros(w_scale.shape[0], np.int8))
-            if site.transposed:
-                originals.append(wq)
-                wq = transposed_copies.get(id(wq)) or self._transpose_table(graph, wq, transposed_copies)
-            node = ir.node("MatMulIntegerToFloat", [q.outputs[0], wq, q.inputs[1], w_scale, q.inputs[2], w_zp],
-                           domain=MS_DOMAIN, name=f"{site.node.name}/MatMulIntegerToFloat")
-            substitute_output(graph, site.node.outputs[0], node, before=site.node, dtype=ir.DataType.FLOAT)
-            graph.remove(site.node, safe=True)
-            lowered.append(site.name)
-        if lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            common_passes.RemoveUnusedNodesPass()(model)
-            for original in originals:  # the [N,K] table, now read by nothing
-                if not list(original.uses()) and original.name in graph.initializers:
-                    graph.initializers.pop(original.name)
-        self.report({"lowered": len(lowered), "layers": lowered, "op": f"{MS_DOMAIN}::MatMulIntegerToFloat"})
-        return ir.passes.PassResult(model, modified=bool(lowered))
+    def activation(self, op, x):
+        return quantize_dequantize(op, x)
 
-    @staticmethod
-    def _transpose_table(graph: ir.Graph, wq: ir.Value, cache: dict[int, ir.Value]) -> ir.Value:
+    def check_site(self, w_dq: ir.Value, q: ir.Value, a_dq: ir.Value, **_: Any) -> str:
+        if static_activation_quantize(a_dq.producer()) is not q.producer():
+            return "activation Q->DQ is not a per-tensor int8/uint8 pair with the same constant scale and zero point"
+        return per_channel_int8(w_dq.producer(), self.transposed, zero_zp=False)
+
+    def rewrite(self, op, q: ir.Value, a_scale: ir.Value, a_zp: ir.Value, wq: ir.Value, w_scale: ir.Value,
+                w_dq: ir.Value, y: ir.Value, **_: Any):
+        matmul = self.matched(y)
+        w_zp = optional_input(w_dq.producer(), 2)
+        if w_zp is None:
+            w_zp = self.initializer(op, f"{wq.name}_zp0", np.zeros(w_scale.shape[0], np.int8))
+        if self.transposed:
+            self.originals.append(wq)
+            if id(wq) not in self.kn_for:
+                self.kn_for[id(wq)] = self._transpose_table(op, wq)
+            wq = self.kn_for[id(wq)]
+        out = op.MatMulIntegerToFloat(q, wq, a_scale, w_scale, a_zp, w_zp, _domain=MS_DOMAIN, _version=1,
+                                      _name=f"{matmul.name}/MatMulIntegerToFloat")
+        out.dtype = ir.DataType.FLOAT
+        return out
+
+    def _transpose_table(self, op, wq: ir.Value) -> ir.Value:
         """[N,K] int8 table -> [K,N] copy; Gathers of its rows read columns of the copy instead."""
-        arr = np.ascontiguousarray(const_array(wq).T)
-        kn = new_initializer(graph, f"{wq.name}_kn", arr)
-        cache[id(wq)] = kn
+        kn = self.initializer(op, f"{wq.name}_kn", np.ascontiguousarray(const_array(wq).T))
+        graph = self._graph
         for use in list(wq.uses()):
             node = use.node
             if node.op_type == "Gather" and use.idx == 0 and node.attributes.get_int("axis", 0) == 0:
@@ -114,3 +100,29 @@ class LowerQdqToOrtInt8Pass(EqcPass):
                 tr.outputs[0].shape = cols.shape
                 cols.shape = None
         return kn
+
+
+def rules(select: LayerSelection = EVERY_LAYER, record: RuleRecord | None = None) -> list[MatMulIntegerToFloatRule]:
+    record = record if record is not None else RuleRecord()
+    kn_for: dict[int, ir.Value] = {}
+    return [MatMulIntegerToFloatRule(transposed, select, record, kn_for) for transposed in (False, True)]
+
+
+class LowerQdqToOrtInt8Pass(EqcPass):
+    name = "lower_qdq_to_ort_int8"
+    Options = LowerQdqToOrtInt8Options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        record = RuleRecord()
+        variants = rules(self.options, record)
+        apply_rules(model, variants)
+        lowered = record.lowered
+        if lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            common_passes.RemoveUnusedNodesPass()(model)
+            for original in (v for rule in variants for v in rule.originals):  # the [N,K] table, now read by nothing
+                if not list(original.uses()) and original.name in graph.initializers:
+                    graph.initializers.pop(original.name)
+        self.report({"lowered": len(lowered), "layers": lowered, "op": f"{MS_DOMAIN}::MatMulIntegerToFloat"})
+        return ir.passes.PassResult(model, modified=bool(lowered))

@@ -18,12 +18,14 @@ read rows of it (with zero point 128), and the table is still stored once.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from eqcompiler.compile.graph import find_linear_sites, int_constant, is_constant, new_initializer, substitute_output
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, per_channel_int8
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_matmul_nbits import to_matmul_nbits
 
@@ -31,10 +33,8 @@ MS_DOMAIN = "com.microsoft"
 
 
 @dataclasses.dataclass
-class LowerWeightOnlyInt8Options:
+class LowerWeightOnlyInt8Options(LayerSelection):
     accuracy_level: int = 0  # 0: float32 compute, the QDQ graph's numerics
-    include: str | None = None
-    exclude: str | None = None
 
 
 def _block_for(k: int) -> int:
@@ -42,75 +42,46 @@ def _block_for(k: int) -> int:
     return next((b for b in (128, 64, 32, 16) if k % b == 0), 128)
 
 
-def weight_only_dq(site) -> ir.Node | None:
-    """The weight's per-channel int8 zero-zp DequantizeLinear, else None.
+class WeightOnlyInt8Rule(LinearSiteRule):
+    """MatMul(x, [Transpose] per-channel int8 zero-zp DequantizeLinear) -> MatMulNBits bits=8.
 
     The activation may itself be Q->DQ (a layer no integer lowering took, e.g. the tied lm_head of a
     per-token dynamic recipe): MatMulNBits then reads the dequantized activation, same numerics.
-    """
-    src = site.node.inputs[1].producer()
-    if src is not None and src.op_type == "Transpose":
-        src = src.inputs[0].producer()
-    if src is None or src.op_type != "DequantizeLinear" or src.attributes.get_int("block_size", 0):
-        return None
-    q = src.inputs[0]
-    if not is_constant(q) or q.const_value.dtype != ir.DataType.INT8 or not is_constant(src.inputs[1]):
-        return None
-    scale = src.inputs[1].const_value.numpy()
-    zp = src.inputs[2].const_value.numpy() if len(src.inputs) > 2 and src.inputs[2] is not None else None
-    if scale.ndim != 1 or (zp is not None and np.any(zp)):
-        return None
-    if src.attributes.get_int("axis", 1) % 2 != (0 if site.transposed else 1):
-        return None
-    return src
+    A weight read by several MatMuls is packed once (`packed_for`, shared by the variants)."""
 
+    def __init__(self, transposed: bool = False, accuracy_level: int = 0, select: LayerSelection = EVERY_LAYER,
+                 record: RuleRecord | None = None, packed_for: dict[int, tuple[ir.Value, ir.Value, int]] | None = None):
+        super().__init__(f"LowerWeightOnlyInt8[{'tied' if transposed else 'kn'}]", transposed=transposed,
+                         select=select, record=record)
+        self.accuracy_level = accuracy_level
+        self.packed_for = packed_for if packed_for is not None else {}
 
-class LowerWeightOnlyInt8Pass(EqcPass):
-    name = "lower_weight_only_int8"
-    Options = LowerWeightOnlyInt8Options
+    def check_site(self, w_dq: ir.Value, **_: Any) -> str:
+        return per_channel_int8(w_dq.producer(), self.transposed)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        lowered: list[str] = []
-        packed_for: dict[int, tuple[ir.Value, ir.Value, int]] = {}
-        for site in find_linear_sites(graph, self.options.include, self.options.exclude):
-            if site.node.op_type != "MatMul":
-                continue
-            dq = weight_only_dq(site)
-            if dq is None:
-                continue
-            wq = dq.inputs[0]
-            if id(wq) not in packed_for:
-                q = wq.const_value.numpy()
-                q_kn = q.T if site.transposed else q
-                k, n = q_kn.shape
-                block = _block_for(k)
-                n_blocks = -(-k // block)
-                scale = np.tile(dq.inputs[1].const_value.numpy()[None, :], (n_blocks, 1))
-                packed, scales, _ = to_matmul_nbits(q_kn, scale, None, 8, True, block)
-                base = (wq.name or "weight").removesuffix("_quantized")
-                packed_for[id(wq)] = (new_initializer(graph, f"{base}_nbits", packed),
-                                      new_initializer(graph, f"{base}_nbits_scales", scales), block)
-                if site.transposed:
-                    self._redirect_gathers(graph, wq, packed_for[id(wq)][0], k)
-            b, s, block = packed_for[id(wq)]
-            k = site.in_features
-            attrs = {"K": k, "N": site.out_features, "bits": 8, "block_size": block,
-                     "accuracy_level": self.options.accuracy_level}
-            node = ir.node("MatMulNBits", [site.node.inputs[0], b, s], attrs, domain=MS_DOMAIN,
-                           name=f"{site.node.name}/MatMulNBits")
-            substitute_output(graph, site.node.outputs[0], node, before=site.node, dtype=ir.DataType.FLOAT)
-            graph.remove(site.node, safe=True)
-            lowered.append(site.name)
-        if lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            common_passes.RemoveUnusedNodesPass()(model)  # also drops the int8 originals now read by nothing
-        self.report({"lowered": len(lowered), "op": f"{MS_DOMAIN}::MatMulNBits(bits=8)"})
-        return ir.passes.PassResult(model, modified=bool(lowered))
+    def rewrite(self, op, x: ir.Value, wq: ir.Value, w_scale: ir.Value, y: ir.Value, **_: Any):
+        matmul = self.matched(y)
+        q = wq.const_value.numpy()
+        k, n = q.shape[::-1] if self.transposed else q.shape
+        if id(wq) not in self.packed_for:
+            block = _block_for(k)
+            n_blocks = -(-k // block)
+            scale = np.tile(w_scale.const_value.numpy()[None, :], (n_blocks, 1))
+            packed, scales, _ = to_matmul_nbits(q.T if self.transposed else q, scale, None, 8, True, block)
+            base = (wq.name or "weight").removesuffix("_quantized")
+            self.packed_for[id(wq)] = (self.initializer(op, f"{base}_nbits", packed),
+                                       self.initializer(op, f"{base}_nbits_scales", scales), block)
+            if self.transposed:
+                self._redirect_gathers(op, wq, self.packed_for[id(wq)][0], k)
+        b, s, block = self.packed_for[id(wq)]
+        out = op.MatMulNBits(x, b, s, K=k, N=n, bits=8, block_size=block, accuracy_level=self.accuracy_level,
+                             _domain=MS_DOMAIN, _version=1, _name=f"{matmul.name}/MatMulNBits")
+        out.dtype = ir.DataType.FLOAT
+        return out
 
-    @staticmethod
-    def _redirect_gathers(graph: ir.Graph, wq: ir.Value, packed: ir.Value, k: int) -> None:
+    def _redirect_gathers(self, op, wq: ir.Value, packed: ir.Value, k: int) -> None:
         """Embedding rows: gather from the packed [N, blocks, block] uint8 table (viewed [N, K]) with zp 128."""
+        graph = self._graph
         rows_view = None
         for use in list(wq.uses()):
             gather = use.node
@@ -124,16 +95,37 @@ class LowerWeightOnlyInt8Pass(EqcPass):
             if zp_gather is None or zp_gather.op_type != "Gather":
                 continue
             if rows_view is None:
-                shape = int_constant(graph, f"{packed.name}_rows_shape", [-1, k])
+                shape = self.initializer(op, f"{packed.name}_rows_shape", np.array([-1, k], np.int64))
                 reshape = ir.node("Reshape", [packed, shape], name=f"{packed.name}/rows_view")
                 graph.insert_before(gather, reshape)
                 rows_view = reshape.outputs[0]
                 rows_view.name = f"{packed.name}_rows"
                 rows_view.dtype = ir.DataType.UINT8
-            n = wq.shape[0]
-            zp128 = new_initializer(graph, f"{packed.name}_row_zero_point", np.full(int(n), 128, np.uint8))
+            zp128 = self.initializer(op, f"{packed.name}_row_zero_point", np.full(int(wq.shape[0]), 128, np.uint8))
             gather.replace_input_with(0, rows_view)
             zp_gather.replace_input_with(0, zp128)
             for value in (gather.outputs[0], zp_gather.outputs[0], zp_src.outputs[0]):  # rows and zero points: uint8 now
                 if value.dtype is not None:
                     value.dtype = ir.DataType.UINT8
+
+
+def rules(accuracy_level: int = 0, select: LayerSelection = EVERY_LAYER,
+          record: RuleRecord | None = None) -> list[WeightOnlyInt8Rule]:
+    record = record if record is not None else RuleRecord()
+    packed_for: dict[int, tuple[ir.Value, ir.Value, int]] = {}
+    return [WeightOnlyInt8Rule(transposed, accuracy_level, select, record, packed_for) for transposed in (False, True)]
+
+
+class LowerWeightOnlyInt8Pass(EqcPass):
+    name = "lower_weight_only_int8"
+    Options = LowerWeightOnlyInt8Options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        record = RuleRecord()
+        apply_rules(model, rules(self.options.accuracy_level, self.options, record))
+        lowered = record.lowered
+        if lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            common_passes.RemoveUnusedNodesPass()(model)  # also drops the int8 originals now read by nothing
+        self.report({"lowered": len(lowered), "op": f"{MS_DOMAIN}::MatMulNBits(bits=8)"})
+        return ir.passes.PassResult(model, modified=bool(lowered))

@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import new_initializer, node_order, sites_by_activation
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import activation_scale, step_ratio
 from eqcompiler.passes.quantize_activations_dynamic import emit_per_token
@@ -38,13 +39,11 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclasses.dataclass
-class QuantizeActivationsOptions:
+class QuantizeActivationsOptions(LayerSelection):
     bits: int = 8
     symmetric: bool = True  # int8 with zero point 0 (TensorRT); False: uint8 asymmetric
     method: str = "minmax"
     percentile: float = 99.99  # method "percentile": share of |x| kept inside the range
-    include: str | None = None
-    exclude: str | None = None
     # > 0: inputs whose static step / typical |x| exceeds this get per-token dynamic int8 instead
     # (needs the abssum observer); 0: every input static.
     dynamic_above: float = 0.0
@@ -114,7 +113,7 @@ class QuantizeActivationsPass(EqcPass):
         graph = model.graph
         opts = self.options
         order = node_order(graph)
-        groups = sites_by_activation(graph, opts.include, opts.exclude)
+        groups = sites_by_activation(graph, opts)
         ranges: dict[str, list[float]] = {}
         scores: dict[str, float] = {}
         dynamic: list[str] = []

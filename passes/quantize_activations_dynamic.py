@@ -26,13 +26,12 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import int_constant, node_order, scalar_initializer, sites_by_activation
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 
 
 @dataclasses.dataclass
-class QuantizeActivationsDynamicOptions:
-    include: str | None = None  # regex on layer names
-    exclude: str | None = None
+class QuantizeActivationsDynamicOptions(LayerSelection):
     eps: float = 1e-8  # floor on the per-token scale; 0 disables the Max node
     symmetric: bool = True  # False: int8 around each token's centre (see emit_per_token)
 
@@ -59,7 +58,7 @@ class QuantizeActivationsDynamicPass(EqcPass):
         graph = model.graph
         opts = self.options
         order = node_order(graph)
-        groups = sites_by_activation(graph, opts.include, opts.exclude)
+        groups = sites_by_activation(graph, opts)
         done: dict[str, list[str]] = {}
         for group in groups:
             x = group[0].activation

@@ -31,15 +31,14 @@ import onnx_ir as ir
 from eqcompiler.io_names import STATE_PAST, STATE_PRESENT
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import int_constant, node_order, scalar_initializer, sites_by_activation
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 
 
 
 @dataclasses.dataclass
-class QuantizeActivationsEmaOptions:
+class QuantizeActivationsEmaOptions(LayerSelection):
     decay: float = 0.9  # weight of the running absmax; 0 = each step's own absmax
-    include: str | None = None  # regex on layer names
-    exclude: str | None = None
     eps: float = 1e-8
 
     def validate(self) -> None:
@@ -81,7 +80,7 @@ class QuantizeActivationsEmaPass(EqcPass):
         done: dict[str, str] = {}
         taken = {v.name for v in graph.inputs}
         index = 0
-        for group in sites_by_activation(graph, opts.include, opts.exclude):
+        for group in sites_by_activation(graph, opts):
             x = group[0].activation
             if x.shape is not None and len(x.shape) < 2:
                 raise EqcError(f"quantize_activations_ema: '{x.name}' has no batch axis (shape {x.shape}); exclude its layers")
@@ -95,7 +94,7 @@ class QuantizeActivationsEmaPass(EqcPass):
             index += 1
         if not done:
             raise EqcError("quantize_activations_ema matched no linear layer input"
-                           + (f" (include={opts.include!r} exclude={opts.exclude!r})" if opts.include or opts.exclude else ""))
+                           + (f" (include={opts.include!r} exclude={opts.exclude!r})" if opts.filters else ""))
         self.report({"tensors": len(done), "state": done, "decay": opts.decay,
                      "granularity": "per-tensor int8 per batch row, EMA-tracked absmax carried as past/present state"})
         return ir.passes.PassResult(model, modified=True)

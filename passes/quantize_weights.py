@@ -13,20 +13,19 @@ import onnx_ir as ir
 
 from eqcompiler.lowering.cpu_features import REDUCED_MARK, int8_saturates_on
 from eqcompiler.errors import EqcError
-from eqcompiler.compile.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant, name_selected,
+from eqcompiler.compile.graph import (node_order, LinearSite, embedding_gathers, find_linear_sites, int_constant,
                               release_mapping, weight_array)
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.compile.qdq import (QuantizedWeight, emit_dequantize, emit_quantized_initializers, quantize_channelwise,
                                    quantize_site_weight)
 
 
 @dataclasses.dataclass
-class QuantizeWeightsOptions:
+class QuantizeWeightsOptions(LayerSelection):
     bits: int = 8
     symmetric: bool = True
     block_size: int = 0  # 0: one scale per output channel; else blocks along the input features
-    include: str | None = None  # regex on layer names (e.g. "layers\\.[0-9]+\\.mlp")
-    exclude: str | None = None
     embeddings: bool = True  # also quantize token-embedding tables (per row, int8)
     embedding_bits: int = 8
     # Tables with fewer rows stay float: they are a few KB, and each row (BERT's token-type row, a
@@ -61,11 +60,11 @@ class QuantizeWeightsPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = dataclasses.replace(self.options, reduce_range=self._reduce_range_on())
-        sites = [s for s in find_linear_sites(graph, opts.include, opts.exclude) if not s.quantized]
+        sites = [s for s in find_linear_sites(graph, opts) if not s.quantized]
         gathers = embedding_gathers(graph) if opts.embeddings else []
         # A table is quantized when one of its Gathers (or the linear layer tied to it) is selected.
         tied = {id(s.weight) for s in sites}
-        chosen = {id(g.inputs[0]) for g in gathers if name_selected(_gather_name(g), opts.include, opts.exclude)}
+        chosen = {id(g.inputs[0]) for g in gathers if opts.selects(_gather_name(g))}
         small = [g for g in gathers if id(g.inputs[0]) not in tied and g.inputs[0].shape[0] < opts.embedding_min_rows]
         wanted = chosen | tied
         gathers = [g for g in gathers if id(g.inputs[0]) in wanted and g not in small]
@@ -100,7 +99,7 @@ class QuantizeWeightsPass(EqcPass):
             bytes_after += b1
         if not layers:
             raise EqcError("quantize_weights matched no layer: the graph has no MatMul/Gemm with a constant weight"
-                           + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.include or opts.exclude else ""))
+                           + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.filters else ""))
         self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after),
                      "reduce_range": opts.reduce_range,
                      "float_tables": sorted({f"{_gather_name(g)} ({g.inputs[0].shape[0]} rows < embedding_min_rows)"

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -66,6 +65,8 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.layer_selection import LayerSelection
+from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_input, other_uses
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import int8_matmul, quantize_channelwise, step_ratio
 from eqcompiler.calibration.smoothing_search import SmoothChoice, search_key, stored_choice
@@ -80,7 +81,7 @@ LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identit
 
 
 @dataclasses.dataclass
-class SmoothQuantOptions:
+class SmoothQuantOptions(LayerSelection):
     alpha: float = 0.5  # used when search="none" (and as the fallback reported per site)
     alpha_grid: list[float] = dataclasses.field(default_factory=lambda: [round(0.3 + 0.05 * i, 2) for i in range(14)])
     search: str = "auto"
@@ -122,8 +123,6 @@ class SmoothQuantOptions:
     explicit_scale: bool = False
     smooth_mlp: bool = True
     smooth_attention: bool = True
-    include: str | None = None  # regex on the first consumer's layer name
-    exclude: str | None = None
 
     def validate(self) -> None:
         if self.search not in SEARCHES:
@@ -178,26 +177,11 @@ class SmoothSite:
 # Finding sites
 
 
-def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    a, b = node.inputs[0], node.inputs[1]
-    return b if a is value else a
-
-
-def _const_vector(value: ir.Value | None, k: int) -> bool:
-    return is_constant(value) and value.shape is not None and tuple(value.shape) == (k,)
-
-
-def _other_uses(x: ir.Value, linear_nodes: set[int]) -> list[tuple[ir.Node, int]]:
-    """Uses of x other than the linears' activation input and Shape (what compensation rewires)."""
-    return [(u.node, u.idx) for u in x.uses()
-            if u.node.op_type != "Shape" and not (id(u.node) in linear_nodes and u.idx == 0)]
-
-
 def _only_linear_consumers(x: ir.Value, linear_nodes: set[int]) -> str | None:
     """None when x feeds only the given linears (as their activation) and Shape; else the reason."""
     if x.is_graph_output():
         return f"'{x.name}' is a graph output"
-    others = _other_uses(x, linear_nodes)
+    others = other_uses(x, linear_nodes)
     if others:
         node = others[0][0]
         return f"'{x.name}' also feeds {node.op_type} '{node.name}'"
@@ -226,68 +210,6 @@ def _through_reshapes(x: ir.Value, k: int) -> tuple[ir.Value, str | None]:
         if src.is_graph_output() or not all(u.node is p or u.node.op_type == "Shape" for u in src.uses()):
             return src, f"'{src.name}' also feeds another node besides the Reshape"
         x = src
-
-
-def _norm_site(x: ir.Value, k: int) -> tuple[ir.Node, ir.Value, ir.Value | None] | None:
-    """(node, scale, bias) when x is a norm output whose per-channel scale can absorb 1/s."""
-    p = x.producer()
-    if p is None:
-        return None
-    if p.op_type == "LayerNormalization" and p.attributes.get_int("axis", -1) in (-1,) and len(p.outputs) >= 1:
-        scale = p.inputs[1]
-        bias = p.inputs[2] if len(p.inputs) > 2 else None
-        if _const_vector(scale, k) and (bias is None or _const_vector(bias, k)) and all(
-                o is p.outputs[0] or not o.uses() for o in p.outputs):
-            return p, scale, bias
-        return None
-    if p.op_type == "Mul":
-        for cand in p.inputs:
-            if _const_vector(cand, k):
-                other = _other_input(p, cand)
-                if other is not None and not is_constant(other):
-                    return p, cand, None
-    return None
-
-
-def _linear_producer(value: ir.Value, sites_by_node: dict[int, LinearSite]) -> tuple[LinearSite, ir.Value | None] | None:
-    """(linear site, bias) producing `value` directly or through Add(., const bias) only."""
-    p = value.producer()
-    bias = None
-    if p is not None and p.op_type == "Add":
-        for cand in p.inputs:
-            other = _other_input(p, cand)
-            if is_constant(cand) and other is not None and other.producer() is not None:
-                bias, value = cand, other
-                p = other.producer()
-                if len([u for u in value.uses()]) != 1 or value.is_graph_output():
-                    return None
-                break
-        else:
-            return None
-    if p is None or id(p) not in sites_by_node:
-        return None
-    site = sites_by_node[id(p)]
-    if site.node.op_type != "MatMul":
-        return None
-    return site, bias
-
-
-def _mlp_site(x: ir.Value, k: int, sites_by_node: dict[int, LinearSite]) -> tuple[LinearSite, ir.Value | None] | None:
-    """down_proj input Mul(act(gate), up): the up linear whose only consumer is that Mul."""
-    p = x.producer()
-    if p is None or p.op_type != "Mul" or len(p.inputs) != 2:
-        return None
-    for cand in p.inputs:
-        found = _linear_producer(cand, sites_by_node)
-        if found is None:
-            continue
-        site, _ = found
-        if site.out_features != k or len(list(cand.uses())) != 1 or cand.is_graph_output():
-            continue
-        if p.inputs[0] is p.inputs[1]:
-            return None
-        return found
-    return None
 
 
 def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple[LinearSite | None, str]:
@@ -329,7 +251,7 @@ def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
     for use in v_out.uses():
         n = use.node
         if n.op_type == "Add":
-            other = _other_input(n, v_out)
+            other = other_input(n, v_out)
             if is_constant(other):
                 return n
     return None
@@ -366,9 +288,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         x = group[0].activation
         k = group[0].in_features
         name = group[0].name
-        if opts.include and not re.search(opts.include, name):
-            continue
-        if opts.exclude and re.search(opts.exclude, name):
+        if not opts.selects(name):  # the first consumer's layer name
             continue
         nodes = {id(s.node) for s in group}
         if any(s.quantized for s in group):
@@ -383,8 +303,8 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         reason = _only_linear_consumers(x, nodes)
         compensate: list[tuple[ir.Node, int]] = []
         if reason is not None:
-            if opts.compensate_other_consumers and not x.is_graph_output() and _norm_site(x, k) is not None:
-                compensate = _other_uses(x, nodes)
+            if opts.compensate_other_consumers and not x.is_graph_output() and norm_fold(x, k) is not None:
+                compensate = other_uses(x, nodes)
             elif opts.explicit_scale:
                 found.append(SmoothSite("explicit", x, group))  # the Mul feeds the linears only
                 continue
@@ -413,7 +333,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             bias_node = _v_bias_node(v.node.outputs[0])
             bias = None
             if bias_node is not None:
-                bias = _other_input(bias_node, v.node.outputs[0])
+                bias = other_input(bias_node, v.node.outputs[0])
                 if bias.shape is None or tuple(bias.shape) != (n_v,):
                     skipped[name] = "v bias is not a [N] vector"
                     continue
@@ -423,7 +343,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         if reason is not None:
             skipped[name] = reason
             continue
-        norm = _norm_site(src, k)
+        norm = norm_fold(src, k)
         if src is not x and norm is None:
             skipped[name] = "a Reshape sits between the activation and a producer that is not a norm"
             continue
@@ -434,7 +354,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             found.append(SmoothSite("norm", x, group, fold_scale=scale, fold_bias=bias, fold_node=node,
                                     compensate=compensate))
             continue
-        mlp = _mlp_site(x, k, by_node)
+        mlp = gated_up_projection(x, k, by_node)
         if mlp is not None:
             if not opts.smooth_mlp:
                 continue

@@ -19,12 +19,12 @@ import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import embedding_gathers, find_linear_sites, new_initializer, weight_array
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.pass_base import EqcPass
 
 
 @dataclasses.dataclass
-class UntieLmHeadOptions:
-    include: str | None = None  # regex on the tied linear's layer name (default: every tied one)
+class UntieLmHeadOptions(LayerSelection):  # include/exclude: the tied linear's layer name (default: every tied one)
     required: bool = True  # no tied linear found -> error (False: a no-op, for untied models)
     # Skip (and report) a head whose int8 copy would exceed this many MB: on a large-vocabulary
     # model (Llama-3.2-3B: 128256 x 3072 -> 376 MB) the copy costs more than smoothing its input gains.
@@ -41,7 +41,7 @@ class UntieLmHeadPass(EqcPass):
         tables = {id(g.inputs[0]) for g in embedding_gathers(graph)}
         untied: dict[str, dict[str, object]] = {}
         skipped: dict[str, str] = {}
-        for site in find_linear_sites(graph, self.options.include):
+        for site in find_linear_sites(graph, self.options):
             b = site.node.inputs[1]
             transpose = b.producer()
             if (site.quantized or not site.transposed or transpose is None or transpose.op_type != "Transpose"

@@ -232,7 +232,7 @@ def _sensitivity_table(art: pathlib.Path, stats_path: pathlib.Path) -> dict[str,
 
     model = load_ir(model_file(resolve_artifact(art)))
     p = ApplyPrecisionPlanPass(CompileContext(stats=CalibrationStats.load(stats_path)))
-    return {g[0].name: p._sensitivity(g[0].name, g) for g in weight_only_sites(model.graph, None, None)}
+    return {g[0].name: p._sensitivity(g[0].name, g) for g in weight_only_sites(model.graph)}
 
 
 def test_sensitivity_orders_precisions(tiny_artifact, gram_stats) -> None:
@@ -293,7 +293,7 @@ def _uniform(art: pathlib.Path, precision: str) -> dict:
     from eqcompiler.passes.gptq import weight_only_sites
 
     graph = load_ir(model_file(resolve_artifact(art))).graph
-    return {"version": 1, "layers": {g[0].name: precision for g in weight_only_sites(graph, None, None)}}
+    return {"version": 1, "layers": {g[0].name: precision for g in weight_only_sites(graph)}}
 
 
 def test_mixed_refusals(tiny_artifact, tiny_llama_stats, tmp_path: pathlib.Path) -> None:
@@ -591,7 +591,7 @@ def test_weight_input_session_equals_compiled_one_layer_plan(tiny_artifact, tmp_
 
     art = tiny_artifact("llama")
     model = load_ir(model_file(resolve_artifact(art)))
-    groups = weight_only_sites(model.graph, None, None)
+    groups = weight_only_sites(model.graph)
     session = sens.WeightInputSession(model, [str(g[0].weight.name) for g in groups])
     ids = np.arange(3, 51, dtype=np.int64)[None]
     base = {g[0].name: "float" for g in groups}

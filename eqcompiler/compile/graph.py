@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import onnx_ir as ir
+
+from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
 
 
 @dataclasses.dataclass
@@ -124,13 +125,8 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool, bool] | None:
     return None
 
 
-def name_selected(name: str, include: str | None, exclude: str | None) -> bool:
-    """The recipes' layer filter: regex `include` must match (if set) and `exclude` must not."""
-    return not (include and not re.search(include, name)) and not (exclude and re.search(exclude, name))
-
-
-def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str | None = None) -> list[LinearSite]:
-    """Every MatMul/Gemm with a constant 2-D weight, optionally filtered by regex on the layer name.
+def find_linear_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER) -> list[LinearSite]:
+    """Every MatMul/Gemm with a constant 2-D weight whose layer name `select` selects.
 
     Activation x activation MatMuls (attention scores, attention x values) are never sites: the
     additive mask and masked scores must stay float.
@@ -144,16 +140,16 @@ def find_linear_sites(graph: ir.Graph, include: str | None = None, exclude: str 
             continue
         weight, transposed, quantized = found
         name = layer_name(node)
-        if not name_selected(name, include, exclude):
+        if not select.selects(name):
             continue
         sites.append(LinearSite(node, node.inputs[0], weight, transposed, name, quantized))
     return sites
 
 
-def sites_by_activation(graph: ir.Graph, include: str | None = None, exclude: str | None = None) -> list[list[LinearSite]]:
+def sites_by_activation(graph: ir.Graph, select: LayerSelection = EVERY_LAYER) -> list[list[LinearSite]]:
     """Linear sites grouped by the activation they read (q/k/v share one input), in graph order."""
     groups: dict[int, list[LinearSite]] = {}
-    for site in find_linear_sites(graph, include, exclude):
+    for site in find_linear_sites(graph, select):
         groups.setdefault(id(site.activation), []).append(site)
     return list(groups.values())
 

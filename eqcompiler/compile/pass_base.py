@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-import re
 import types
 import typing
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.errors import EqcError
 
 
@@ -150,22 +150,9 @@ def _described(expected: Any) -> str:
             dict: "an object", type(None): "null"}.get(expected, str(expected))
 
 
-# Options every layer-selecting pass reads as regexes on layer names (compile.graph.name_selected).
-LAYER_REGEX_OPTIONS = ("include", "exclude")
-
-
 def _check_layer_regexes(pass_name: str, options: Any) -> None:
-    """A bad include/exclude regex is refused when the recipe is read, naming the option, before any pass runs."""
-    for key in LAYER_REGEX_OPTIONS:
-        pattern = getattr(options, key, None)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, str):
-            raise EqcError(f"pass '{pass_name}' option '{key}' must be a regex string, got {type(pattern).__name__}")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise EqcError(f"pass '{pass_name}' option '{key}' is not a valid regex ({pattern!r}: {exc})") from None
+    if isinstance(options, LayerSelection):
+        options.check_regexes(pass_name)
 
 
 def available_passes() -> dict[str, type[EqcPass]]:
