@@ -386,3 +386,43 @@ def test_auto_granularity_needs_a_threshold():
         SmoothQuantOptions(search="sample", activation_granularity="tensor", static_tolerance=2.0).validate()
     with pytest.raises(EqcError, match="static_tolerance"):
         SmoothQuantOptions(search="sample", activation_granularity="auto", static_tolerance=0.5).validate()
+
+
+@pytest.mark.parametrize("op,domain", [("SkipSimplifiedLayerNormalization", "com.microsoft"),
+                                       ("SimplifiedLayerNormalization", "")])
+def test_fused_ort_norms_absorb_the_smoothing_exactly(op, domain):
+    """Graphs onnxruntime-genai's builder writes carry ORT's fused norms: 1/s folds into their gamma (input 2 of
+    SkipSimplifiedLayerNormalization, 1 of SimplifiedLayerNormalization); the residual sum the Skip variant also
+    outputs does not depend on gamma, so every output, the residual too, stays as it was."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    k, n = 8, 6
+    skip = op.startswith("Skip")
+    inputs = ["x", "skip", "gamma"] if skip else ["x", "gamma"]
+    norm = helper.make_node(op, inputs, ["normed", "", "", "residual"] if skip else ["normed"], domain=domain,
+                            epsilon=1e-5, name="/layers.0/input_layernorm")
+    nodes = [norm, helper.make_node("MatMul", ["normed", "wqkv"], ["y0"], name="/layers.0/attn/qkv_proj/MatMul")]
+    outs = [helper.make_tensor_value_info("y0", TensorProto.FLOAT, [4, n])]
+    if skip:
+        outs.append(helper.make_tensor_value_info("residual", TensorProto.FLOAT, [4, k]))
+    graph_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [4, k]) for name in inputs[:-1]]
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2, k).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32), "wqkv")]
+    proto = helper.make_model(helper.make_graph(nodes, "fused", graph_inputs, outs, inits),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    feed = {name: rng.normal(size=(4, k)).astype(np.float32) for name in inputs[:-1]}
+
+    def run(model: ir.Model) -> list[np.ndarray]:
+        return make_session(ir.serde.serialize_model(model).SerializeToString()).run(None, feed)
+
+    model = ir.serde.deserialize_model(proto)
+    ref = run(model)
+    context = CompileContext(stats=_synthetic_stats(k))
+    SmoothQuantPass(context, search="none", alpha=0.5)(model)
+    report = context.report["smooth_quant"]
+    assert list(report["sites"]) == ["layers.0.attn.qkv_proj"] and report["sites"]["layers.0.attn.qkv_proj"]["kind"] == "norm"
+    folded = next(n for n in model.graph if n.op_type == op).inputs[2 if skip else 1].const_value.numpy()
+    assert not np.allclose(folded, numpy_helper.to_array(proto.graph.initializer[0]))  # 1/s went into gamma
+    for want, got in zip(ref, run(model)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,17 @@ def other_uses(x: ir.Value, linear_nodes: set[int]) -> list[tuple[ir.Node, int]]
             if u.node.op_type != "Shape" and not (id(u.node) in linear_nodes and u.idx == 0)]
 
 
+# ONNX Runtime's fused norms (graphs onnxruntime-genai's builder or the ORT fusions wrote): (op, domain) -> input
+# index of the per-channel scale (gamma) and of the bias (beta) or None. Output 0 is the normalized value times
+# gamma; the others (mean, inverse std, the residual sum input + skip) do not depend on gamma, so they stay exact.
+FUSED_NORMS = {
+    ("SimplifiedLayerNormalization", ""): (1, None),
+    ("SimplifiedLayerNormalization", "com.microsoft"): (1, None),
+    ("SkipSimplifiedLayerNormalization", "com.microsoft"): (2, None),
+    ("SkipLayerNormalization", "com.microsoft"): (2, 3),
+}
+
+
 def norm_fold(x: ir.Value, k: int) -> tuple[ir.Node, ir.Value, ir.Value | None] | None:
     """(node, scale, bias) when x is a norm output whose per-channel scale can absorb 1/s."""
     p = x.producer()
@@ -37,6 +48,14 @@ def norm_fold(x: ir.Value, k: int) -> tuple[ir.Node, ir.Value, ir.Value | None] 
         bias = p.inputs[2] if len(p.inputs) > 2 else None
         if const_vector(scale, k) and (bias is None or const_vector(bias, k)) and all(
                 o is p.outputs[0] or not o.uses() for o in p.outputs):
+            return p, scale, bias
+        return None
+    fused = FUSED_NORMS.get((p.op_type, p.domain or ""))
+    if fused is not None and x is p.outputs[0] and p.attributes.get_int("axis", -1) == -1:
+        scale_at, bias_at = fused
+        scale = p.inputs[scale_at] if len(p.inputs) > scale_at else None
+        bias = p.inputs[bias_at] if bias_at is not None and len(p.inputs) > bias_at else None
+        if const_vector(scale, k) and (bias is None or const_vector(bias, k)):
             return p, scale, bias
         return None
     if p.op_type == "Mul":
