@@ -38,6 +38,8 @@ _BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
 @dataclasses.dataclass
 class LowerMatMulNBitsOptions(LayerSelection):
     accuracy_level: int = 0  # 0/1 float32 compute; 4 int8 compute of A
+    # False where a target schedules it for a graph that may hold no blocked layer (a mixed-precision plan)
+    required: bool = True
 
     def validate(self) -> None:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
@@ -124,9 +126,10 @@ class LowerMatMulNBitsPass(EqcPass):
         record = RuleRecord()
         apply_rules(model, [MatMulNBitsRule(opts.accuracy_level, opts, record)])
         lowered = record.lowered
-        if not lowered:
+        if not lowered and opts.required:
             raise EqcError("lower_matmul_nbits matched no layer: it needs MatMul(A, blocked DequantizeLinear(4- or "
                            "8-bit weight, axis=0)) as written by quantize_weights/gptq/awq with block_size set")
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         self.report({"lowered": lowered, "count": len(lowered), "accuracy_level": opts.accuracy_level})
-        return ir.passes.PassResult(model, modified=True)
+        return ir.passes.PassResult(model, modified=bool(lowered))

@@ -239,6 +239,34 @@ def test_w4_ort_cpu_runs_its_int8_lm_head_on_matmul_nbits_without_eqc_ops(tiny_a
     assert tables == ["model.model.embed_tokens.weight_nbits"], tables
 
 
+@pytest.mark.parametrize("precisions", [("int4-g64", "int8", "float", "int4-g128"), ("int8", "float")])
+def test_mixed_plan_lowers_for_ort_cpu(tiny_artifact, tmp_path, precisions):
+    """A mixed-precision plan's layers lower like the fixed recipes' (4-bit and int8 to MatMulNBits at accuracy
+    level 4, float left alone), also a plan with no 4-bit layer at all; logits within int8-activation rounding."""
+    import onnx_ir
+
+    from eqcompiler.compile.graph import find_linear_sites
+    from eqcompiler.compile.pipeline import compile_model
+
+    src = tiny_artifact("llama")
+    names = sorted({s.name for s in find_linear_sites(onnx_ir.load(src / "model.onnx").graph)} - {"lm_head"})
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {n: precisions[i % len(precisions)] for i, n in enumerate(names)}}))
+    compile_model(src, "mixed", tmp_path / "qdq", pass_overrides={"plan": str(plan)})
+    cpu = compile_model(src, "mixed", tmp_path / "cpu", target="ort-cpu", pass_overrides={"plan": str(plan)})
+    passes = [p["pass"] for p in cpu["quantization"]["passes"]]
+    assert passes[-3:] == ["lower_matmul_nbits", "lower_weight_only_int8", "pack_parallel_projections"]
+    report = cpu["quantization"]["report"]
+    picked = [precisions[i % len(precisions)] for i in range(len(names))]
+    assert report["lower_matmul_nbits"]["count"] == sum(p.startswith("int4") for p in picked)
+    assert report["lower_weight_only_int8"]["lowered"] == picked.count("int8") + 1  # and the tied lm_head
+    counts = _op_counts(tmp_path / "cpu")
+    assert counts["DequantizeLinear"] == 1  # the embedding rows; no weight is dequantized at run time
+    ids = np.arange(5, 5 + 40, dtype=np.int64)[None, :] % 500
+    a, b = _logits(tmp_path / "qdq", ids), _logits(tmp_path / "cpu", ids)
+    assert 0 < np.abs(a - b).max() / np.abs(a).max() < 0.03
+
+
 def test_ort_cuda_lowers_per_token_w8a8_to_the_fused_op(tiny_artifact, tiny_llama_stats, tmp_path):
     """--target ort-cuda: every per-token W8A8 linear becomes ai.eqc::FusedInt8Gemm; the manifest names
     the CUDA provider and library; the graph runs (CPU kernel of the same op) with the QDQ numerics."""

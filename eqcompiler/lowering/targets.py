@@ -70,6 +70,13 @@ def _require_eqc_library(what: str) -> None:
                                  "run `make ops` (C++ compiler, CMake and npm), or compile with --target portable") from None
 
 
+# apply_precision_plan's default choices (eqcompiler.compile.bitwidth.DEFAULT_CHOICES, not imported here: the
+# lowering room reads a recipe as data). A plan may put no layer at 4 bits, so its MatMulNBits lowering is
+# scheduled as one that may match nothing.
+MIXED_DEFAULT_CHOICES = ("int4-g128", "int4-g64", "int8", "float")
+MAY_MATCH_NOTHING = "lower_matmul_nbits: optional"
+
+
 def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
     """Which ort-cpu lowerings a recipe's output can use (lowering passes refuse graphs they cannot match)."""
     if recipe is None:
@@ -85,6 +92,13 @@ def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
             needs.add("lower_matmul_nbits")
         if name == "quantize_weights":  # per-channel int8 layers, or a tied int8 table (any block size)
             needs.add("lower_int8_weight_gemm")
+        if name == "apply_precision_plan":  # per layer, what its plan chooses from (and the int8 embedding table)
+            choices = str(opts.get("choices") or ",".join(MIXED_DEFAULT_CHOICES)).split(",")
+            if any(c.strip().startswith("int4") for c in choices):
+                needs |= {"lower_matmul_nbits", MAY_MATCH_NOTHING}
+            needs.add("lower_int8_weight_gemm")
+            if "w8a8" in (c.strip() for c in choices):
+                needs.add("lower_qdq_to_ort_int8")
     if "lower_matmul_nbits" in needs and "lower_int8_weight_gemm" in needs:
         # 4-bit layers run with int8 activations (accuracy level 4): the int8 ones do the same, on ORT's kernel.
         needs = (needs - {"lower_int8_weight_gemm"}) | {"lower_weight_only_int8"}
@@ -115,7 +129,10 @@ def target_steps(target: str, warnings: list[str] | None = None, recipe: dict[st
             continue  # a minimal build cannot load eqc's library: those layers stay QDQ (ORT fuses them itself)
         if name in EQC_LIBRARY_LOWERINGS:
             _require_eqc_library(EQC_LIBRARY_LOWERINGS[name])
-        steps.append({"pass": name, "options": dict(ORT_CPU_OPTIONS.get(name, {}))})
+        options = dict(ORT_CPU_OPTIONS.get(name, {}))
+        if name == "lower_matmul_nbits" and MAY_MATCH_NOTHING in needs:
+            options["required"] = False
+        steps.append({"pass": name, "options": options})
     if len(steps) == len(ORT_CPU_FUSIONS) and warnings is not None and (recipe is None or recipe.get("passes")):
         warnings.append(f"{target}: no integer lowering applies to this recipe (only the transformer-block fusions run)")
     if "pack_parallel_projections" in known:  # last: it joins what the lowerings made
