@@ -116,17 +116,22 @@ def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, 
     assert np.isfinite(scores).all() and scores[1] == pytest.approx(scores[0], rel=0.05) and scores[1] != scores[0]
 
 
+def _bare_copy(src: pathlib.Path, bare: pathlib.Path) -> pathlib.Path:
+    """The artifact's model.onnx (+ data) alone in a folder: no manifest, no tokenizer beside it."""
+    bare.mkdir()
+    for f in src.iterdir():
+        if f.name.startswith("model.onnx"):
+            shutil.copy(f, bare / f.name)
+    return bare
+
+
 def test_bare_onnx_calibrates_compiles_and_scores_with_tokenizer(tiny_artifact, wiki_valid, wiki_test, tmp_path):
     """A bare model.onnx (no tokenizer beside it) is refused where text is read, naming --tokenizer; given
     --tokenizer it calibrates (the statistics record it, so the SmoothQuant search a compile runs reads the same
     tokens), compiles into an artifact that carries that tokenizer, and scores the same perplexity as the artifact
     the graph came from."""
     src = tiny_artifact("llama")
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for f in src.iterdir():
-        if f.name.startswith("model.onnx"):
-            shutil.copy(f, bare / f.name)
+    bare = _bare_copy(src, tmp_path / "bare")
     stats = tmp_path / "stats.npz"
     refused = run_eqc("calibrate", bare / "model.onnx", "--data", wiki_valid, "--samples", "4", "--seq-len", "32",
                       "-o", stats, check=False)
@@ -163,11 +168,7 @@ def test_paths_a_statistics_file_names_are_read_only_with_their_recorded_digest(
     search) and copies the tokenizer into a bare model's artifact. A crafted file pointing elsewhere (another file,
     or the right path with its digest removed) is refused in one line, exit 2, nothing written or copied."""
     src = tiny_artifact("llama")
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for f in src.iterdir():
-        if f.name.startswith("model.onnx"):
-            shutil.copy(f, bare / f.name)
+    bare = _bare_copy(src, tmp_path / "bare")
     stats = tmp_path / "stats.npz"
     run_eqc("calibrate", bare / "model.onnx", "--data", wiki_valid, "--samples", "4", "--seq-len", "32", "-o", stats,
             "--tokenizer", src / "tokenizer.json")
