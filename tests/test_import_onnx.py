@@ -114,6 +114,29 @@ def test_onnxruntime_genai_builder_graph_compiles_beside_its_fused_ops(tiny_hf, 
     scores = [json.loads(run_eqc("eval", folder, "--ppl", WIKI_TEST, "--max-tokens", "256", "--window", "64",
                                  "--no-latency", "--json").stdout)["ppl"] for folder in (built / "model.onnx", tmp_path / "w8")]
     assert np.isfinite(scores).all() and scores[1] == pytest.approx(scores[0], rel=0.05) and scores[1] != scores[0]
+    # onnxruntime-genai loads the compiled folder (the builder's genai_config.json travels with the graph) and
+    # generates, greedily, the tokens eqc's own KV-cache loop picks on it.
+    import onnxruntime_genai as og
+
+    from eqcompiler.runtime.decode import CacheRunner
+    from eqcompiler.runtime.session import make_session
+
+    assert json.loads((tmp_path / "w8" / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
+    ids = [5, 17, 42, 99, 7, 250]
+    generator_params = og.GeneratorParams(model := og.Model(str(tmp_path / "w8")))
+    generator_params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    generator = og.Generator(model, generator_params)
+    generator.append_tokens(ids)
+    theirs = []
+    while not generator.is_done() and len(theirs) < 8:
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    runner = CacheRunner(make_session(tmp_path / "w8" / "model.onnx", threads=1))
+    step_logits, ours = runner.step(np.array([ids], dtype=np.int64)), []
+    while len(ours) < len(theirs):
+        ours.append(int(np.argmax(step_logits[0, -1])))
+        step_logits = runner.step(np.array([[ours[-1]]], dtype=np.int64))
+    assert len(theirs) == 8 and theirs == ours
 
 
 def _bare_copy(src: pathlib.Path, bare: pathlib.Path) -> pathlib.Path:

@@ -89,9 +89,12 @@ def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops
     }
 
 
-def write_genai_config(folder: pathlib.Path, manifest: dict[str, Any], op_library: pathlib.Path | None = None) -> bool:
+def write_genai_config(folder: pathlib.Path, manifest: dict[str, Any], op_library: pathlib.Path | None = None,
+                       source: pathlib.Path | None = None) -> bool:
     """Write genai_config.json into `folder` when the artifact is a causal LM; True when written.
-    `op_library`: eqc's op library the graph needs; it is copied into the folder and named relative to it."""
+    `op_library`: eqc's op library the graph needs; it is copied into the folder and named relative to it.
+    `source`: the folder the graph came from; a graph without an HF config.json whose folder has a genai_config.json
+    (onnxruntime-genai's builder wrote it) keeps that one, since compiling keeps the graph's inputs and outputs."""
     custom_ops_library = None
     if op_library is not None:
         shutil.copyfile(op_library, folder / op_library.name)
@@ -102,7 +105,28 @@ def write_genai_config(folder: pathlib.Path, manifest: dict[str, Any], op_librar
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         hf_config = {}
     config = genai_config(manifest, hf_config if isinstance(hf_config, dict) else {}, custom_ops_library)
+    if config is None and manifest.get("task") == "causal-lm" and source is not None:
+        config = _source_config(source / GENAI_CONFIG_FILE, manifest, custom_ops_library)
     if config is None:
         return False
     (folder / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
+
+
+def _source_config(path: pathlib.Path, manifest: dict[str, Any], custom_ops_library: str | None) -> dict[str, Any] | None:
+    """The source folder's genai_config.json for the compiled graph (its file name and eqc's op library set)."""
+    try:
+        config = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+        decoder = config["model"]["decoder"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(decoder, dict):
+        return None
+    decoder["filename"] = manifest.get("model_file", "model.onnx")
+    options = decoder.setdefault("session_options", {})
+    if isinstance(options, dict):
+        options.pop("custom_ops_library", None)
+        if custom_ops_library:
+            options["custom_ops_library"] = custom_ops_library
+    return config
+

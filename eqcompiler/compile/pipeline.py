@@ -181,7 +181,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         if "custom_op_library" in needs:
             library = _op_library(target, manifest["quantization"]["warnings"])
     art_mod.write_manifest(stage, manifest)
-    write_genai_config(stage, manifest, library)
+    write_genai_config(stage, manifest, library, source=art.folder)
     return manifest
 
 
