@@ -337,24 +337,13 @@ def _streamed(summary: dict[str, Any]) -> str:
 @kind_options
 @click.option("--json", "as_json", is_flag=True)
 @guarded
-def compile_cmd(model: str, recipe: str, calib: str | None, out: pathlib.Path, overwrite: bool, target: str,
-                reduce_range: bool | None, cpu: str | None, uint8_encoding: bool | None, kv_bits: str | None, kv_keys: str, kv_values: str, budget: str | None,
-                ppl_windows: int | None,
-                sensitivity: str | None, sensitivity_cache: str | None, solver: str | None,
-                plan_file: str | None, save_plan_file: pathlib.Path | None, kind: str | None, input_map: str | None,
-                as_json: bool) -> None:
+def compile_cmd(model: str, out: pathlib.Path, kind: str | None, input_map: str | None, as_json: bool,
+                **flags: Any) -> None:
     """Run a recipe (a list of passes) over MODEL and write a new artifact folder."""
-    from eqcompiler.compile.request import CompileRequest, KvCacheRequest, PrecisionRequest, run
+    from eqcompiler.compile.request import CompileRequest, run
 
     _choose_kind(model, kind, input_map)  # recorded in a foreign graph's compiled manifest (task, input_map)
-
-    request = CompileRequest(
-        model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
-        reduce_range=reduce_range, uint8_encoding=uint8_encoding, cpu=cpu,
-        kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
-        precision=PrecisionRequest(budget=budget, plan_file=plan_file, save_plan_file=save_plan_file,
-                                   ppl_windows=ppl_windows, sensitivity=sensitivity, solver=solver,
-                                   sensitivity_cache=sensitivity_cache))
+    request = CompileRequest.from_flags(model, out, **flags)
     result = run(request)
 
     def lines(r: dict[str, Any]) -> list[str]:

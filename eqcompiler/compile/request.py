@@ -51,6 +51,18 @@ class CompileRequest:
     precision: PrecisionRequest = PrecisionRequest()
     cpu: str | None = None  # --cpu (lowering.cpu_features); None: the default class, with a hint on a host it misfits
 
+    @classmethod
+    def from_flags(cls, model: str, out: pathlib.Path, *, recipe: str, calib: str | None = None,
+                   overwrite: bool = False, target: str = "portable", reduce_range: bool | None = None,
+                   cpu: str | None = None, uint8_encoding: bool | None = None, kv_bits: str | None = None,
+                   kv_keys: str = "auto", kv_values: str = "auto", **precision: Any) -> "CompileRequest":
+        """The request `eqc compile`'s flags describe (the mixed-precision ones: PrecisionRequest's fields,
+        with --plan / --save-plan as plan_file / save_plan_file)."""
+        return cls(model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
+                   reduce_range=reduce_range, uint8_encoding=uint8_encoding, cpu=cpu,
+                   kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
+                   precision=PrecisionRequest(**precision))
+
     def pass_overrides(self) -> dict[str, Any]:
         """Recipe pass options the flags set (refused by compile when no step of the recipe has them)."""
         from eqcompiler.compile.recipes import load_recipe
