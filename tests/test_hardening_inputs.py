@@ -132,6 +132,32 @@ def test_external_data_goes_through_the_confinement_check(llama, tmp_path):
         model_fingerprint(bad)
 
 
+@pytest.mark.parametrize("data", ["../secret.txt", "/etc/hostname", "link/text.txt"])
+def test_recipe_text_path_outside_its_folder_is_refused(llama, stats, tmp_path, data):
+    """A file a recipe names (smooth_quant's calibration text) is read relative to the recipe and must stay in
+    its folder, links followed: one line, exit 2, before any work."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (tmp_path / "secret.txt").write_text("private words " * 100)
+    (folder / "link").symlink_to(tmp_path)  # a link inside the folder leading out of it
+    recipe = folder / "sq.json"
+    recipe.write_text(json.dumps({"name": "sq", "description": "t", "requires_calibration": True, "passes": [
+        {"pass": "smooth_quant", "options": {"data": data}}, {"pass": "quantize_weights", "options": {}}]}))
+    out = tmp_path / "out"
+    proc = run_eqc("compile", llama, "--recipe", recipe, "--calib", stats, "-o", out, check=False)
+    assert_refused(proc, "smooth_quant option 'data'", "outside the recipe's folder", out=out)
+
+
+def test_recipe_text_path_beside_the_recipe_is_resolved_there(tmp_path):
+    from eqcompiler.compile.recipes import load_recipe
+
+    (tmp_path / "text.txt").write_text("words " * 10)
+    recipe = tmp_path / "sq.json"
+    recipe.write_text(json.dumps({"name": "sq", "description": "t", "passes": [
+        {"pass": "smooth_quant", "options": {"data": "text.txt"}}]}))
+    assert load_recipe(str(recipe))["passes"][0]["options"]["data"] == str((tmp_path / "text.txt").resolve())
+
+
 def _kl_recipe(tmp_path: pathlib.Path, cache: object) -> pathlib.Path:
     recipe = tmp_path / "kl.json"
     recipe.write_text(json.dumps({"name": "kl", "description": "t", "requires_calibration": True, "passes": [

@@ -62,8 +62,32 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
         return validate_recipe(builtins[name_or_file], repr(name_or_file))
     path = pathlib.Path(name_or_file)
     if path.suffix == ".json" or path.exists():
-        return validate_recipe(read_json_file(path, "recipe file"), f"'{path}'")
+        return _confine_paths(validate_recipe(read_json_file(path, "recipe file"), f"'{path}'"), path)
     raise EqcError(f"unknown recipe '{name_or_file}' (built-in: {', '.join(sorted(builtins))}; or give a .json file)")
+
+
+# Recipe options that name a file eqc reads: (pass, option).
+PATH_OPTIONS = {("smooth_quant", "data")}
+
+
+def _confine_paths(recipe: dict[str, Any], recipe_path: pathlib.Path) -> dict[str, Any]:
+    """A file a recipe names is taken relative to the recipe's folder and must stay inside it (links followed):
+    a recipe passed around cannot make eqc read, say, a private file elsewhere as calibration text."""
+    folder = recipe_path.resolve().parent
+    for step in recipe["passes"]:
+        options = step.get("options") or {}
+        for (name, key) in PATH_OPTIONS:
+            value = options.get(key) if step["pass"] == name else None
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value or "\0" in value:
+                raise EqcError(f"recipe '{recipe_path}': {name} option '{key}' must be a file path, got {value!r}")
+            resolved = (folder / value).resolve()
+            if folder not in resolved.parents:
+                raise EqcError(f"recipe '{recipe_path}': {name} option '{key}' ('{value}') leads outside the recipe's "
+                               f"folder {folder}; put the file beside the recipe")
+            options[key] = str(resolved)
+    return recipe
 
 
 KV_CACHE_TARGET = "kv"  # `eqc calibrate --for ...,kv`: the observers --kv-bits reads
