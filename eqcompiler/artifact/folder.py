@@ -11,7 +11,7 @@ import math
 import os
 import pathlib
 import stat
-from typing import Any
+from typing import Any, Iterable
 
 import onnx
 import onnx_ir as ir
@@ -133,10 +133,11 @@ def _graph_proto(p: pathlib.Path) -> onnx.ModelProto:
         raise EqcError(f"'{p}' is not a readable ONNX model ({type(exc).__name__})") from None
 
 
-def schema_less_ops(proto: onnx.ModelProto) -> set[str]:
+def schema_less_ops(nodes: Iterable[Any]) -> set[str]:
     """ORT contrib ops written in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
-    onnxruntime-genai's builder writes): the checker cannot know them, so their wiring is checked, not their schema."""
-    return {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+    onnxruntime-genai's builder writes), among `nodes` (NodeProtos or onnx-ir nodes): the checker cannot know
+    them, so their wiring is checked, not their schema."""
+    return {n.op_type for n in nodes if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
 
 
 def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | None = None) -> None:
@@ -156,7 +157,7 @@ def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | Non
     for value in [*copy.graph.input, *copy.graph.output]:  # ONNX Runtime loads graph I/O of unknown rank: so do we
         if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
             value.type.tensor_type.shape.SetInParent()
-    unchecked = schema_less_ops(copy) if unchecked_ops is None else unchecked_ops
+    unchecked = schema_less_ops(copy.graph.node) if unchecked_ops is None else unchecked_ops
     if unchecked:
         for node in copy.graph.node:
             if node.domain in ("", "ai.onnx") and node.op_type in unchecked:

@@ -143,7 +143,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
         run_facts["kl_sensitivity"] = dict(context.precision_search.kl_info)
     # ORT's contrib ops in the ONNX domain without an ONNX schema (SimplifiedLayerNormalization in graphs
     # onnxruntime-genai's builder wrote): the source brought them, so the check lets them through.
-    brought = {n.op_type for n in ir_model.graph.all_nodes() if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+    brought = art_mod.schema_less_ops(ir_model.graph.all_nodes())
     run_passes([*passes, RemoveUnusedNodesPass(), TopologicalSortPass()], ir_model)
     edge = target in EDGE_TARGETS
     if edge:  # before anything is written: ops the edge runtime cannot run end the compile (exit 2)
