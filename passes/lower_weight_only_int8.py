@@ -80,9 +80,10 @@ class WeightOnlyInt8Rule(LinearSiteRule):
         return out
 
     def _redirect_gathers(self, op, wq: ir.Value, packed: ir.Value, k: int) -> None:
-        """Embedding rows: gather from the packed [N, blocks, block] uint8 table (viewed [N, K]) with zp 128."""
-        graph = self._graph
-        rows_view = None
+        """Embedding rows from the packed [N, blocks, block] uint8 table, with zero point 128: Gather reads whole
+        rows of it and only the gathered rows are reshaped to [..., K] (a padded last block cut off), so ORT keeps
+        one copy of the table (a Reshape of the table itself is folded into a second copy at session start:
+        28 MB more on SmolLM2)."""
         for use in list(wq.uses()):
             gather = use.node
             if gather.op_type != "Gather" or use.idx != 0 or gather.attributes.get_int("axis", 0) != 0:
@@ -94,19 +95,34 @@ class WeightOnlyInt8Rule(LinearSiteRule):
             zp_gather = zp_src.inputs[0].producer() if zp_src is not None and zp_src.op_type == "Unsqueeze" else None
             if zp_gather is None or zp_gather.op_type != "Gather":
                 continue
-            if rows_view is None:
-                shape = self.initializer(op, f"{packed.name}_rows_shape", np.array([-1, k], np.int64))
-                reshape = ir.node("Reshape", [packed, shape], name=f"{packed.name}/rows_view")
-                graph.insert_before(gather, reshape)
-                rows_view = reshape.outputs[0]
-                rows_view.name = f"{packed.name}_rows"
-                rows_view.dtype = ir.DataType.UINT8
             zp128 = self.initializer(op, f"{packed.name}_row_zero_point", np.full(int(wq.shape[0]), 128, np.uint8))
-            gather.replace_input_with(0, rows_view)
             zp_gather.replace_input_with(0, zp128)
+            gather.replace_input_with(0, packed)
+            gather.outputs[0].shape = None  # [..., blocks, block] now
+            dq.replace_input_with(0, self._rows(op, gather, packed, k))
             for value in (gather.outputs[0], zp_gather.outputs[0], zp_src.outputs[0]):  # rows and zero points: uint8 now
                 if value.dtype is not None:
                     value.dtype = ir.DataType.UINT8
+
+    def _rows(self, op, gather: ir.Node, packed: ir.Value, k: int) -> ir.Value:
+        """Gathered [..., blocks, block] rows as [..., K]: Reshape to [ids shape, blocks * block], then Slice."""
+        _, blocks, block = packed.const_value.shape
+        width = self.initializer(op, f"{packed.name}_row_width", np.array([blocks * block], np.int64))
+        ids_shape = ir.node("Shape", [gather.inputs[1]], name=f"{gather.name}/ids_shape")
+        target = ir.node("Concat", [ids_shape.outputs[0], width], attributes={"axis": 0}, name=f"{gather.name}/rows_shape")
+        nodes = [ids_shape, target, ir.node("Reshape", [gather.outputs[0], target.outputs[0]], name=f"{gather.name}/rows")]
+        if blocks * block != k:  # the last block was padded: keep the first K values of each row
+            ends = self.initializer(op, f"{packed.name}_row_end", np.array([k], np.int64))
+            starts = self.initializer(op, f"{packed.name}_row_start", np.array([0], np.int64))
+            axes = self.initializer(op, f"{packed.name}_row_axis", np.array([-1], np.int64))
+            nodes.append(ir.node("Slice", [nodes[-1].outputs[0], starts, ends, axes], name=f"{gather.name}/rows_cut"))
+        anchor = gather
+        for node in nodes:
+            self._graph.insert_after(anchor, node)
+            anchor = node
+        rows = nodes[-1].outputs[0]
+        rows.name, rows.dtype = f"{gather.outputs[0].name}_rows", ir.DataType.UINT8
+        return rows
 
 
 def rules(accuracy_level: int = 0, select: LayerSelection = EVERY_LAYER,

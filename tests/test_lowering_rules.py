@@ -188,3 +188,41 @@ def test_weight_only_int8_rules_leave_blocked_weights() -> None:
     rng = np.random.default_rng(9)
     proto = linear_model(rng.integers(-127, 128, (K, N)).astype(np.int8), np.ones((2, N), np.float32), axis=0, block=32)
     assert_left_alone(proto, lower_weight_only_int8.rules(), "weight DequantizeLinear is blocked, not per channel")
+
+
+@pytest.mark.parametrize("k", [64, 40])  # 40: no power-of-two block divides it, the last block is padded
+def test_weight_only_int8_tied_table_serves_the_embedding_rows_once(k: int) -> None:
+    """A tied [N, K] int8 table read by the lm_head (through Transpose) and by the embedding Gather (rows,
+    per-row scale and zero point): after lowering both read the one packed table, same numbers."""
+    rng = np.random.default_rng(10)
+    wq = rng.integers(-127, 128, (N, k), dtype=np.int8)
+    scale = (rng.random(N).astype(np.float32) + 0.5) * np.float32(0.01)
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(scale, "w_scale"),
+             numpy_helper.from_array(np.zeros(N, np.int8), "w_zp"), numpy_helper.from_array(np.array([-1]), "last")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["w"], axis=0),
+             helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w_t"], ["y"], name="/lm_head/MatMul"),
+             helper.make_node("Gather", ["wq", "ids"], ["rows"]),
+             helper.make_node("Gather", ["w_scale", "ids"], ["rs0"]), helper.make_node("Unsqueeze", ["rs0", "last"], ["rs"]),
+             helper.make_node("Gather", ["w_zp", "ids"], ["rz0"]), helper.make_node("Unsqueeze", ["rz0", "last"], ["rz"]),
+             helper.make_node("DequantizeLinear", ["rows", "rs", "rz"], ["emb"], axis=-1, block_size=k)]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k]),
+                                              helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, N]),
+                               helper.make_tensor_value_info("emb", TensorProto.FLOAT, [2, 3, k])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    from eqcompiler.compile.pass_base import CompileContext, make_pass
+
+    model = ir.serde.deserialize_model(proto)
+    context = CompileContext()
+    make_pass("lower_weight_only_int8", context, {})(model)  # the pass: the rules, then the unused originals dropped
+    lowered = ir.serde.serialize_model(model)
+    onnx.checker.check_model(lowered)
+    assert context.report["lower_weight_only_int8"]["lowered"] == 1
+    tables = [t.name for t in lowered.graph.initializer if len(t.dims) == 3]
+    assert tables == ["wq_nbits"] and "wq" not in {t.name for t in lowered.graph.initializer}  # stored once
+    rng_feed = np.random.default_rng(0)
+    inputs = {"x": rng_feed.standard_normal((2, 3, k)).astype(np.float32), "ids": rng_feed.integers(0, N, (2, 3))}
+    want, got = run(proto, inputs), run(lowered, inputs)
+    np.testing.assert_array_equal(got[1], want[1])  # embedding rows: the same int8 codes and scales
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5 * float(np.abs(want[0]).max()))
