@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -146,8 +147,12 @@ def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | Non
     pass. External tensors are checked as graph inputs of their type and shape (the checker cannot see
     their data without reading it)."""
     _check_initializer_sizes(proto, what)
+    if default_opset(proto) < CHECKED_FROM_OPSET:
+        return  # older graphs are converted first (its errors name the op); the converted graph is checked on output
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
+    if not _sort_nodes(copy.graph):
+        return  # a cycle: the compile refuses it naming a node on it (compile/pipeline._refuse_cycles)
     external = [t for t in copy.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         kept = [t for t in copy.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
@@ -167,6 +172,39 @@ def check_graph(proto: onnx.ModelProto, what: str, unchecked_ops: set[str] | Non
         onnx.checker.check_model(copy)
     except (onnx.checker.ValidationError, ValueError, TypeError) as exc:
         raise EqcError(f"{what} fails onnx.checker: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+
+
+# The opset eqc compiles at (compile/pipeline.MIN_OPSET): graphs declaring it or newer are checked as read.
+CHECKED_FROM_OPSET = 21
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the nodes in topological order (ONNX asks for it; exporters do not always keep it, and eqc sorts the
+    graph it writes); False when they form a cycle."""
+    made = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    waiting = [sum(1 for name in node.input if name in made) for node in graph.node]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name in made:
+                readers.setdefault(made[name], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]  # a heap: the written order where it is valid
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in readers.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) < len(graph.node):
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for target, i in zip(nodes, order):
+        target.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 def _check_initializer_sizes(proto: onnx.ModelProto, what: str) -> None:
