@@ -135,13 +135,14 @@ def empty_past(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarra
     from eqcompiler.artifact.kv_layout import HEAD_SIZE, HEADS, past_shape_hints
 
     feed = {}
-    hints: tuple[int, int] | None = None
     for inp in session.get_inputs():
         if inp.name.startswith("past_key_values."):
             dims = [batch if i == 0 else (0 if i == 2 else d) for i, d in enumerate(inp.shape)]
             if len(dims) == 4 and not all(isinstance(dims[i], int) for i in (HEADS, HEAD_SIZE)):
-                source = getattr(session, "eqc_model_source", None)
-                hints = hints or (past_shape_hints(*source) if source else None)
+                if not hasattr(session, "eqc_past_hints"):  # once per session: eval prefills every window
+                    source = getattr(session, "eqc_model_source", None)
+                    session.eqc_past_hints = past_shape_hints(*source) if source else None
+                hints = session.eqc_past_hints
                 if hints:  # a graph that leaves them symbolic (onnxruntime-genai's builder: 'kv_cache_dim')
                     dims[HEADS] = dims[HEADS] if isinstance(dims[HEADS], int) else hints[0]
                     dims[HEAD_SIZE] = dims[HEAD_SIZE] if isinstance(dims[HEAD_SIZE], int) else hints[1]
