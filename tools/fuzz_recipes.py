@@ -29,6 +29,7 @@ import onnx
 
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.calibration.calibrate import instrumented_session, observed_tensors
+from eqcompiler.data import read_text
 from eqcompiler.errors import EqcError
 from eqcompiler.models.synthetic import SynthSpec, random_spec, save_artifact
 from eqcompiler.compile.pipeline import compile_model
@@ -61,8 +62,10 @@ def calibrate_feeds(model_path: pathlib.Path, feeds: list[dict[str, np.ndarray]]
     for feed in feeds:
         for name, value in zip(names, session.run(names, feed)):
             stats[name].update(value, observers)
+    # A real text file is recorded with its digest, as eqc calibrate records it (compile reads it back only then).
+    sha = read_text(text_path)[1] if pathlib.Path(text_path).is_file() else ""
     meta = {"model_fingerprint": art_mod.model_fingerprint(model_path), "observers": list(observers),
-            "data": {"path": text_path, "sha256": "", "samples": len(feeds),
+            "data": {"path": text_path, "sha256": sha, "samples": len(feeds),
                      "seq_len": int(feeds[0]["input_ids"].shape[1]), "decode_steps": 0}}
     return CalibrationStats(meta=meta, tensors=stats)
 
