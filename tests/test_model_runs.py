@@ -131,3 +131,40 @@ def test_precision_pass_never_runs_the_model(tiny_artifact, tiny_llama_stats):
         if needed:
             with pytest.raises(EqcError, match="needs the model run"):
                 step(model)
+
+
+def test_sampled_activation_rows_are_uniform_draws_of_every_windows_rows(tiny_artifact, tiny_llama_stats):
+    """The alpha search's rows: each tensor's rows are its own sorted uniform draw over the rows of all windows
+    (as if concatenated), cut window by window as ONNX Runtime returns them; with rows >= the windows' tokens,
+    every row in order."""
+    import pathlib
+
+    from eqcompiler.artifact import folder as art_mod
+    from eqcompiler.calibration.activation_rows import sample_activation_rows
+    from eqcompiler.calibration.calibrate import instrumented_session, observed_tensors
+    from eqcompiler.calibration.stats import CalibrationStats, recorded_text
+    from eqcompiler.data import calibration_ids, load_tokenizer, windows
+    from eqcompiler.runtime.session import causal_feed
+
+    art = pathlib.Path(tiny_artifact("llama"))
+    model = art_mod.model_file(art_mod.resolve_artifact(art))
+    names = observed_tensors(model)
+    meta = CalibrationStats.load(tiny_llama_stats).meta
+    seq = int(meta["data"]["seq_len"])
+    ids, _ = calibration_ids(load_tokenizer(art), recorded_text(meta)[0], seq, 3, True)
+    session = instrumented_session(model, names)
+    full = {n: [] for n in names}
+    for window in windows(ids, seq, 3):
+        for n, v in zip(names, session.run(names, causal_feed(session, window))):
+            full[n].append(v.reshape(-1, v.shape[-1]))
+    full = {n: np.concatenate(v) for n, v in full.items()}
+    total = len(full[names[0]])
+
+    everything = sample_activation_rows(art, names, meta, 3, total)
+    for n in names:
+        np.testing.assert_array_equal(everything[n], full[n])
+    rows = total // 3
+    sampled = sample_activation_rows(art, names, meta, 3, rows)
+    rng = np.random.default_rng(0)
+    for n in names:
+        np.testing.assert_array_equal(sampled[n], full[n][np.sort(rng.choice(total, rows, replace=False))])

@@ -1,6 +1,6 @@
 """eqc's --target web artifacts against ONNX Runtime's own quantizers as transformers.js ships them (issue 24).
 
-    PYTHONPATH=... python tools/bench_edge.py --fp32 FP32_ART --w4 W4_PORTABLE_ART [--work DIR] [--threads 1]
+    PYTHONPATH=... python tools/bench_edge.py --fp32 FP32_ART --w4 W4_PORTABLE_ART [--w4-g32 W4_G32_ART] [--work DIR]
 
 Builds (into --work), from the fp32 artifact:
   eqc w8 web      eqc compile FP32 --recipe w8 --target web
@@ -8,6 +8,9 @@ Builds (into --work), from the fp32 artifact:
   ort q8          onnxruntime.quantization.quantize_dynamic (int8 weights per tensor, MatMul + Gather; run as
                   DynamicQuantizeLinear + MatMulInteger: transformers.js's "q8")
   ort q4          onnxruntime.quantization MatMulNBitsQuantizer, 4 bits, block 32, symmetric (transformers.js's "q4")
+  ort q4 g128     the same at block 128: SmolLM2's weights come from a GGUF Q4_1 file, i.e. they already lie on a
+                  4-bit grid of 32-element groups, which flatters any 32-element 4-bit scheme; eqc's w4 recipes use
+                  groups of 128, so this is the like-for-like row (and --w4-g32 adds eqc at block 32)
 and measures, for each and fp32: the model files' size, perplexity (eqc eval, native ORT: the web artifacts fold
 to the same float weights there; WikiText-2 test, --max-tokens windows of 512), greedy decode tokens/s in headless
 Chromium (tools/web, onnxruntime-web WASM, one run each) and natively (eqc generate), and whether the browser's
@@ -50,13 +53,19 @@ def _ort_folder(fp32: pathlib.Path, out: pathlib.Path) -> None:
             shutil.copy(fp32 / name, out / name)
 
 
-def build(fp32: pathlib.Path, w4: pathlib.Path, work: pathlib.Path) -> dict[str, pathlib.Path]:
+def build(fp32: pathlib.Path, w4: pathlib.Path, work: pathlib.Path, w4_g32: pathlib.Path | None = None
+          ) -> dict[str, pathlib.Path]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     arts = {"fp32": fp32, "eqc w8 web": work / "eqc-w8-web", "eqc w4 web": work / "eqc-w4-web",
-            "ort q8 (quantize_dynamic)": work / "ort-q8", "ort q4 (MatMulNBits)": work / "ort-q4"}
+            "ort q8 (quantize_dynamic)": work / "ort-q8", "ort q4 (MatMulNBits)": work / "ort-q4",
+            "ort q4 g128 (MatMulNBits)": work / "ort-q4-g128"}
+    if w4_g32 is not None:
+        arts["eqc w4 g32 web"] = work / "eqc-w4-g32-web"
+        if not arts["eqc w4 g32 web"].exists():
+            eqc("compile", w4_g32, "--recipe", "none", "--target", "web", "-o", arts["eqc w4 g32 web"])
     if not arts["eqc w8 web"].exists():
         eqc("compile", fp32, "--recipe", "w8", "--target", "web", "-o", arts["eqc w8 web"])
     if not arts["eqc w4 web"].exists():
@@ -67,12 +76,13 @@ def build(fp32: pathlib.Path, w4: pathlib.Path, work: pathlib.Path) -> dict[str,
         quantize_dynamic(fp32 / "model.onnx", q8 / "model.onnx", op_types_to_quantize=["MatMul", "Gather"],
                          weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
-    q4 = arts["ort q4 (MatMulNBits)"]
-    if not (q4 / "model.onnx").exists():
-        _ort_folder(fp32, q4)
-        quant = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), bits=4, block_size=32, is_symmetric=True)
-        quant.process()
-        quant.model.save_model_to_file(str(q4 / "model.onnx"), use_external_data_format=True)
+    for name, block in (("ort q4 (MatMulNBits)", 32), ("ort q4 g128 (MatMulNBits)", 128)):
+        q4 = arts[name]
+        if not (q4 / "model.onnx").exists():
+            _ort_folder(fp32, q4)
+            quant = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), bits=4, block_size=block, is_symmetric=True)
+            quant.process()
+            quant.model.save_model_to_file(str(q4 / "model.onnx"), use_external_data_format=True)
     return arts
 
 
@@ -111,6 +121,34 @@ def measure(name: str, art: pathlib.Path, wiki: pathlib.Path, max_tokens: int, t
     return row
 
 
+# (eqc row, ORT row it is held against): no larger, at least as many browser tokens/s, at most half the ppl loss
+# vs fp32 (issue 24). The g128 pair is like-for-like (see the module docstring); the g32 ORT row is what
+# transformers.js ships.
+PAIRS = (("eqc w8 web", "ort q8 (quantize_dynamic)"), ("eqc w4 web", "ort q4 (MatMulNBits)"),
+         ("eqc w4 web", "ort q4 g128 (MatMulNBits)"), ("eqc w4 g32 web", "ort q4 (MatMulNBits)"))
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """One met/MISSED line per target and pair whose rows were measured."""
+    by = {r["artifact"]: r for r in rows}
+    fp32 = by.get("fp32", {}).get("ppl")
+    out = ["", "## Targets (issue 24: no larger, at least as many tokens/s, at most half the ppl loss)", ""]
+    for mine, theirs in PAIRS:
+        a, b = by.get(mine), by.get(theirs)
+        if a is None or b is None or not isinstance(fp32, (int, float)):
+            continue
+        checks = [("size", a["bytes"] <= b["bytes"], f"{a['bytes'] / 1e6:.1f} MB vs {b['bytes'] / 1e6:.1f} MB")]
+        if "browser_tokens_per_s" in a and "browser_tokens_per_s" in b:
+            checks.append(("tokens/s", a["browser_tokens_per_s"] >= b["browser_tokens_per_s"],
+                           f"{a['browser_tokens_per_s']:.2f} vs {b['browser_tokens_per_s']:.2f}"))
+        loss_a, loss_b = a["ppl"] / fp32 - 1, b["ppl"] / fp32 - 1
+        checks.append(("ppl loss", loss_a <= max(loss_b, 0) / 2,
+                       f"{loss_a:+.2%} vs half of {loss_b:+.2%} = {max(loss_b, 0) / 2:+.2%}"))
+        for what, ok, detail in checks:
+            out.append(f"- {'met   ' if ok else 'MISSED'} {mine} vs {theirs}, {what}: {detail}")
+    return out
+
+
 def markdown(meta: dict, rows: list[dict], forms: dict | None) -> str:
     out = ["# Edge: eqc `--target web` vs ONNX Runtime's quantizers (transformers.js style), SmolLM2-135M",
            "",
@@ -132,6 +170,7 @@ def markdown(meta: dict, rows: list[dict], forms: dict | None) -> str:
         same = "yes" if r["browser_tokens_equal_native"] else f"no (from token {r['first_differing_token']})"
         out.append(f"| {r['artifact']} | {r['bytes'] / 1e6:.1f} | {ppl:.3f} | {r['browser_tokens_per_s']:.2f} | "
                    f"{r['browser_prefill_ms']:.0f} | {r['browser_load_ms'] / 1000:.1f} | {same} |")
+    out += targets(rows)
     if meta.get("notes"):
         out += ["", f"Note: {meta['notes']}."]
     if forms:
@@ -147,6 +186,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", type=pathlib.Path, required=True)
     ap.add_argument("--w4", type=pathlib.Path, required=True)
+    ap.add_argument("--w4-g32", type=pathlib.Path, default=None,
+                    help="a portable w4 artifact at block 32, held against ORT's block-32 q4 like for like")
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/eqc-edge"))
     ap.add_argument("--wiki", type=pathlib.Path, default=REPO / "eqcompiler" / "datasets" / "wikitext-2" / "test.txt")
     ap.add_argument("--max-tokens", type=int, default=4096)
@@ -163,7 +204,7 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(markdown(saved["meta"], saved["rows"], forms))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    arts = build(args.fp32, args.w4, args.work)
+    arts = build(args.fp32, args.w4, args.work, args.w4_g32)
     server = web.serve({})
     rows = []
     for name, art in arts.items():

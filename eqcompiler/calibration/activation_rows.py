@@ -40,16 +40,21 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     missing = [n for n in names if n not in available]
     if missing:
         raise EqcError(f"smooth_quant: source model has no tensor '{missing[0]}'; run smooth_quant first in the recipe")
+    # Each tensor's kept rows are drawn up front (a uniform draw over all windows' rows, as if they were
+    # concatenated; one draw per tensor, in order, from one generator), so each window's outputs are cut to their
+    # kept rows as they arrive: memory holds the kept rows and one window's outputs, not every window's
+    # activations (SmolLM2, 121 tensors x 4 windows: 0.8 GB less at the peak).
+    chosen = list(windows(ids, seq_len, count))
+    total = sum(int(w.size) for w in chosen)
+    rng = np.random.default_rng(0)
+    keep = {n: np.arange(total) if total <= rows else np.sort(rng.choice(total, rows, replace=False)) for n in names}
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for window in windows(ids, seq_len, count):
+    start = 0
+    for window in chosen:
         feed = causal_feed(session, window) if causal else _encoder_feed(window)
         for name, value in zip(names, session.run(names, feed)):
-            parts[name].append(value.reshape(-1, value.shape[-1]))
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, chunks in parts.items():
-        x = np.concatenate(chunks)
-        if len(x) > rows:
-            x = x[np.sort(rng.choice(len(x), rows, replace=False))]
-        out[name] = x.astype(np.float32)
-    return out
+            mine = keep[name][(keep[name] >= start) & (keep[name] < start + window.size)] - start
+            parts[name].append(np.ascontiguousarray(value.reshape(-1, value.shape[-1])[mine], dtype=np.float32))
+        start += int(window.size)
+    del session
+    return {name: np.concatenate(parts.pop(name)) for name in names}
