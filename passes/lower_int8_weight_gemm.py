@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.graph import find_linear_sites, weight_dequantize_node
 from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
-from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, per_channel_int8
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, lower_with_rules, per_channel_int8
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_fused_int8_gemm import DOMAIN, OP_VERSION, foldable_bias
 
@@ -99,11 +98,8 @@ class LowerInt8WeightGemmPass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         record = RuleRecord()
-        apply_rules(model, rules(self.options, record))
-        lowered = record.lowered
-        if lowered:
-            model.opset_imports.setdefault(DOMAIN, OP_VERSION)
-            common_passes.RemoveUnusedNodesPass()(model)  # also drops the [K, N] originals now read by nothing
+        # prune: also drops the [K, N] originals now read by nothing
+        lowered = lower_with_rules(model, rules(self.options, record), (DOMAIN, OP_VERSION), prune=True)
         skipped = self._left_qdq(model.graph, record.rejected)
         if skipped:  # stays correct (QDQ), but slow: say so instead of leaving it silent
             name, why = next(iter(skipped.items()))

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import is_constant
 from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
-from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, optional_input
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, lower_with_rules, optional_input
 from eqcompiler.compile.pass_base import EqcPass
 
 MS_DOMAIN = "com.microsoft"
@@ -123,13 +123,9 @@ class LowerMatMulNBitsPass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        record = RuleRecord()
-        apply_rules(model, [MatMulNBitsRule(opts.accuracy_level, opts, record)])
-        lowered = record.lowered
+        lowered = lower_with_rules(model, [MatMulNBitsRule(opts.accuracy_level, opts, RuleRecord())], (MS_DOMAIN, 1))
         if not lowered and opts.required:
             raise EqcError("lower_matmul_nbits matched no layer: it needs MatMul(A, blocked DequantizeLinear(4- or "
                            "8-bit weight, axis=0)) as written by quantize_weights/gptq/awq with block_size set")
-        if lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
         self.report({"lowered": lowered, "count": len(lowered), "accuracy_level": opts.accuracy_level})
         return ir.passes.PassResult(model, modified=bool(lowered))

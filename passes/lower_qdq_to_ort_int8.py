@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.graph import const_array, static_activation_quantize
 from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
-from eqcompiler.compile.patterns import (LinearSiteRule, RuleRecord, apply_rules, optional_input, per_channel_int8,
+from eqcompiler.compile.patterns import (LinearSiteRule, RuleRecord, lower_with_rules, optional_input, per_channel_int8,
                                          quantize_dequantize)
 from eqcompiler.compile.pass_base import EqcPass
 
@@ -114,13 +113,9 @@ class LowerQdqToOrtInt8Pass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        record = RuleRecord()
-        variants = rules(self.options, record)
-        apply_rules(model, variants)
-        lowered = record.lowered
+        variants = rules(self.options, RuleRecord())
+        lowered = lower_with_rules(model, variants, (MS_DOMAIN, 1), prune=True)
         if lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            common_passes.RemoveUnusedNodesPass()(model)
             for original in (v for rule in variants for v in rule.originals):  # the [N,K] table, now read by nothing
                 if not list(original.uses()) and original.name in graph.initializers:
                     graph.initializers.pop(original.name)

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from eqcompiler.compile.layer_selection import EVERY_LAYER, LayerSelection
-from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, apply_rules, per_channel_int8
+from eqcompiler.compile.patterns import LinearSiteRule, RuleRecord, lower_with_rules, per_channel_int8
 from eqcompiler.compile.pass_base import EqcPass
 from eqcompiler.passes.lower_matmul_nbits import to_matmul_nbits
 
@@ -138,10 +137,8 @@ class LowerWeightOnlyInt8Pass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         record = RuleRecord()
-        apply_rules(model, rules(self.options.accuracy_level, self.options, record))
-        lowered = record.lowered
-        if lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-            common_passes.RemoveUnusedNodesPass()(model)  # also drops the int8 originals now read by nothing
+        # prune: also drops the int8 originals now read by nothing
+        lowered = lower_with_rules(model, rules(self.options.accuracy_level, self.options, record), (MS_DOMAIN, 1),
+                                   prune=True)
         self.report({"lowered": len(lowered), "op": f"{MS_DOMAIN}::MatMulNBits(bits=8)"})
         return ir.passes.PassResult(model, modified=bool(lowered))

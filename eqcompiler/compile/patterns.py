@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import MatchResult, RewriteRule, RewriteRuleClassBase, RewriteRuleSet
 from onnxscript.rewriter.pattern import Var
 
@@ -190,3 +191,17 @@ def apply_rules(model: ir.Model, rules: Sequence[LinearSiteRule]) -> int:
         if all(not v.uses() and not v.is_graph_output() for v in dead.outputs):
             graph.remove(dead, safe=True)
     return count
+
+
+def lower_with_rules(model: ir.Model, rules: Sequence[LinearSiteRule], domain: tuple[str, int],
+                     prune: bool = False) -> list[str]:
+    """A lowering pass's body: apply `rules` (sharing one RuleRecord), import the new op's (domain, version)
+    when a layer was lowered, and with `prune` drop what is now read by nothing (the original weights).
+    Returns the lowered layers' names."""
+    apply_rules(model, rules)
+    lowered = rules[0].record.lowered if rules else []
+    if lowered:
+        model.opset_imports.setdefault(*domain)
+        if prune:
+            RemoveUnusedNodesPass()(model)
+    return lowered
