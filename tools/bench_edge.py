@@ -152,7 +152,7 @@ def targets(rows: list[dict]) -> list[str]:
 def markdown(meta: dict, rows: list[dict], forms: dict | None) -> str:
     out = ["# Edge: eqc `--target web` vs ONNX Runtime's quantizers (transformers.js style), SmolLM2-135M",
            "",
-           f"`tools/bench_edge.py`; browser: headless Chromium, onnxruntime-web WASM, {meta['threads']} thread, one run "
+           f"`{meta.get('command', 'tools/bench_edge.py')}`; browser: headless Chromium, onnxruntime-web WASM, {meta['threads']} thread, one run "
            f"each; prompt \"{meta['prompt']}\", greedy, {meta['new_tokens']} new tokens (tokens/s: the decode steps "
            "after the prefill). ppl: `eqc eval --ppl` on WikiText-2 test, "
            f"{meta['max_tokens']} tokens in windows of 512, native ORT (the web artifacts fold to the same float "
@@ -213,7 +213,8 @@ def main() -> None:
         rows.append(measure(name, art, args.wiki, args.max_tokens, args.threads, args.new_tokens, server))
         print(json.dumps(rows[-1]), flush=True)
     server[0].shutdown()
-    meta = {"threads": args.threads, "max_tokens": args.max_tokens, "new_tokens": args.new_tokens, "prompt": PROMPT,
+    meta = {"command": "tools/bench_edge.py " + " ".join(sys.argv[1:]),
+            "threads": args.threads, "max_tokens": args.max_tokens, "new_tokens": args.new_tokens, "prompt": PROMPT,
             "load_average": os.getloadavg()}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(meta, rows, forms))
