@@ -21,6 +21,7 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
     from eqcompiler.calibration.calibrate import _encoder_feed, instrumented_session
     from eqcompiler.calibration.stats import recorded_text, recorded_tokenizer
     from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
+    from eqcompiler.runtime.memory import release_freed_memory
     from eqcompiler.runtime.session import causal_feed
 
     art = art_mod.resolve_artifact(source)
@@ -57,4 +58,6 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
             parts[name].append(np.ascontiguousarray(value.reshape(-1, value.shape[-1])[mine], dtype=np.float32))
         start += int(window.size)
     del session
-    return {name: np.concatenate(parts.pop(name)) for name in names}
+    rows_kept = {name: np.concatenate(parts.pop(name)) for name in names}
+    release_freed_memory()  # the session's memory, before the search stacks its own on top
+    return rows_kept

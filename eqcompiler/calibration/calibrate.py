@@ -31,6 +31,7 @@ from eqcompiler.data import calibration_ids, load_tokenizer, read_text
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.compile.graph import find_linear_sites
 from eqcompiler.calibration.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
+from eqcompiler.runtime.memory import release_freed_memory
 from eqcompiler.runtime.session import causal_feed, make_session
 from eqcompiler.calibration.stats import CalibrationStats, TensorStats
 
@@ -267,6 +268,8 @@ def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples:
                      skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers, tokenizer=tokenizer)
     stats = cal.run(range(cal.n_windows), progress=progress)
     result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
+    del cal
+    release_freed_memory()  # the session's memory, before a --for search runs the model again
     if out is not None:
         result.save(out, overwrite=overwrite)
     return result
