@@ -344,12 +344,14 @@ class FuseGroupQueryAttentionPass(EqcPass):
                 biases[id(mask)] = padding[0] if plain and padding[0] is not None else mask
             return biases[id(mask)]
 
-        from eqcompiler.passes.gqa_quantized_cache import kv_attention_path, quantized_cache_rules
+        from eqcompiler.passes.gqa_quantized_cache import kv_attention_path, quantized_cache_rules, swap_presents
 
+        swaps: list[tuple[ir.Value, ir.Value]] = []  # a quantized cache's present outputs, moved to GQA's
         ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(True, tables_for, lengths, bias_for),
                                   GroupQueryAttentionRule.rule(False, tables_for, lengths, bias_for),
-                                  *quantized_cache_rules(tables_for, lengths, bias_for)])
+                                  *quantized_cache_rules(tables_for, lengths, bias_for, swaps)])
         count = ruleset.apply_to_model(model)
+        swap_presents(graph, swaps)
         common_passes.RemoveUnusedNodesPass()(model)  # also drops the length nodes when nothing matched
         if count:
             use_ms_domain(model)

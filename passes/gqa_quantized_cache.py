@@ -11,7 +11,8 @@ Matched, per kind (key, value), on top of fuse_group_query_attention's eager rot
     4 bits: dequant(p) = Mul(Sub(unpack(Cast(p, float)), 8), scale);  store(c) = Cast(pack(Add(c, 8)), uint8)
 
 Replacement: GroupQueryAttention(..., past_q_k, past_q_v, ..., k_scale=scale_k, v_scale=scale_v) whose
-present outputs are the quantized cache. ORT's kernel quantizes the new tokens with the same arithmetic
+present outputs become the graph's present outputs (swap_presents, after the rules ran: the pattern has the
+attention output only, and check() finds the present Concat from past_q). ORT's kernel quantizes the new tokens with the same arithmetic
 (x * float32(1/scale), round half to even, clamp) and attends over the dequantized cache, new tokens included,
 so the fused graph computes what the portable one does up to float summation order. The check refuses
 (and says why) a scale that is not a constant [1, kv_heads, 1, head_dim], a reciprocal that is not exactly
@@ -50,10 +51,12 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
     """fuse_group_query_attention's rule over quantize_kv_cache's symmetric cache of `bits` bits."""
 
-    def __init__(self, bits: int, repeat_kv: bool, tables_for, lengths, bias_for) -> None:
+    def __init__(self, bits: int, repeat_kv: bool, tables_for, lengths, bias_for,
+                 swaps: list[tuple[ir.Value, ir.Value]]) -> None:
         super().__init__(repeat_kv, tables_for, lengths, bias_for)
         self.name = f"GroupQueryAttention[{'repeat_kv' if repeat_kv else 'mha'}, int{bits} cache]"
         self.bits = bits
+        self.swaps = swaps
 
     # -- pattern pieces ------------------------------------------------------------------------------
 
@@ -72,14 +75,37 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
                            _outputs=[f"{tag}_past_unbiased"])
         return op.Mul(codes, scale)
 
-    def _store(self, op, codes, tag: str):
-        if self.bits == 8:
-            return op.Cast(codes, to=onnx.TensorProto.INT8)
-        biased = op.Add(codes, _allow_other_inputs=True, _outputs=[f"{tag}_biased"])
-        pairs = op.Reshape(biased, _allow_other_inputs=True)
-        packed = op.ReduceSum(op.Mul(pairs, _allow_other_inputs=True, _outputs=[f"{tag}_nibbles"]),
-                              _allow_other_inputs=True)
-        return op.Cast(packed, to=onnx.TensorProto.UINT8)
+    def _stored(self, past_q: ir.Value, codes: ir.Value) -> ir.Value | None:
+        """The graph output Concat(past_q, store(codes), axis=2): what GroupQueryAttention's present replaces."""
+        for use in past_q.uses():
+            node = use.node
+            if (node.op_type != "Concat" or len(node.inputs) != 2 or node.inputs[0] is not past_q
+                    or node.attributes.get_int("axis", 0) not in (2, -2) or not node.outputs[0].is_graph_output()):
+                continue
+            cast = node.inputs[1].producer() if node.inputs[1] is not None else None
+            want = ir.DataType.INT8 if self.bits == 8 else ir.DataType.UINT8
+            if cast is None or cast.op_type != "Cast" or cast.attributes.get_int("to", 0) != want:
+                continue
+            if self.bits == 8 and cast.inputs[0] is codes:
+                return node.outputs[0]
+            if self.bits == 4 and self._packs(cast.inputs[0], codes):
+                return node.outputs[0]
+        return None
+
+    @staticmethod
+    def _packs(packed: ir.Value, codes: ir.Value) -> bool:
+        """ReduceSum(Mul(Reshape(Add(codes, 8)), [1, 16])): nibble = code + 8, even channel low."""
+        chain = []
+        value = packed
+        for op_type in ("ReduceSum", "Mul", "Reshape", "Add"):
+            node = value.producer() if value is not None else None
+            if node is None or node.op_type != op_type:
+                return False
+            chain.append(node)
+            value = node.inputs[0]
+        weights, bias = _const(chain[1].inputs[1]), _const(chain[3].inputs[1])
+        return (value is codes and weights is not None and weights.reshape(-1).tolist() == [1.0, 16.0]
+                and bias is not None and bias.size == 1 and float(bias.reshape(-1)[0]) == INT4_BIAS)
 
     def pattern(self, op, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask, k_scale, v_scale):
         q = op.Transpose(op.Reshape(q_in, _allow_other_inputs=True, _outputs=["q_heads"]), perm=[0, 2, 1, 3])
@@ -92,14 +118,14 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         k_codes, v_codes = self._codes(op, k_rot, "k"), self._codes(op, v, "v")
         keys = op.Concat(self._dequant_past(op, past_k, k_scale, "k"), op.Mul(k_codes, k_scale), axis=-2)
         values = op.Concat(self._dequant_past(op, past_v, v_scale, "v"), op.Mul(v_codes, v_scale), axis=-2)
-        present_k = op.Concat(past_k, self._store(op, k_codes, "k"), axis=2)
-        present_v = op.Concat(past_v, self._store(op, v_codes, "v"), axis=2)
         keys_t = op.Transpose(self._repeat(op, keys), perm=[0, 1, 3, 2])
         scores = op.Add(op.Mul(op.MatMul(q_rot, keys_t), scale), mask)
         probs = op.Softmax(scores, axis=-1)
         context = op.MatMul(probs, self._repeat(op, values))
-        out = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), _allow_other_inputs=True)
-        return out, present_k, present_v
+        # One output: the quantized present (Concat(past_q, store(codes))) is found from past_q in check();
+        # as a second and third pattern output, unreachable from this one, it made the matcher try every Concat
+        # pair of the graph (10x slower compiles).
+        return op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), _allow_other_inputs=True)
 
     # -- check ---------------------------------------------------------------------------------------
 
@@ -118,10 +144,15 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         if s_k.dtype != np.float32 or s_v.dtype != np.float32 or not (s_k > 0).all() or not (s_v > 0).all():
             return result.fail("cache scales are not positive float32", k_scale)
         kv_heads, head_dim = int(s_k.shape[1]), int(s_k.shape[3])
-        for tag, s in (("k", s_k), ("v", s_v)):
+        presents = []
+        for tag, s, past in (("k", s_k, past_k), ("v", s_v, past_v)):
             why = self._check_quantizer(s, bound[f"{tag}_scaled"], bound[f"{tag}_codes"]) or self._check_bias(tag, bound)
+            stored = self._stored(past, bound[f"{tag}_codes"])
+            if not why and stored is None:
+                why = f"no graph output stores its codes as Concat('{past.name}', codes) in GroupQueryAttention's format"
             if why:
                 return result.fail(f"{'key' if tag == 'k' else 'value'} cache: {why}")
+            presents.append(stored)
         width = q_in.shape[-1] if q_in.shape is not None else None
         if not isinstance(width, int) or width % head_dim:
             return result.fail("query width is unknown or not a multiple of head_dim", q_in)
@@ -139,7 +170,8 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         tables = self.tables_for(cos, sin, head_dim)
         if isinstance(tables, str):
             return result.fail(tables, cos)
-        self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables, "bias": self.bias_for(mask)}
+        self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables, "bias": self.bias_for(mask),
+                         "presents": presents}
         return result
 
     def _check_quantizer(self, scale: np.ndarray, scaled: ir.Value, codes: ir.Value) -> str:
@@ -154,16 +186,12 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         return ""
 
     def _check_bias(self, tag: str, bound: dict[str, Any]) -> str:
-        """4 bits: stored nibble = code + 8, two per byte with the even channel low, read back minus 8."""
+        """4 bits: the past is read back as nibble - 8 (the kernel's bias)."""
         if self.bits != 4:
             return ""
-        add, sub, mul = bound[f"{tag}_biased"].producer(), bound[f"{tag}_past_unbiased"].producer(), bound[f"{tag}_nibbles"].producer()
-        if any(_const(n.inputs[1]) is None or float(np.asarray(_const(n.inputs[1])).reshape(-1)[0]) != INT4_BIAS
-               or np.asarray(_const(n.inputs[1])).size != 1 for n in (add, sub)):
-            return "4-bit codes are not stored with the +8 bias ORT's kernel uses"
-        weights = _const(mul.inputs[1])
-        if weights is None or weights.reshape(-1).tolist() != [1.0, 16.0]:
-            return "4-bit codes are not packed even channel low, odd channel high"
+        bias = _const(bound[f"{tag}_past_unbiased"].producer().inputs[1])
+        if bias is None or bias.size != 1 or float(bias.reshape(-1)[0]) != INT4_BIAS:
+            return "4-bit codes are not read back with the -8 bias ORT's kernel uses"
         return ""
 
     def rewrite(self, op, q_in, k_in, v_in, past_k, past_v, mask, k_scale, v_scale, **_: Any):
@@ -174,15 +202,30 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         k_r = op.RotaryEmbedding(k_in, tables.position_ids, tables.cos, tables.sin, num_heads=p["kv_heads"],
                                  interleaved=0, _domain=MS_DOMAIN)
         seqlens_k, total = self.lengths
-        return op.GroupQueryAttention(
+        out, present_k, present_v = op.GroupQueryAttention(
             q_r, k_r, v_in, past_k, past_v, seqlens_k, total, None, None, None, p["bias"], None, k_scale, v_scale,
             num_heads=p["heads"], kv_num_heads=p["kv_heads"], scale=p["scale"], k_quant_type="PER_CHANNEL",
             v_quant_type="PER_CHANNEL", kv_cache_bit_width=self.bits, _domain=MS_DOMAIN, _outputs=3)
+        self.swaps += list(zip(p["presents"], (present_k, present_v)))
+        return out
 
 
-def quantized_cache_rules(tables_for, lengths, bias_for) -> list:
-    return [QuantizedCacheAttentionRule.rule(bits, repeat, tables_for, lengths, bias_for)
+def quantized_cache_rules(tables_for, lengths, bias_for, swaps: list[tuple[ir.Value, ir.Value]]) -> list:
+    """The rules; each fused block appends (graph output, GroupQueryAttention present) pairs to `swaps`."""
+    return [QuantizedCacheAttentionRule.rule(bits, repeat, tables_for, lengths, bias_for, swaps)
             for bits in (8, 4) for repeat in (True, False)]
+
+
+def swap_presents(graph: ir.Graph, swaps: list[tuple[ir.Value, ir.Value]]) -> None:
+    """Make each fused GroupQueryAttention's present the graph output (same name, place and type) that the
+    portable Concat(past_q, store(codes)) was; the Concat is then dead and removed with the other nodes."""
+    for old, new in swaps:
+        index = list(graph.outputs).index(old)
+        name, shape = old.name, old.shape
+        old.name = f"{name}__portable"
+        new.name, new.shape, new.dtype = name, shape, old.dtype
+        graph.outputs[index] = new
+    swaps.clear()
 
 
 def kv_attention_path(graph: ir.Graph, manifest: dict[str, Any], unfused: int) -> dict[str, str] | None:
