@@ -359,13 +359,13 @@ class FuseGroupQueryAttentionPass(EqcPass):
         reasons = sorted({t for t in cache.values() if isinstance(t, str)})
         left = sum(1 for node in graph.all_nodes() if node.op_type == "Softmax")
         kv_path = kv_attention_path(graph, self.context.manifest, left)  # None for a float cache
-        if left:
-            why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
-            self.context.warn(f"fuse_group_query_attention: {left} attention block(s) stay unfused ({why})")
         if kv_path is not None:
             self.context.manifest.setdefault("kv_cache", {})["attention"] = kv_path
-            if left:
-                self.context.warn(f"fuse_group_query_attention: quantized KV cache: {kv_path['path']}: {kv_path['why']}")
+        if left:
+            why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
+            if kv_path is not None:  # a quantized cache: say which path it takes, and why
+                why = "; ".join([*reasons, f"quantized KV cache: {kv_path['path']}: {kv_path['why']}"])
+            self.context.warn(f"fuse_group_query_attention: {left} attention block(s) stay unfused ({why})")
         self.report({"fused": count, "unfused": left, "rotary_positions": positions, "kv_buffer": _kv_buffer(graph, left),
                      **({"rotary_refused": reasons} if reasons else {}), **({"kv_cache_path": kv_path} if kv_path else {})})
         return ir.passes.PassResult(model, modified=bool(count))

@@ -241,8 +241,9 @@ def kv_attention_path(graph: ir.Graph, manifest: dict[str, Any], unfused: int) -
                                            "ORT's CPU GroupQueryAttention reads (k_quant_type/v_quant_type PER_CHANNEL)"}
     symmetric = str(quantized.get("scheme", "")).startswith("symmetric")
     if symmetric:
-        why = ("the attention pattern was not matched (see fuse_group_query_attention's warnings); the cache is "
-               "GroupQueryAttention's layout, the graph around it is not")
+        why = ("the cache is GroupQueryAttention's symmetric layout but the graph around it did not match the rule "
+               "(a quantizer other than the kernel's, non-constant scales, or attention the float fusion leaves "
+               "unfused too)")
     else:
         granularity = {k: (quantized.get(k) or {}).get("granularity") for k in ("key", "value")}
         why = (f"the cache is asymmetric with zero points (keys per {granularity['key']}, values per "

@@ -231,8 +231,10 @@ def test_asymmetric_cache_stays_unfused_and_says_why(tiny_gqa) -> None:
         path = ctx.report["fuse_group_query_attention"]["kv_cache_path"]
         assert path["path"] == "unfused SimQuant attention" and "asymmetric with zero points" in path["why"]
         assert ctx.manifest["kv_cache"]["attention"] == path
-        assert any("quantized KV cache: unfused SimQuant attention" in w and "--kv-scheme symmetric" in w
-                   for w in ctx.warnings)
+        assert [w for w in ctx.warnings if "stay unfused" in w] == [
+            "fuse_group_query_attention: 2 attention block(s) stay unfused "
+            f"(quantized KV cache: unfused SimQuant attention: {path['why']})"]
+        assert "--kv-scheme symmetric" in path["why"]
     graph = onnx.load(str(tiny_gqa["asym8-cpu"] / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "Softmax" for n in graph.node) == 2 and not any(n.op_type == "GroupQueryAttention" for n in graph.node)
 
@@ -247,7 +249,8 @@ def test_fusion_refuses_a_quantizer_that_is_not_the_kernels(tiny_gqa, tmp_path: 
     report = ctx.report["fuse_group_query_attention"]
     assert report["fused"] == 1 and report["unfused"] == 1  # layer 1 fused, layer 0 left as the portable graph
     assert report["kv_cache_path"]["path"].startswith("unfused SimQuant attention")
-    assert any("1 attention block(s) stay unfused" in w for w in ctx.warnings)
+    assert any("1 attention block(s) stay unfused" in w and "a quantizer other than the kernel's" in w
+               for w in ctx.warnings)
 
 
 # ----------------------------------------------------------------------------- CLI, runtime, GenAI
