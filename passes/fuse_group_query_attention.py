@@ -359,8 +359,8 @@ class FuseGroupQueryAttentionPass(EqcPass):
         reasons = sorted({t for t in cache.values() if isinstance(t, str)})
         left = sum(1 for node in graph.all_nodes() if node.op_type == "Softmax")
         kv_path = kv_attention_path(graph, self.context.manifest, left)  # None for a float cache
-        if kv_path is not None:
-            self.context.manifest.setdefault("kv_cache", {})["attention"] = kv_path
+        if kv_path is not None and isinstance(self.context.manifest.get("kv_cache"), dict):
+            self.context.manifest["kv_cache"] = {**self.context.manifest["kv_cache"], "attention": kv_path}
         if left:
             why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
             if kv_path is not None:  # a quantized cache: say which path it takes, and why
