@@ -317,6 +317,12 @@ def _streamed(summary: dict[str, Any]) -> str:
 @click.option("--kv-values", type=click.Choice(["auto", "token", "channel"]), default="auto", show_default=True,
               help="Value groups: token (dynamic per token) or channel (frozen from calibration); "
                    "auto: channel for --kv-bits 4 with per-channel keys (0.25x, lower ppl), else token.")
+@click.option("--kv-scheme", type=click.Choice(["auto", "asymmetric", "symmetric"]), default="auto", show_default=True,
+              help="KV-cache codes: asymmetric (zero points; per-token values allowed) or symmetric (per-channel keys "
+                   "and values frozen from --calib, int8 / biased int4: the cache ONNX Runtime's GroupQueryAttention "
+                   "reads, so --target ort-cpu fuses attention over it). auto: symmetric for --target ort-cpu when "
+                   "--calib is given and neither --kv-keys nor --kv-values says token, else asymmetric. Compile the "
+                   "portable artifact with symmetric to lower it for ort-cpu later.")
 @click.option("--budget", default=None,
               help="Recipe mixed: average bits per linear weight (6bits), artifact size (120MB), or the smallest plan "
                    "within a perplexity rise on held-out calibration text (ppl+2%; compiles and scores up to 11 probes).")

@@ -156,7 +156,8 @@ def _mask_feed(inputs: set[ir.Value], batch: int, seq: int, past: int) -> dict[s
         elif value.name == "input_ids":
             feed[value.name] = np.zeros((batch, seq), np.int64)
         elif value.shape.rank() == 4 and all(isinstance(d, int) for d in (value.shape[1], value.shape[3])):
-            feed[value.name] = np.zeros((batch, value.shape[1], past, value.shape[3]), np.float32)  # a past input
+            dtype = value.dtype.numpy() if value.dtype is not None else np.float32  # a quantized cache is int8/uint8
+            feed[value.name] = np.zeros((batch, value.shape[1], past, value.shape[3]), dtype)  # a past input
         else:
             return None
     return feed if MASK_INPUT in feed else None
@@ -343,20 +344,30 @@ class FuseGroupQueryAttentionPass(EqcPass):
                 biases[id(mask)] = padding[0] if plain and padding[0] is not None else mask
             return biases[id(mask)]
 
+        from eqcompiler.passes.gqa_quantized_cache import kv_attention_path, quantized_cache_rules, swap_presents
+
+        swaps: list[tuple[ir.Value, ir.Value]] = []  # a quantized cache's present outputs, moved to GQA's
         ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(True, tables_for, lengths, bias_for),
-                                  GroupQueryAttentionRule.rule(False, tables_for, lengths, bias_for)])
+                                  GroupQueryAttentionRule.rule(False, tables_for, lengths, bias_for),
+                                  *quantized_cache_rules(tables_for, lengths, bias_for, swaps)])
         count = ruleset.apply_to_model(model)
+        swap_presents(graph, swaps)
         common_passes.RemoveUnusedNodesPass()(model)  # also drops the length nodes when nothing matched
         if count:
             use_ms_domain(model)
             name_fused_nodes(graph, "fused_attention", {"GroupQueryAttention", "RotaryEmbedding"})
         reasons = sorted({t for t in cache.values() if isinstance(t, str)})
         left = sum(1 for node in graph.all_nodes() if node.op_type == "Softmax")
+        kv_path = kv_attention_path(graph, self.context.manifest, left)  # None for a float cache
+        if kv_path is not None and isinstance(self.context.manifest.get("kv_cache"), dict):
+            self.context.manifest["kv_cache"] = {**self.context.manifest["kv_cache"], "attention": kv_path}
         if left:
             why = "; ".join(reasons) or "their pattern differs from eager rotary attention over a KV cache"
+            if kv_path is not None:  # a quantized cache: say which path it takes, and why
+                why = "; ".join([*reasons, f"quantized KV cache: {kv_path['path']}: {kv_path['why']}"])
             self.context.warn(f"fuse_group_query_attention: {left} attention block(s) stay unfused ({why})")
         self.report({"fused": count, "unfused": left, "rotary_positions": positions, "kv_buffer": _kv_buffer(graph, left),
-                     **({"rotary_refused": reasons} if reasons else {})})
+                     **({"rotary_refused": reasons} if reasons else {}), **({"kv_cache_path": kv_path} if kv_path else {})})
         return ir.passes.PassResult(model, modified=bool(count))
 
     @staticmethod

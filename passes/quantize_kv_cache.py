@@ -2,6 +2,7 @@
 
 Interface after the pass, per layer i and kind k in (key, value):
   inputs   past_key_values.{i}.{k}              uint8 [batch, kv_heads, past_sequence, head_dim*bits/8]
+                                                (int8 for the symmetric 8-bit layout, below)
            past_key_values.{i}.{k}_scale        float16 [batch, kv_heads, past_sequence, 1]   (per-token only)
            past_key_values.{i}.{k}_zero_point   uint8   [batch, kv_heads, past_sequence, 1]   (per-token only)
   outputs  present.{i}.{k}, present.{i}.{k}_scale, present.{i}.{k}_zero_point  (same shapes, total_sequence)
@@ -30,6 +31,18 @@ Design (why it looks like this):
   with per-token values is 0.5x + 3/(2*head_dim) of an fp16 cache, not exactly 0.5x
   (value_granularity="channel" freezes value scales from calibration too and gets exactly 0.5x / 0.25x).
 - Keys are quantized after RoPE (the graph's present tensors); pre-RoPE key quantization is not done.
+
+Symmetric layout (asymmetric=False; the cache ONNX Runtime's CPU GroupQueryAttention reads, so that the ort-cpu
+lowering fuses attention over it: passes/gqa_quantized_cache.py). Keys and values both per channel, frozen from
+calibration, no zero points; x = q * scale with scale = max(|min|, |max|) / qmax (127 or 7) per (kv head,
+channel), stored as a float32 constant [1, kv_heads, 1, head_dim] (GQA's k_scale / v_scale). New tokens are
+quantized exactly as ORT's kernel does it (MLAS MlasKVQuantize, checked bit for bit in tests/test_kv_gqa.py):
+  8 bits: q = clamp(round_half_even(x * float32(1 / scale)), -128, 127), stored int8
+  4 bits: q = clamp(round_half_even(x * float32(1 / scale)), -8, 7), stored as q + 8 in a uint8 nibble,
+          even channel in the low nibble (two per byte along head_dim)
+(a multiplication by the float32 reciprocal, not a division: the two differ in the last bit now and then, and a
+code then flips). Attention reads dequantized past + dequantized new tokens, which is also what the kernel does
+on a prompt, so the portable graph and the fused one compute the same numbers up to float summation order.
 """
 from __future__ import annotations
 
@@ -115,6 +128,39 @@ def search_clip_ratio(samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
     return float(grid[int(np.argmin(errs))]), errs
 
 
+SYMMETRIC_RANGE = {8: (-128.0, 127.0), 4: (-8.0, 7.0)}  # clamp of ORT's GQA quantizer (MLAS)
+SYMMETRIC_QMAX = {8: 127.0, 4: 7.0}  # the calibrated absmax maps here; -128 / -8 only on saturation
+INT4_BIAS = 8.0  # a 4-bit code q in [-8, 7] is stored as the nibble q + 8
+
+
+def symmetric_scale(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """float32 per-channel scale max(|lo|, |hi|) / qmax (floored so a constant-zero channel stays 0, not NaN)."""
+    absmax = np.maximum(np.abs(np.asarray(lo, np.float32)), np.abs(np.asarray(hi, np.float32)))
+    return np.maximum(absmax / np.float32(SYMMETRIC_QMAX[bits]), np.float32(SCALE_FLOOR)).astype(np.float32)
+
+
+def quantize_symmetric(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes as float32, the way ORT's CPU GroupQueryAttention quantizes new tokens."""
+    inv = (np.float32(1.0) / np.asarray(scale, np.float32)).astype(np.float32)
+    lo, hi = SYMMETRIC_RANGE[bits]
+    return np.clip(np.rint(np.asarray(x, np.float32) * inv), lo, hi).astype(np.float32)
+
+
+def fake_quant_symmetric(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Reference for the symmetric frozen per-channel layout; lo/hi [kv_heads, head_dim], x [batch, heads, tokens, dim]."""
+    scale = symmetric_scale(lo, hi, bits)[None, :, None, :]
+    return (quantize_symmetric(x, scale, bits) * scale).astype(np.float32)
+
+
+def pack4_signed(q: np.ndarray) -> np.ndarray:
+    """GQA's 4-bit storage of signed codes: nibble q + 8, even channel low."""
+    return pack4((np.asarray(q) + INT4_BIAS).astype(np.uint8))
+
+
+def unpack4_signed(p: np.ndarray) -> np.ndarray:
+    return unpack4(p).astype(np.float32) - np.float32(INT4_BIAS)
+
+
 def pack4(q: np.ndarray) -> np.ndarray:
     """Two 4-bit codes per byte along the last axis (even channel in the low nibble)."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
@@ -133,6 +179,8 @@ class QuantizeKVCacheOptions:
     bits: int = 8
     key_granularity: str = "channel"  # "channel": frozen calibrated per-channel scales; "token": dynamic per token
     value_granularity: str = "token"  # "token": dynamic per token; "channel": frozen calibrated per channel
+    # False: the symmetric layout GroupQueryAttention reads (int8 codes, or biased 4-bit nibbles; frozen per-channel
+    # scales for keys and values, no zero points); needs both granularities "channel". See the module docstring.
     asymmetric: bool = True
     margin: float = 1.0  # calibrated ranges are widened by this factor (>= 1) before freezing
     # Frozen ranges are shrunk by these factors (0 < clip <= 1; 1 = raw calibrated min/max). At 4 bits the raw
@@ -147,8 +195,10 @@ class QuantizeKVCacheOptions:
         for what, g in (("key_granularity", self.key_granularity), ("value_granularity", self.value_granularity)):
             if g not in GRANULARITIES:
                 raise EqcError(f"quantize_kv_cache: {what} must be one of {', '.join(GRANULARITIES)}, got '{g}'")
-        if not self.asymmetric:
-            raise EqcError("quantize_kv_cache: only asymmetric (min/max) quantization is implemented")
+        if not self.asymmetric and "token" in (self.key_granularity, self.value_granularity):
+            raise EqcError("quantize_kv_cache: the symmetric layout (asymmetric: false, what GroupQueryAttention reads) "
+                           "needs per-channel keys and values frozen from calibration (key_granularity and "
+                           "value_granularity 'channel')")
         if not self.margin >= 1.0:
             raise EqcError(f"quantize_kv_cache: margin must be >= 1, got {self.margin}")
         for what, c in (("key_clip", self.key_clip), ("value_clip", self.value_clip)):
@@ -212,7 +262,8 @@ class QuantizeKVCachePass(EqcPass):
         TopologicalSortPass()(model)
         self._update_manifest(graph, layers)
         self.report({"bits": self.options.bits, "layers": len(layers), "key_granularity": groups["key"],
-                     "value_granularity": groups["value"], "key_clip": self.options.key_clip,
+                     "value_granularity": groups["value"], "symmetric": not self.options.asymmetric,
+                     "key_clip": self.options.key_clip,
                      "value_clip": self.options.value_clip,
                      "bytes_per_token": self.context.manifest["kv_cache"]["bytes_per_token"],
                      "ratio_vs_fp16": self.context.manifest["kv_cache"]["ratio_vs_fp16"]})
@@ -241,6 +292,9 @@ class QuantizeKVCachePass(EqcPass):
             raise EqcError(f"quantize_kv_cache: 4-bit packing needs an even head_dim, '{past_name}' has {dim}")
         b = _Builder(graph, f"kvq/{layer}.{kind}")
         new = concat.inputs[1]
+        if not self.options.asymmetric:
+            self._rewrite_symmetric(graph, b, layer, kind, past, present, concat, new)
+            return
         qmax = b.const("qmax", np.array(2 ** bits - 1, np.float32))
         zero = b.const("zero", np.array(0.0, np.float32))
         stored_dim = dim * bits // 8
@@ -281,6 +335,41 @@ class QuantizeKVCachePass(EqcPass):
             value.shape = ir.Shape([shape[0], heads, total, 1 if name.endswith(("_scale", "_zero_point")) else stored_dim])
         self._swap_interface(graph, past, [past_q, *extra_inputs], present, outputs)
 
+    def _rewrite_symmetric(self, graph: ir.Graph, b: _Builder, layer: int, kind: str, past: ir.Value, present: ir.Value,
+                           concat: ir.Node, new: ir.Value) -> None:
+        """GroupQueryAttention's layout: codes = Clip(Round(new * inv_scale)), attention reads codes * scale.
+        The node shapes here are what passes/gqa_quantized_cache.py matches: change both together."""
+        bits, shape = self.options.bits, past.shape
+        heads, dim = shape[1], shape[3]
+        lo, hi = self._frozen_range(f"{PRESENT}{layer}.{kind}", heads, dim)
+        scale = symmetric_scale(lo, hi, bits).reshape(1, heads, 1, dim)
+        s = b.const("scale", scale)
+        inv = b.const("inv_scale", (np.float32(1.0) / scale).astype(np.float32))
+        qlo, qhi = (b.const(n, np.array(v, np.float32)) for n, v in zip(("qmin", "qmax"), SYMMETRIC_RANGE[bits]))
+        codes = b.op("Clip", [b.op("Round", [b.op("Mul", [new, inv])]), qlo, qhi])
+        deq_new = b.op("Mul", [codes, s])
+        stored_dim = dim * bits // 8
+        if bits == 8:
+            dtype = ir.DataType.INT8
+            new_q = b.op("Cast", [codes], to=dtype)
+        else:
+            dtype = ir.DataType.UINT8
+            bias = b.const("int4_bias", np.array(INT4_BIAS, np.float32))
+            new_q = b.op("Cast", [self._pack(b, b.op("Add", [codes, bias]), dim)], to=dtype)
+        past_q = ir.Value(name=past.name, shape=ir.Shape([shape[0], heads, shape[2], stored_dim]), type=ir.TensorType(dtype))
+        past_codes = b.op("Cast", [past_q], to=ir.DataType.FLOAT)
+        if bits == 4:
+            past_codes = b.op("Sub", [self._unpack(b, past_codes, dim), bias])
+        deq_past = b.op("Mul", [past_codes, s])
+
+        past.replace_all_uses_with(deq_past)
+        concat.replace_input_with(1, deq_new)
+        present_q = b.op("Concat", [past_q, new_q], axis=2)
+        present_q.dtype = dtype
+        total = present.shape[2] if present.shape is not None else "total_sequence"
+        present_q.shape = ir.Shape([shape[0], heads, total, stored_dim])
+        self._swap_interface(graph, past, [past_q], present, [(present.name, present_q)])
+
     def _token_params(self, b: _Builder, x: ir.Value, qmax: ir.Value, zero: ir.Value) -> tuple[ir.Value, ir.Value]:
         """Per-token scale (rounded through float16, as stored) and integer zero point, over head_dim."""
         axes = b.const("axes", np.array([-1], np.int64))
@@ -294,6 +383,12 @@ class QuantizeKVCachePass(EqcPass):
         return scale, zp
 
     def _frozen_params(self, stat_name: str, heads: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self._frozen_range(stat_name, heads, dim)
+        scale, zp = quant_params(lo, hi, self.options.bits)
+        return scale.reshape(1, heads, 1, dim), zp.reshape(1, heads, 1, dim)
+
+    def _frozen_range(self, stat_name: str, heads: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated per-channel [lo, hi] of one cache tensor ([kv_heads, head_dim]), with margin and clip applied."""
         stats = self.context.stats
         if stats is None:
             raise EqcError("quantize_kv_cache: per-channel KV scales are frozen from calibration: run "
@@ -306,8 +401,7 @@ class QuantizeKVCachePass(EqcPass):
             raise EqcError(f"quantize_kv_cache: kv statistics of '{stat_name}' are not finite")
         clip = self.options.key_clip if stat_name.endswith(".key") else self.options.value_clip
         m = np.float32(self.options.margin * clip)
-        scale, zp = quant_params(lo * m, hi * m, self.options.bits)
-        return scale.reshape(1, heads, 1, dim), zp.reshape(1, heads, 1, dim)
+        return lo * m, hi * m
 
     def _dequant(self, b: _Builder, codes_u8: ir.Value, scale: ir.Value, zp: ir.Value, codes_dim: int) -> ir.Value:
         codes = b.op("Cast", [codes_u8], to=ir.DataType.FLOAT)
@@ -378,9 +472,8 @@ class QuantizeKVCachePass(EqcPass):
                         **({"scale": "present.{layer}." + kind + "_scale",
                             "zero_point": "present.{layer}." + kind + "_zero_point"} if gran == "token" else {})},
         }
-        kv.update({
-            "dtype": "uint8" if opts.bits == 8 else "uint4x2",
-            "quantized": {
+        if opts.asymmetric:
+            quantized = {
                 "bits": opts.bits,
                 "scheme": "asymmetric min/max, x = (q - zero_point) * scale, 0 kept in range",
                 "packing": "two 4-bit codes per byte along head_dim, even channel in the low nibble" if opts.bits == 4 else None,
@@ -388,7 +481,22 @@ class QuantizeKVCachePass(EqcPass):
                 "zero_point_dtype": "uint8",
                 "key": entry("key", opts.key_granularity),
                 "value": entry("value", opts.value_granularity),
-            },
+            }
+        else:
+            quantized = {
+                "bits": opts.bits,
+                "scheme": "symmetric absmax per channel, x = q * scale (GroupQueryAttention's quantized cache: "
+                          "q = clamp(round(x * (1/scale)), " + ("-128, 127)" if opts.bits == 8 else "-8, 7)") + ")",
+                "packing": ("two 4-bit codes per byte along head_dim, stored as q + 8, even channel in the low nibble"
+                            if opts.bits == 4 else None),
+                "scale_dtype": "float32",
+                "zero_point_dtype": None,
+                "key": {**entry("key", "channel"), "zero_point": None},
+                "value": {**entry("value", "channel"), "zero_point": None},
+            }
+        kv.update({
+            "dtype": ("uint8" if opts.bits == 8 else "uint4x2") if opts.asymmetric else ("int8" if opts.bits == 8 else "int4x2"),
+            "quantized": quantized,
             "bytes_per_token": per_token,
             "fp16_bytes_per_token": fp16,
             "ratio_vs_fp16": round(per_token / fp16, 4) if fp16 else None,

@@ -48,7 +48,7 @@ def kv_bytes_per_token(manifest: dict[str, Any]) -> dict[str, Any] | None:
     if kv.get("bytes_per_token"):
         per_token = int(kv["bytes_per_token"])
     else:
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "uint4x2": 0.5}.get(kv.get("dtype"), 4)
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "uint4x2": 0.5, "int4x2": 0.5}.get(kv.get("dtype"), 4)
         per_token = int(2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * itemsize)
     bits = (kv.get("quantized") or {}).get("bits") or {"float32": 32, "float16": 16}.get(kv.get("dtype"), None)
     return {"dtype": kv.get("dtype"), "bits": bits, "bytes_per_token": per_token}

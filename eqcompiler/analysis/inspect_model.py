@@ -141,7 +141,8 @@ def inspect(model: str | pathlib.Path) -> dict[str, Any]:
         "layer_summary": dict(summary),
         "layers": layers,
         "kv_cache": {"dtype": kv.get("dtype"), "quantized": bool(kv.get("quantized")),
-                     "bits": (kv.get("quantized") or {}).get("bits"), "bytes_per_token": kv.get("bytes_per_token")} if kv else None,
+                     "bits": (kv.get("quantized") or {}).get("bits"), "bytes_per_token": kv.get("bytes_per_token"),
+                     "scheme": (kv.get("quantized") or {}).get("scheme"), "attention": kv.get("attention")} if kv else None,
         "runtime_graph": _runtime_graph(graph, ops),
         "size_by_precision": _size_by_precision(graph),
         "size_bytes": art_mod.size_bytes(art_mod.model_file(art)),
@@ -180,6 +181,8 @@ def lines(result: dict[str, Any]) -> list[str]:
     if kv:
         out.append(f"KV cache: {kv['dtype']}" + (f" ({kv['bits']}-bit quantized)" if kv["quantized"] else "")
                    + (f", {kv['bytes_per_token']} B/token" if kv.get("bytes_per_token") else ""))
+        if kv.get("attention"):  # a quantized cache lowered for ort-cpu: which attention reads it, and why
+            out.append(f"KV-cache attention: {kv['attention']['path']} ({kv['attention']['why']})")
     rt = result["runtime_graph"]
     if rt["fused"] or rt["packed_gemms"]:
         out.append("fused for ONNX Runtime: " + ", ".join(f"{v} {k}" for k, v in rt["fused"].items())

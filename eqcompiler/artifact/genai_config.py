@@ -6,6 +6,10 @@ true for a fused ort-cpu graph whose attention (GroupQueryAttention) is the only
 position_ids are an input, which GenAI feeds when the config names it.
 An artifact that uses eqc's ops carries the op library (copied beside the model by the compile step) and
 names it here, relative to the folder, so the folder loads as it is, wherever it is moved.
+A KV cache quantized with per-token scales and zero points carries them as extra past/present tensors, which
+GenAI does not feed (measured with onnxruntime-genai 0.18: "Missing Input: past_key_values.0.value_zero_point"):
+such an artifact gets no genai_config.json. A cache of codes only (int8, or uint8 / packed 4-bit with frozen
+scales) runs in GenAI as it is, fused into GroupQueryAttention or not (tests/test_kv_gqa.py).
 """
 from __future__ import annotations
 
@@ -32,10 +36,21 @@ def _cache_names(pattern: str, kind: str) -> str:
     return pattern.replace("{layer}", "%d").replace("{key|value}", kind)
 
 
+def genai_cannot_run(manifest: dict[str, Any]) -> str | None:
+    """Why onnxruntime-genai cannot run this causal LM's graph, or None."""
+    extra = sorted(spec["name"] for spec in manifest.get("inputs", [])
+                   if str(spec.get("name", "")).startswith("past_key_values.")
+                   and str(spec["name"]).endswith(("_scale", "_zero_point")))
+    if extra:
+        return (f"its KV cache carries per-token scales/zero points ({extra[0]}, ...) that onnxruntime-genai does not "
+                "feed (compile with --kv-values channel, or --kv-scheme symmetric)")
+    return None
+
+
 def genai_config(manifest: dict[str, Any], hf_config: dict[str, Any], custom_ops_library: str | None) -> dict[str, Any] | None:
     """The config for a causal LM with a KV cache, else None (GenAI generates with causal LMs only)."""
     kv = manifest.get("kv_cache")
-    if manifest.get("task") != "causal-lm" or not kv:
+    if manifest.get("task") != "causal-lm" or not kv or genai_cannot_run(manifest):
         return None
     inputs = {spec["name"] for spec in manifest.get("inputs", [])}
     tokens = manifest.get("tokenizer") or {}
@@ -99,6 +114,8 @@ def write_genai_config(folder: pathlib.Path, manifest: dict[str, Any], op_librar
     if op_library is not None:
         shutil.copyfile(op_library, folder / op_library.name)
         custom_ops_library = op_library.name
+    if genai_cannot_run(manifest):
+        return False
     config_path = folder / "config.json"
     try:
         hf_config = json.loads(config_path.read_text()) if config_path.is_file() else {}

@@ -128,13 +128,27 @@ def observers_for(targets: str) -> tuple[str, ...]:
     return tuple(sorted(wanted))
 
 
-def kv_step(bits: int, keys: str = "auto", values: str = "auto", calib: str | None = None) -> dict[str, Any]:
+def kv_step(bits: int, keys: str = "auto", values: str = "auto", calib: str | None = None, scheme: str = "auto",
+            target: str = "portable") -> dict[str, Any]:
     """The recipe step `eqc compile --kv-bits` appends.
 
     keys "auto" = per channel when calibration is given. values "auto" = per channel for 4 bits with
     per-channel keys (SmolLM2, 8192 test tokens: frozen per-channel values beat per-token ones at 4 bits and
     are the only way to reach 0.25x of fp16), per token otherwise (8 bits: -0.01% ppl either way).
+    scheme "auto" = symmetric (the cache ORT's CPU GroupQueryAttention reads: per-channel keys and values, frozen)
+    for --target ort-cpu when calibration is given and no granularity says token, so that the lowering fuses
+    attention over the cache (tools/results/kv_gqa.md); asymmetric otherwise, as before.
     """
+    if scheme == "auto":
+        symmetric = target == "ort-cpu" and bool(calib) and "token" not in (keys, values)
+        scheme = "symmetric" if symmetric else "asymmetric"
+    if scheme == "symmetric":
+        if "token" in (keys, values) or not calib:
+            raise EqcError("--kv-scheme symmetric (GroupQueryAttention's cache) freezes per-channel key and value "
+                           "scales from calibration: give --calib STATS made with --observers kv, and no --kv-keys/"
+                           "--kv-values token")
+        return {"pass": "quantize_kv_cache", "options": {"bits": bits, "key_granularity": "channel",
+                                                         "value_granularity": "channel", "asymmetric": False}}
     if keys == "auto":
         keys = "channel" if calib else "token"
     if values == "auto":

@@ -18,6 +18,7 @@ class KvCacheRequest:
     bits: int  # 8 or 4
     keys: str = "auto"  # auto | channel | token
     values: str = "auto"  # auto | token | channel
+    scheme: str = "auto"  # auto | asymmetric | symmetric (GroupQueryAttention's layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +56,13 @@ class CompileRequest:
     def from_flags(cls, model: str, out: pathlib.Path, *, recipe: str, calib: str | None = None,
                    overwrite: bool = False, target: str = "portable", reduce_range: bool | None = None,
                    cpu: str | None = None, uint8_encoding: bool | None = None, kv_bits: str | None = None,
-                   kv_keys: str = "auto", kv_values: str = "auto", **precision: Any) -> "CompileRequest":
+                   kv_keys: str = "auto", kv_values: str = "auto", kv_scheme: str = "auto",
+                   **precision: Any) -> "CompileRequest":
         """The request `eqc compile`'s flags describe (the mixed-precision ones: PrecisionRequest's fields,
         with --plan / --save-plan as plan_file / save_plan_file)."""
         return cls(model=model, recipe=recipe, out=out, calib=calib, overwrite=overwrite, target=target,
                    reduce_range=reduce_range, uint8_encoding=uint8_encoding, cpu=cpu,
-                   kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values) if kv_bits else None,
+                   kv_cache=KvCacheRequest(int(kv_bits), kv_keys, kv_values, kv_scheme) if kv_bits else None,
                    precision=PrecisionRequest(**precision))
 
     def pass_overrides(self) -> dict[str, Any]:
@@ -81,7 +83,8 @@ class CompileRequest:
             return []
         from eqcompiler.compile.recipes import kv_step
 
-        return [kv_step(self.kv_cache.bits, self.kv_cache.keys, self.kv_cache.values, self.calib)]
+        kv = self.kv_cache
+        return [kv_step(kv.bits, kv.keys, kv.values, self.calib, scheme=kv.scheme, target=self.target)]
 
 
 def _precision_overrides(recipe: str, request: PrecisionRequest) -> dict[str, Any]:
