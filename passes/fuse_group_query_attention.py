@@ -190,7 +190,7 @@ def _closest_refusal(ruleset: RewriteRuleSet, model: ir.Model) -> str:
         return reason
     at = next((f for f in best.match_result.failure_nodes_and_values if isinstance(f, ir.Node)), None)
     where = f" at {at.op_type} node '{at.name}'" if at is not None else ""
-    return f"the graph leaves the pattern{where}: {reason}"
+    return f"the graph leaves the pattern{where} ({reason.rstrip('.')})"
 
 
 def _variants(graph: ir.Graph, fused: list[ir.Node]) -> dict[str, int]:

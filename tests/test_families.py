@@ -28,12 +28,18 @@ from eqcompiler.lowering.targets import ORT_CPU_OPTIONS
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "gpt2"]
 SLIDING = ["mistral", "gemma2", "gemma3_text"]  # sliding window TINY_SLIDING_WINDOW (5) < the prompts below
 # ort-cpu fuses attention into com.microsoft GroupQueryAttention where fuse_group_query_attention's pattern
-# matches. Measured: these four. The others stay unfused, with a warning (what stops the pattern, for whoever
-# widens it): qwen3 normalizes q and k per head (RMSNorm) between the Reshape and the Transpose, gemma3_text after
-# the Transpose; phi3 splits a fused qkv projection with Slices and keeps partial rotary's Slice/Concat even at
-# factor 1.0; gemma2 soft-caps the scores (Div, Tanh, Mul) between the scale and the mask (GroupQueryAttention has a
-# softcap attribute); gpt2 has no rotary.
-GQA_FUSED = {"llama", "mistral", "qwen2", "olmo2"}
+# matches: every rotary family here (qwen3 and gemma3_text with their per-head q/k norms, phi3 with its fused qkv
+# Slices and partial rotary's Slice/Concat, gemma2 with soft-capped scores). gpt2 has no rotary: its attention stays
+# unfused, with a warning that names where its graph leaves the pattern.
+GQA_FUSED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2"}
+# what each fused family's pass report says beyond "fused" (the optional parts its blocks carry)
+GQA_VARIANTS = {"qwen3": {"head_norms": 2}, "gemma3_text": {"head_norms": 2}, "gemma2": {"softcapped": 2}}
+# Residual Add + RMSNorm -> SkipSimplifiedLayerNormalization: 4 of 5 norms per 2-layer model (the first layer's input
+# norm reads no residual sum). gemma2/gemma3 fuse their input and pre-feedforward norms (the exported weight is the
+# folded 1 + w); their post-attention and post-feedforward norms normalize a block's output before the residual Add,
+# so no Skip form exists (ORT fuses them into SimplifiedLayerNormalization at session creation). olmo2 has only
+# post-norms: its final norm alone follows a residual Add. gpt2 uses LayerNorm.
+SKIP_NORMS_FUSED = {"olmo2": 1, "gpt2": 0}
 RECIPES = ["w8", "w4-rtn"]
 INIT_RANGE = 0.1
 PPL_TOKENS, PPL_WINDOW = 512, 64
@@ -185,10 +191,18 @@ def test_ort_cpu_lowering_matches_portable(built: Built, recipe: str) -> None:
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(lowered / "model.onnx"), load_external_data=False).graph.node]
+    report = manifest["quantization"]["report"]["fuse_group_query_attention"]
     if built.family in GQA_FUSED:
         assert fused == 2 and not unfused_warning and ops.count("GroupQueryAttention") == 2, (fused, unfused_warning)
+        assert ops.count("RotaryEmbedding") == 4 and "Softmax" not in ops
+        variants = {k: report[k] for k in ("head_norms", "softcapped", "partial_rotary") if k in report}
+        assert variants == GQA_VARIANTS.get(built.family, {}), variants
     else:  # a family that starts fusing (or stops warning) shows up here: move it to GQA_FUSED
         assert fused == 0 and len(unfused_warning) == 1 and "GroupQueryAttention" not in ops, (fused, unfused_warning)
+        assert "the graph leaves the pattern at" in unfused_warning[0] and report["refused"] in unfused_warning[0]
+    # every residual Add + RMSNorm fuses (see SKIP_NORMS_FUSED)
+    norms = manifest["quantization"]["report"]["fuse_skip_rms_norm"]["fused"]
+    assert norms == SKIP_NORMS_FUSED.get(built.family, 4), norms
 
 
 @pytest.mark.e2e
