@@ -1,7 +1,7 @@
 """Fuse a decoder's attention block into `com.microsoft::GroupQueryAttention` (ort-cpu lowering).
 
 Matched (eager attention with rotate-half rotary embedding and a KV cache, as exported; identity Casts
-removed first; q/k/v are the projections' outputs, [B, S, heads*D]):
+removed first; q/k/v are the projections' outputs, [B, S, heads*D], or Slices of one fused qkv projection):
 
     q  = Transpose(Reshape(q_in), [0,2,1,3])            k, v likewise, with kv_heads
     q' = Add(Mul(q, Unsqueeze(cos)), Mul(Concat(Neg(Slice(q, half:)), Slice(q, :half)), Unsqueeze(sin)))
@@ -10,22 +10,41 @@ removed first; q/k/v are the projections' outputs, [B, S, heads*D]):
     p  = Softmax(Add(Mul(MatMul(q', Transpose(K, [0,1,3,2])), scale), mask))
     y  = Reshape(Transpose(MatMul(p, V), [0,2,1,3]))
 
+with these optional parts (each family's exporter leaves one or another):
+- a per-head RMSNorm over D on q and k, between the Reshape and the Transpose (qwen3) or after the Transpose
+  (gemma3), weight on either side of the last Mul (gemma's 1 + w is folded into the exported weight);
+- partial rotary (phi3, even at factor 1.0): q' = Concat(rotate(q[..., :R]), q[..., R:]), R the tables' width;
+- soft-capped scores (gemma2): Mul(Tanh(Div(scores, cap)), cap) between the scale and the mask.
+
 Replacement:
 
-    q_r = RotaryEmbedding(q_in, position_ids, cos_cache, sin_cache)     (com.microsoft, [B, S, H*D])
-    k_r = RotaryEmbedding(k_in, ...)
+    q_r = RotaryEmbedding(q_in, position_ids, cos_cache, sin_cache)     (com.microsoft, [B, S, H*D];
+    k_r = RotaryEmbedding(k_in, ...)                                      rotary_embedding_dim=R when R < D)
     y, present_k, present_v = GroupQueryAttention(q_r, k_r, v_in, past_k, past_v, seqlens_k, total_len,
-                                                  attention_bias=bias)
+                                                  attention_bias=bias, softcap=cap)
 
 The rotary tables are the graph's own cos/sin computation evaluated for positions 0..max_positions-1
-(so any rope scaling the exporter baked in is kept). Rotary stays outside the attention kernel: ORT's fused
-rotary ignores position_ids on a first prompt, which would break left-padded batches. `bias` is a padding
-bias built from attention_mask when the graph's mask proves to be plain causal + padding (then nothing but
-the attention reads the past, and onnxruntime-genai may share its cache buffer), else the graph's own mask
-(a sliding window, say). Either way prompt, decode step and left-padded batch give the unfused graph's
-numbers. seqlens_k is total_length - 1 for every row (padding is in the bias).
+(so any rope scaling the exporter baked in is kept; gemma3's local and global bases give two table pairs).
+Rotary stays outside the attention kernel: ORT's fused rotary ignores position_ids on a first prompt, which
+would break left-padded batches. `bias` is a padding bias built from attention_mask when the graph's mask
+proves to be plain causal + padding (then nothing but the attention reads the past, and onnxruntime-genai may
+share its cache buffer), else the graph's own mask (a sliding window, say). Either way prompt, decode step and
+left-padded batch give the unfused graph's numbers. seqlens_k is total_length - 1 for every row (padding is in
+the bias). ORT's CPU kernel computes scores * scale, then softcap * tanh(. / softcap), then adds the bias: the
+order gemma2's graph has.
+
+A per-head q/k norm has to act before the rotary, so with rotary outside the kernel it is re-emitted in front of
+the RotaryEmbedding: the graph's own ops on q_in reshaped to [B, S, heads, D] (over the last axis the norm gives
+the same numbers before or after the heads' Transpose), then Reshape back to [B, S, heads*D]. Not the
+alternatives: GroupQueryAttention's q_norm_weight / k_norm_weight inputs apply the norm before the kernel's own
+rotary only, and ORT 1.32's CPU kernel refuses them (measured: "q_norm_weight / k_norm_weight inputs are not
+supported", CUDA and WebGPU only); ORT's SimplifiedLayerNormalization sits in the ONNX domain without an ONNX
+schema, so a graph holding it fails onnx.checker. ORT's session-level fusion turns the re-emitted ops into one SimplifiedLayerNormalization per
+head norm anyway (tests/test_fusions.py checks it), as it does in the unfused graph.
 ORT's CPU kernel needs head_dim % 16 == 0 and refuses batch > 1 with both a past and more than one new
-token (chunked prefill of a batch); the check and the targets documentation say so.
+token (chunked prefill of a batch); the check and the targets documentation say so. Blocks that stay unfused
+are warned about with the reason of the deepest failed match (a check's reason, or the node where the graph
+leaves the pattern), also in the report's "refused".
 """
 from __future__ import annotations
 
