@@ -31,6 +31,7 @@ FAMILIES = ("llama", "qwen3", "phi3", "gemma2", "gemma3_text")
 SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
 PER_FAMILY = {  # 4 layers need 4 layer types; gemma scales scores by query_pre_attn_scalar ** -0.5
+    "qwen3": dict(layer_types=["full_attention"] * 4),
     "gemma2": dict(sliding_window=256, query_pre_attn_scalar=64,
                    layer_types=["sliding_attention", "full_attention"] * 2),
     "gemma3_text": dict(sliding_window=256, query_pre_attn_scalar=64,
@@ -121,12 +122,8 @@ def main() -> None:
     write(rows, args)
 
 
-def _decode_ms(result: dict) -> float:
-    for key in ("decode_ms", "decode"):
-        if key in result:
-            value = result[key]
-            return float(value["median"] if isinstance(value, dict) else value)
-    raise SystemExit(f"eqc bench gave no decode time: {sorted(result)}")
+def _decode_ms(result: dict) -> dict[str, float]:
+    return {"median": round(result["decode"]["median_ms"], 3), "min": round(result["decode"]["min_ms"], 3)}
 
 
 def write(rows: list[dict], args: argparse.Namespace) -> None:
@@ -136,7 +133,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     cols = ["portable"] + (["before"] if args.before_pythonpath else []) + ["fused"]
     head = {"portable": "portable fp32", "before": f"ort-cpu {args.before_label}", "fused": "ort-cpu fused"}
     lines = ["# Attention fusion per family: decode step, fp32, random weights", "",
-             f"One decode step with {args.past} cached tokens, batch 1, 2 threads, median of {args.runs} (`eqc bench`).",
+             f"One decode step with {args.past} cached tokens, batch 1, 2 threads: median (min) of {args.runs} (`eqc bench`).",
              "Models: hidden 256, 4 layers, 4 query heads x head_dim 64, 2 kv heads, MLP 1024, vocabulary 512, random",
              "weights (gemma: sliding window 256). ort-cpu compiles use `--recipe none`: fusions and packed projections",
              "only, so every column computes the same float model (`rel err` = fused vs portable logits, prompt + decode).",
@@ -149,8 +146,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         d = row["decode_ms"]
         parts = ", ".join(f"{k} {row['gqa_report'][k]}" for k in ("head_norms", "softcapped", "partial_rotary")
                           if k in row["gqa_report"]) or "-"
-        lines.append(f"| {row['family']} | " + " | ".join(f"{d[c]:.3f}" for c in cols)
-                     + f" | {d['fused'] / d['portable']:.2f}x | {row['attention_fused']} of "
+        lines.append(f"| {row['family']} | " + " | ".join(f"{d[c]['median']:.2f} ({d[c]['min']:.2f})" for c in cols)
+                     + f" | {d['fused']['median'] / d['portable']['median']:.2f}x | {row['attention_fused']} of "
                      f"{row['attention_fused'] + row['attention_unfused']} | {row['skip_norms_fused']} | {parts} | "
                      f"{row['logits_rel_err']:.1e} | {row['load_1min'][0]} / {row['load_1min'][1]} |")
     (RESULTS / "fusions_families.md").write_text("\n".join(lines) + "\n")
