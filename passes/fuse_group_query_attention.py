@@ -249,18 +249,22 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
     (seqlens_k, total_sequence_length) values; `bias_for(mask)` the attention bias; `flat_shape()` the shared
     [0, 0, -1] Reshape target (needed with `qk_norm`); `next_block()` a counter that names re-emitted norm nodes.
 
-    Optional parts matched by every variant: partial rotary (`x_rot = Concat(rotate(x[..., :R]), x[..., R:])`,
-    phi3 keeps it even at R = head_dim) and soft-capped scores (`Mul(Tanh(Div(s, cap)), cap)` between the scale
-    and the mask, gemma2). `qk_norm` (class variant) places a per-head RMSNorm over head_dim on q and k."""
+    Every variant also matches partial rotary (`x_rot = Concat(rotate(x[..., :R]), x[..., R:])`, phi3 keeps it
+    even at R = head_dim). Class variants: `qk_norm` places a per-head RMSNorm over head_dim on q and k; `softcap`
+    expects soft-capped scores (`Mul(Tanh(Div(s, cap)), cap)` between the scale and the mask, gemma2). Not an
+    OrValue: onnxscript does not search through one for the pattern's output nodes, so present_k would become a
+    second output node and the matcher would try every pair of Concats in the graph (minutes on a 30-layer model)."""
 
     def __init__(self, repeat_kv: bool, tables_for, lengths: tuple[ir.Value, ir.Value], bias_for,
-                 qk_norm: str = "", flat_shape=None, next_block=None) -> None:
+                 qk_norm: str = "", softcap: bool = False, flat_shape=None, next_block=None) -> None:
         if qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}")
-        variant = ("repeat_kv" if repeat_kv else "mha") + (f", qk_norm {qk_norm}" if qk_norm else "")
+        variant = (("repeat_kv" if repeat_kv else "mha") + (f", qk_norm {qk_norm}" if qk_norm else "")
+                   + (", softcap" if softcap else ""))
         super().__init__(name=f"GroupQueryAttention[{variant}]", remove_nodes=False)
         self.repeat_kv = repeat_kv
         self.qk_norm = qk_norm
+        self.softcap = softcap
         self.tables_for = tables_for
         self.lengths = lengths
         self.bias_for = bias_for
@@ -316,9 +320,10 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
         present_k = op.Concat(past_k, k_rot, axis=-2)
         present_v = op.Concat(past_v, v, axis=-2)
         keys_t = op.Transpose(self._repeat(op, present_k), perm=[0, 1, 3, 2])
-        scaled = op.Mul(op.MatMul(q_rot, keys_t), scale)
-        capped = op.Mul(op.Tanh(op.Div(scaled, cap_div)), cap_mul)
-        scores = op.Add(pattern.OrValue([capped, scaled]), mask)
+        scores = op.Mul(op.MatMul(q_rot, keys_t), scale)
+        if self.softcap:
+            scores = op.Mul(op.Tanh(op.Div(scores, cap_div)), cap_mul)
+        scores = op.Add(scores, mask)
         probs = op.Softmax(scores, axis=-1)
         context = op.MatMul(probs, self._repeat(op, present_v))
         out = op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), _allow_other_inputs=True)
@@ -346,7 +351,7 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
         if s is None or not s > 0:
             return result.fail("attention scale is not a positive scalar constant", scale)
         softcap = 0.0
-        if cap_div is not None:  # gemma2: GroupQueryAttention's softcap does softcap * tanh(scores / softcap) after the scale
+        if self.softcap:  # gemma2: GroupQueryAttention's softcap does softcap * tanh(scores / softcap) after the scale
             a, b = scalar(cap_div), scalar(cap_mul)
             if a is None or b is None or not a > 0 or a != b:
                 return result.fail(f"soft-cap divisor {a} and multiplier {b} are not one positive constant", cap_mul)
@@ -513,6 +518,14 @@ def _check_rotate_half(upper: ir.Value, lower: ir.Value, rotary_dim: int) -> str
     return ""
 
 
+def rules(tables_for, lengths: tuple[ir.Value, ir.Value], bias_for, flat_shape) -> RewriteRuleSet:
+    """Every variant (see GroupQueryAttentionRule); one counter names the re-emitted head norms of all of them."""
+    next_block = itertools.count().__next__
+    return RewriteRuleSet([GroupQueryAttentionRule.rule(repeat_kv, tables_for, lengths, bias_for, qk_norm=norm,
+                                                        softcap=softcap, flat_shape=flat_shape, next_block=next_block)
+                           for norm in QK_NORMS for softcap in (False, True) for repeat_kv in (True, False)])
+
+
 @dataclasses.dataclass
 class FuseGroupQueryAttentionOptions:
     max_positions: int | None = None  # rotary table length; default: the model's config, else 4096
@@ -564,10 +577,7 @@ class FuseGroupQueryAttentionPass(EqcPass):
                 flat.append(int_constant(graph, "gqa_heads/flat_shape", [0, 0, -1]))
             return flat[0]
 
-        next_block = itertools.count().__next__
-        ruleset = RewriteRuleSet([GroupQueryAttentionRule.rule(repeat_kv, tables_for, lengths, bias_for, qk_norm=norm,
-                                                               flat_shape=flat_shape, next_block=next_block)
-                                  for norm in QK_NORMS for repeat_kv in (True, False)])
+        ruleset = rules(tables_for, lengths, bias_for, flat_shape)
         count = ruleset.apply_to_model(model)
         left = sum(1 for node in graph.all_nodes() if node.op_type == "Softmax")
         refused = _closest_refusal(ruleset, model) if left else ""
