@@ -292,7 +292,8 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
                              _outputs=[f"{tag}_norm_mean"])
         root = op.Sqrt(op.Add(mean, eps))
         normed = op.Mul(x, pattern.OrValue([op.Reciprocal(root), op.Div(one, root)]))
-        return pattern.OrValue([op.Mul(weight, normed), op.Mul(normed, weight)])
+        return pattern.OrValue([op.Mul(weight, normed), op.Mul(normed, weight)], tag_var=f"{tag}_norm_weight_first",
+                               tag_values=[True, False])
 
     def _heads(self, op, x_in, tag: str, weight, eps, two, one):
         """[B, S, heads*D] -> [B, heads, S, D], with the variant's per-head norm."""
@@ -447,9 +448,7 @@ def _check_head_norm(kw: dict[str, Any], tag: str, head_dim: int) -> HeadNorm | 
     w = const_array(weight)
     if w is None or w.ndim != 1 or w.dtype != np.float32 or w.shape[0] != head_dim:
         return f"{what} norm's weight is not a float32 constant of head_dim ({head_dim}) elements"
-    # the matched Mul(weight, normed) or Mul(normed, weight): which side holds the weight
-    product = next(u.node for u in weight.uses() if u.node.op_type == "Mul")
-    return HeadNorm(weight, product.inputs[0] is weight, eps, two, axes, one)
+    return HeadNorm(weight, bool(kw[f"{tag}_norm_weight_first"]), eps, two, axes, one)
 
 
 def _check_rotary(kw: dict[str, Any], tag: str, head_dim: int, rotary_dim: int, cos_u: ir.Value) -> str:
