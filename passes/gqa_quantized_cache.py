@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult
 
 from eqcompiler.compile.fusion import MS_DOMAIN, is_float32, scalar
-from eqcompiler.passes.fuse_group_query_attention import GroupQueryAttentionRule, RotaryTables
+from eqcompiler.passes.fuse_group_query_attention import GroupQueryAttentionRule, RotaryTables, _check_rotate_half
 
 # The kernel's clamp per bit width (what quantize_kv_cache.SYMMETRIC_RANGE builds; duplicated so that a graph
 # from elsewhere is checked against ORT's behaviour, not against eqc's own constant).
@@ -161,7 +161,7 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
             return result.fail(f"{heads} query heads and {kv_heads} kv heads do not fit this variant", q_in)
         if head_dim % 16:
             return result.fail(f"head_dim {head_dim} is not a multiple of 16 (ORT's CPU GroupQueryAttention needs it)")
-        why = self._check_rotate_half(q_upper, q_lower, head_dim) or self._check_rotate_half(k_upper, k_lower, head_dim)
+        why = _check_rotate_half(q_upper, q_lower, head_dim) or _check_rotate_half(k_upper, k_lower, head_dim)
         if why:
             return result.fail(why)
         s = scalar(scale)

@@ -28,12 +28,18 @@ from eqcompiler.lowering.targets import ORT_CPU_OPTIONS
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2", "gpt2"]
 SLIDING = ["mistral", "gemma2", "gemma3_text"]  # sliding window TINY_SLIDING_WINDOW (5) < the prompts below
 # ort-cpu fuses attention into com.microsoft GroupQueryAttention where fuse_group_query_attention's pattern
-# matches. Measured: these four. The others stay unfused, with a warning (what stops the pattern, for whoever
-# widens it): qwen3 normalizes q and k per head (RMSNorm) between the Reshape and the Transpose, gemma3_text after
-# the Transpose; phi3 splits a fused qkv projection with Slices and keeps partial rotary's Slice/Concat even at
-# factor 1.0; gemma2 soft-caps the scores (Div, Tanh, Mul) between the scale and the mask (GroupQueryAttention has a
-# softcap attribute); gpt2 has no rotary.
-GQA_FUSED = {"llama", "mistral", "qwen2", "olmo2"}
+# matches: every rotary family here (qwen3 and gemma3_text with their per-head q/k norms, phi3 with its fused qkv
+# Slices and partial rotary's Slice/Concat, gemma2 with soft-capped scores). gpt2 has no rotary: its attention stays
+# unfused, with a warning that names where its graph leaves the pattern.
+GQA_FUSED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo2"}
+# what each fused family's pass report says beyond "fused" (the optional parts its blocks carry)
+GQA_VARIANTS = {"qwen3": {"head_norms": 2}, "gemma3_text": {"head_norms": 2}, "gemma2": {"softcapped": 2}}
+# Residual Add + RMSNorm -> SkipSimplifiedLayerNormalization: 4 of 5 norms per 2-layer model (the first layer's input
+# norm reads no residual sum). gemma2/gemma3 fuse their input and pre-feedforward norms (the exported weight is the
+# folded 1 + w); their post-attention and post-feedforward norms normalize a block's output before the residual Add,
+# so no Skip form exists (ORT fuses them into SimplifiedLayerNormalization at session creation). olmo2 has only
+# post-norms: its final norm alone follows a residual Add. gpt2 uses LayerNorm.
+SKIP_NORMS_FUSED = {"olmo2": 1, "gpt2": 0}
 RECIPES = ["w8", "w4-rtn"]
 INIT_RANGE = 0.1
 PPL_TOKENS, PPL_WINDOW = 512, 64
@@ -49,13 +55,17 @@ PPL_TOKENS, PPL_WINDOW = 512, 64
 #   w4: both through MatMulNBits at accuracy level 4, the portable one with only its int8 lm_head lowered as
 #   ort-cpu lowers it, so the fusions and packing are what is compared): <= 1e-4 (measured <= 1e-6; w4 on
 #   gemma2/gemma3 3e-5..6e-5, where the lm_head's int8 rounding of its input amplifies the fused norm's float
-#   differences: w4 gets 5e-4);
+#   differences: w4 gets 5e-4), per token row. w4 only: at most one of the prompt's 24 rows may exceed it, by at most
+#   W4_ROUNDING_FLIP: accuracy level 4 rounds each GEMM's input to int8, and a 1e-7 float difference from the fused
+#   attention can move one value across a rounding boundary (measured on qwen3: one row 5.5e-3, the other 23
+#   <= 7.2e-7; every family's w8 rows <= 1e-4 as before);
 # - ort-cpu vs portable as each runs by default (ORT rewrites the portable w8 graph to int8-activation
 #   MatMulNBits; ort-cpu runs w4's int8 lm_head with int8 activations too): <= 0.06 (measured w8 0.013-0.023,
 #   w4 0.005-0.007 where the lm_head is tied, < 1e-6 where not).
 PPL_BOUND = {"w8": 0.02, "w4-rtn": 0.10}
 LOGITS_VS_FP32 = {"w8": 0.1, "w4-rtn": 0.75}
 LOWERED_SAME_ARITHMETIC = {"w8": 1e-4, "w4-rtn": 5e-4}
+W4_ROUNDING_FLIP = 0.02
 LOWERED_AS_SHIPPED = 0.06
 PROMPT = np.random.default_rng(1).integers(4, 500, (2, 12))  # 12 tokens > the sliding window
 FLOAT_QDQ = "session.qdq_matmulnbits_accuracy_level=0"
@@ -139,6 +149,14 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
+def assert_same_arithmetic(got: np.ndarray, want: np.ndarray, recipe: str, family: str) -> None:
+    """Every token row within LOWERED_SAME_ARITHMETIC; for w4, one row may be off by an int8 rounding flip."""
+    rows = np.abs(got - want).max(axis=-1).ravel() / np.max(np.abs(want))
+    over = rows[rows > LOWERED_SAME_ARITHMETIC[recipe]]
+    allowed = 1 if recipe == "w4-rtn" else 0
+    assert len(over) <= allowed and (not len(over) or over.max() <= W4_ROUNDING_FLIP), (family, recipe, over)
+
+
 @pytest.mark.e2e
 def test_export_takes_the_task_from_the_model(built: Built) -> None:
     manifest = built.manifest(built.fp32)
@@ -174,7 +192,7 @@ def test_ort_cpu_lowering_matches_portable(built: Built, recipe: str) -> None:
     lowered, portable = built.lowered[recipe], built.portable[recipe]
     got = logits(lowered)
     same_arithmetic = logits(portable, config=FLOAT_QDQ) if recipe == "w8" else logits(built.lm_head_lowered)
-    assert rel_err(got, same_arithmetic) <= LOWERED_SAME_ARITHMETIC[recipe], (built.family, recipe)
+    assert_same_arithmetic(got, same_arithmetic, recipe, built.family)
     assert rel_err(got, logits(portable)) <= LOWERED_AS_SHIPPED, (built.family, recipe)
 
     manifest = built.manifest(lowered)
@@ -185,10 +203,18 @@ def test_ort_cpu_lowering_matches_portable(built: Built, recipe: str) -> None:
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(lowered / "model.onnx"), load_external_data=False).graph.node]
+    report = manifest["quantization"]["report"]["fuse_group_query_attention"]
     if built.family in GQA_FUSED:
         assert fused == 2 and not unfused_warning and ops.count("GroupQueryAttention") == 2, (fused, unfused_warning)
+        assert ops.count("RotaryEmbedding") == 4 and "Softmax" not in ops
+        variants = {k: report[k] for k in ("head_norms", "softcapped", "partial_rotary") if k in report}
+        assert variants == GQA_VARIANTS.get(built.family, {}), variants
     else:  # a family that starts fusing (or stops warning) shows up here: move it to GQA_FUSED
         assert fused == 0 and len(unfused_warning) == 1 and "GroupQueryAttention" not in ops, (fused, unfused_warning)
+        assert "the graph leaves the pattern at" in unfused_warning[0] and report["refused"] in unfused_warning[0]
+    # every residual Add + RMSNorm fuses (see SKIP_NORMS_FUSED)
+    norms = manifest["quantization"]["report"]["fuse_skip_rms_norm"]["fused"]
+    assert norms == SKIP_NORMS_FUSED.get(built.family, 4), norms
 
 
 @pytest.mark.e2e
@@ -213,7 +239,7 @@ def test_sliding_window_matches_transformers(built: Built) -> None:
     assert rel_err(incremental_logits(built.fp32, ids, prefill=8), want) < 1e-5
     # the ort-cpu graph (fused attention for mistral: the window travels in GroupQueryAttention's attention_bias)
     lowered = incremental_logits(built.lowered["w4-rtn"], ids, prefill=8)
-    assert rel_err(lowered, incremental_logits(built.lm_head_lowered, ids, prefill=8)) <= LOWERED_SAME_ARITHMETIC["w4-rtn"]
+    assert_same_arithmetic(lowered, incremental_logits(built.lm_head_lowered, ids, prefill=8), "w4-rtn", built.family)
 
 
 # --- the task, from the config alone (no weights) ---

@@ -3,7 +3,8 @@
 - portable (default): the recipe's standard-ONNX QDQ graph, unchanged; runs anywhere.
 - tensorrt: QDQ unchanged, then check_tensorrt_placement (fails with the first violations).
 - ort-cpu: first the transformer blocks are fused (residual Add + RMSNorm -> SkipSimplifiedLayerNormalization,
-  attention with rotary and KV cache -> RotaryEmbedding + GroupQueryAttention; passes/fuse_*.py), then
+  attention with rotary and KV cache -> RotaryEmbedding + GroupQueryAttention, per-head q/k norms, partial
+  rotary and soft-capped scores included; passes/fuse_*.py), then
   QDQ lowered to the fastest ONNX Runtime CPU kernels that keep the QDQ numerics
   (int8 rounding included). Measured on SmolLM2-135M, 2 threads (tools/bench_speed.py,
   tools/results/speed.md): ORT's CPU provider does not fuse eqc's DQ->MatMul into an integer
