@@ -5,6 +5,7 @@ Tests import eqcompiler from the installed package (make test installs it non-ed
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -93,6 +94,13 @@ def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"eqc {' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc
+
+
+def linear_layers(artifact: pathlib.Path) -> int:
+    """Linear layers the compile quantized, from the manifest's pass reports (embedding rows not counted)."""
+    report = json.loads((artifact / "manifest.json").read_text())["quantization"]["report"]
+    layers = {name: how for step in report.values() if isinstance(step, dict) for name, how in step.get("layers", {}).items()}
+    return sum(not how.endswith("(embedding rows)") for how in layers.values())
 
 
 @pytest.fixture(scope="session")
