@@ -5,7 +5,6 @@ Tests import eqcompiler from the installed package (make test installs it non-ed
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
@@ -97,10 +96,12 @@ def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def linear_layers(artifact: pathlib.Path) -> int:
-    """Linear layers the compile quantized, from the manifest's pass reports (embedding rows not counted)."""
-    report = json.loads((artifact / "manifest.json").read_text())["quantization"]["report"]
-    layers = {name: how for step in report.values() if isinstance(step, dict) for name, how in step.get("layers", {}).items()}
-    return sum(not how.endswith("(embedding rows)") for how in layers.values())
+    """Linear layers of a compiled artifact whose weights are quantized (what `eqc inspect` counts), in process."""
+    from eqcompiler.analysis.inspect_model import inspect
+
+    result = inspect(artifact)
+    assert result["linear_layers"] == result["quantized_matmuls"], result["linear_layers"]  # none left in float
+    return result["quantized_matmuls"]
 
 
 @pytest.fixture(scope="session")

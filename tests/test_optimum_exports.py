@@ -36,8 +36,27 @@ def _optimum(bin_dir: pathlib.Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def transformers4_folder(hf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """The model folder as transformers 4.57 reads it. 5.x writes rope_theta inside rope_parameters, which 4.57
+    ignores (it would export rotary embeddings at its default base 10000, silently: SmolLM2's is 100000), and names
+    the tokenizer class TokenizersBackend, which 4.57 cannot load (Optimum then copies no tokenizer)."""
+    out.mkdir(parents=True)
+    for f in hf.iterdir():
+        if f.name not in ("config.json", "tokenizer_config.json"):
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((hf / "config.json").read_text())
+    if "rope_theta" in (config.get("rope_parameters") or {}):
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = json.loads((hf / "tokenizer_config.json").read_text())
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2))
+    return out
+
+
 def _export(bin_dir: pathlib.Path, hf: pathlib.Path, task: str, out: pathlib.Path) -> pathlib.Path:
     _optimum(bin_dir, bin_dir / "optimum-cli", "export", "onnx", "-m", hf, "--task", task, out)
+    assert (out / "tokenizer.json").is_file()  # Optimum copies the tokenizer: eqc reads it from the graph's folder
     return out / "model.onnx"
 
 
@@ -45,9 +64,10 @@ def _export(bin_dir: pathlib.Path, hf: pathlib.Path, task: str, out: pathlib.Pat
 def optimum_graphs(optimum_bin, tiny_hf, tmp_path_factory) -> dict[str, pathlib.Path]:
     """The three exports the issue names: LLaMA with and without past, BERT feature extraction."""
     root = tmp_path_factory.mktemp("optimum")
-    return {"llama-past": _export(optimum_bin, tiny_hf("llama"), "text-generation-with-past", root / "llama-past"),
-            "llama": _export(optimum_bin, tiny_hf("llama"), "text-generation", root / "llama"),
-            "bert": _export(optimum_bin, tiny_hf("bert"), "feature-extraction", root / "bert")}
+    llama, bert = (transformers4_folder(tiny_hf(f), root / f"hf-{f}") for f in ("llama", "bert"))
+    return {"llama-past": _export(optimum_bin, llama, "text-generation-with-past", root / "llama-past"),
+            "llama": _export(optimum_bin, llama, "text-generation", root / "llama"),
+            "bert": _export(optimum_bin, bert, "feature-extraction", root / "bert")}
 
 
 def _ppl(model: pathlib.Path, *extra: object) -> float:
@@ -64,24 +84,23 @@ def eqc_llama(tiny_artifact, tmp_path_factory) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("name,kind,past", [("llama-past", "causal-lm", 4), ("llama", "causal-lm-nocache", 0)])
-def test_optimum_llama_through_calibrate_compile_eval(optimum_graphs, eqc_llama, tiny_hf, tmp_path, name, kind, past):
-    graph, hf = optimum_graphs[name], tiny_hf("llama")
+def test_optimum_llama_through_calibrate_compile_eval(optimum_graphs, eqc_llama, tmp_path, name, kind, past):
+    graph = optimum_graphs[name]
     proto = onnx.load(str(graph), load_external_data=False)
     assert proto.opset_import[0].version == 18  # Optimum's default: eqc converts it to 21
     assert sum(i.name.startswith("past_key_values.") for i in proto.graph.input) == past
     inspected = json.loads(run_eqc("inspect", graph, "--json").stdout)["kind"]
     assert (inspected["kind"], inspected["source"]) == (kind, "detected")
     stats = tmp_path / "stats.npz"
-    # Optimum writes no tokenizer beside the graph here (transformers 4.57 does not read 5.x's tokenizer_config):
-    # it comes from the model folder, and the compiled artifacts carry it.
-    run_eqc("calibrate", graph, "--data", WIKI_VALID, "--samples", "4", "--seq-len", "64", "--tokenizer", hf,
+    # The tokenizer Optimum copied beside the graph is read from there; the compiled artifacts carry it.
+    run_eqc("calibrate", graph, "--data", WIKI_VALID, "--samples", "4", "--seq-len", "64",
             "--for", "w8a8-dynamic", "-o", stats)
     for recipe in ("w8", "w8a8-dynamic"):
         run_eqc("compile", graph, "--recipe", recipe, "--calib", stats, "-o", tmp_path / recipe)
         manifest = json.loads((tmp_path / recipe / "manifest.json").read_text())
         assert manifest["task"] == kind and (tmp_path / recipe / "tokenizer.json").is_file()
         assert linear_layers(tmp_path / recipe) == 15, recipe  # 2 layers x (q, k, v, o, gate, up, down) + lm_head
-    ppl = {"fp32": _ppl(graph, "--tokenizer", hf), "w8": _ppl(tmp_path / "w8"),
+    ppl = {"fp32": _ppl(graph), "w8": _ppl(tmp_path / "w8"),
            "w8a8-dynamic": _ppl(tmp_path / "w8a8-dynamic")}
     # Measured (torch 2.13, ORT 1.32, 504 tokens): fp32 456.278 both; w8 456.102 (Optimum) vs 456.102 (eqc export);
     # w8a8-dynamic 456.005 vs fp32. The same float model to float rounding; int8 weights move ppl by ~0.04%.
@@ -90,13 +109,12 @@ def test_optimum_llama_through_calibrate_compile_eval(optimum_graphs, eqc_llama,
     assert ppl["w8a8-dynamic"] != ppl["w8"] and ppl["w8a8-dynamic"] == pytest.approx(ppl["fp32"], rel=2e-3)
 
 
-def test_optimum_bert_through_calibrate_compile_eval(optimum_graphs, tiny_artifact, tiny_hf, tmp_path):
-    graph, hf, ref = optimum_graphs["bert"], tiny_hf("bert"), tiny_artifact("bert")
+def test_optimum_bert_through_calibrate_compile_eval(optimum_graphs, tiny_artifact, tmp_path):
+    graph, ref = optimum_graphs["bert"], tiny_artifact("bert")
     inspected = json.loads(run_eqc("inspect", graph, "--json").stdout)["kind"]
     assert inspected["kind"] == "encoder" and "token_type_ids" in inspected["why"]
     stats = tmp_path / "stats.npz"
-    run_eqc("calibrate", graph, "--data", WIKI_VALID, "--samples", "8", "--seq-len", "16", "--tokenizer", hf,
-            "-o", stats)
+    run_eqc("calibrate", graph, "--data", WIKI_VALID, "--samples", "8", "--seq-len", "16", "-o", stats)
     cosine = {}
     for recipe in ("fp32", "w8", "w8a8"):
         model = graph
@@ -105,8 +123,8 @@ def test_optimum_bert_through_calibrate_compile_eval(optimum_graphs, tiny_artifa
             run_eqc("compile", graph, "--recipe", recipe, "--calib", stats, "-o", model)
             assert linear_layers(model) == 12, recipe  # 2 layers x (q, k, v, o, up, down)
         # Scored against `eqc export` of the same weights: the float graphs agree, the quantized ones are close.
-        result = json.loads(run_eqc("eval", model, "--embed-ref", ref, "--tokenizer", hf, "--sentences", "40",
-                                    "--no-latency", "--json").stdout)["embedding"]
+        result = json.loads(run_eqc("eval", model, "--embed-ref", ref, "--sentences", "40", "--no-latency",
+                                    "--json").stdout)["embedding"]
         cosine[recipe] = result["min_cosine"]
     # Measured: fp32 1.0000000 (to float rounding), w8 and w8a8 min cosine 0.999997.
     assert cosine["fp32"] > 1 - 1e-6
