@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.eqc-installed
 
-.PHONY: demo test test-fast install venv ops ops-or-skip web-deps clean
+.PHONY: demo test test-fast install venv ops ops-or-skip web-deps optimum-env clean
 
 venv: $(VENV)/bin/python
 $(VENV)/bin/python:
@@ -47,8 +47,20 @@ web-deps:
 $(WEB_STAMP): tools/web/package-lock.json
 	cd tools/web && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
 
+# Optimum's exporter in its own environment: optimum-onnx 0.1.0 needs transformers <4.58, eqc's .venv has 5.x
+# (with which optimum does not import). tests/test_optimum_exports.py runs its optimum-cli as a subprocess.
+# Built once per requirements file (about 50 s on 2 cores; torch comes from local disk), then a no-op.
+OPT_VENV  := .venv-optimum
+OPT_STAMP := $(OPT_VENV)/.eqc-optimum-installed
+optimum-env: $(OPT_STAMP)
+$(OPT_STAMP): tests/optimum-requirements.txt
+	rm -rf $(OPT_VENV)
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(OPT_VENV)/bin/pip install --quiet -r tests/optimum-requirements.txt
+	touch $(OPT_STAMP)
+
 # Everything: what CI runs.
-test: ops web-deps
+test: ops web-deps optimum-env
 	$(MAKE) install
 	$(PYTEST) --durations=20 .
 

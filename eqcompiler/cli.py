@@ -260,13 +260,18 @@ def _calibrate_tensors(model: str, data: str, samples: int, out: pathlib.Path, o
 
 
 def _store_searches(model: str, out: pathlib.Path, for_recipes: str | None) -> dict[str, Any]:
-    """The model runs --for's recipes need beyond statistics (SmoothQuant's alpha search), stored with them."""
+    """The model runs --for's recipes need beyond statistics (SmoothQuant's alpha search), stored with them.
+    The command has just written `out`: a failed search removes it (a failed command leaves no output)."""
     from eqcompiler.compile.pipeline import store_model_searches
     from eqcompiler.compile.recipes import KV_CACHE_TARGET
 
     start = time.perf_counter()
     names = [r.strip() for r in (for_recipes or "").split(",") if r.strip() and r.strip() != KV_CACHE_TARGET]
-    keys = store_model_searches(model, out, names) if names else []
+    try:
+        keys = store_model_searches(model, out, names) if names else []
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     return {"keys": keys, "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -3,6 +3,9 @@
 Every MatMul/Gemm with a constant weight gets DequantizeLinear(Wq, scale, zp) on its weight input.
 Token-embedding tables are quantized per row too; a table tied to the lm_head is stored once, as
 int8, and read by both the Gather (gather rows, then dequantize them) and the lm_head.
+After GPTQ/AWQ (the w4 recipes' int8 step for what they leave) every layer may already be quantized (an
+MLP has no embedding table): nothing is left to do. A graph with no layer to quantize at all is refused,
+saying why (no MatMul/Gemm, weights that are not constants, or filters that select none).
 """
 from __future__ import annotations
 
@@ -60,7 +63,8 @@ class QuantizeWeightsPass(EqcPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opts = dataclasses.replace(self.options, reduce_range=self._reduce_range_on())
-        sites = [s for s in find_linear_sites(graph, opts) if not s.quantized]
+        selected = find_linear_sites(graph, opts)
+        sites = [s for s in selected if not s.quantized]
         gathers = embedding_gathers(graph) if opts.embeddings else []
         # A table is quantized when one of its Gathers (or the linear layer tied to it) is selected.
         tied = {id(s.weight) for s in sites}
@@ -97,9 +101,9 @@ class QuantizeWeightsPass(EqcPass):
             b0, b1 = self._quantize_table(graph, users, [s for s in sites if id(s.weight) == table], layers)
             bytes_before += b0
             bytes_after += b1
-        if not layers:
-            raise EqcError("quantize_weights matched no layer: the graph has no MatMul/Gemm with a constant weight"
-                           + (f" matching include={opts.include!r} exclude={opts.exclude!r}" if opts.filters else ""))
+        if not layers and not selected:
+            raise EqcError(f"quantize_weights matched no layer: {_why_no_layer(graph, opts)}")
+        # (selected but none left: an earlier pass, GPTQ or AWQ, quantized every layer; the report says so)
         self.report({"layers": layers, "weight_bytes_before": int(bytes_before), "weight_bytes_after": int(bytes_after),
                      "reduce_range": opts.reduce_range,
                      "float_tables": sorted({f"{_gather_name(g)} ({g.inputs[0].shape[0]} rows < embedding_min_rows)"
@@ -179,6 +183,24 @@ class QuantizeWeightsPass(EqcPass):
         _release(table)
         graph.initializers.pop(table.name)
         return nbytes, _stored_bytes(qw)
+
+
+def _why_no_layer(graph: ir.Graph, opts: QuantizeWeightsOptions) -> str:
+    """Why no MatMul/Gemm is a layer to quantize: none at all, filters that select none, or weights that are
+    computed rather than constant (the first few, with what produces them)."""
+    linear = [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]
+    if not linear:
+        return "the graph has no MatMul or Gemm node"
+    if opts.filters and find_linear_sites(graph):
+        return f"no MatMul/Gemm with a constant weight matches include={opts.include!r} exclude={opts.exclude!r}"
+    found = []
+    for node in linear[:3]:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        producer = weight.producer() if weight is not None else None
+        origin = f"computed by {producer.op_type}" if producer is not None else "a graph input"
+        found.append(f"{node.op_type} '{node.name}' reads '{weight.name if weight else ''}' ({origin})")
+    return (f"none of the graph's {len(linear)} MatMul/Gemm node(s) has a constant 2-D weight (an initializer, optionally "
+            f"through one Transpose or DequantizeLinear): {'; '.join(found)}")
 
 
 def _checked_weight(value: ir.Value) -> np.ndarray:

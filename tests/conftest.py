@@ -95,6 +95,15 @@ def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def linear_layers(artifact: pathlib.Path) -> int:
+    """Linear layers of a compiled artifact whose weights are quantized (what `eqc inspect` counts), in process."""
+    from eqcompiler.analysis.inspect_model import inspect
+
+    result = inspect(artifact)
+    assert result["linear_layers"] == result["quantized_matmuls"], result["linear_layers"]  # none left in float
+    return result["quantized_matmuls"]
+
+
 @pytest.fixture(scope="session")
 def wiki_valid() -> pathlib.Path:
     return WIKI_VALID

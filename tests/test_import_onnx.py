@@ -217,3 +217,28 @@ def test_paths_a_statistics_file_names_are_read_only_with_their_recorded_digest(
     # the untouched file still compiles, carrying the tokenizer it names
     run_eqc("compile", bare / "model.onnx", "--recipe", "w8a8-dynamic", "--calib", stats, "-o", tmp_path / "ok")
     assert (tmp_path / "ok" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_opset_conversion_keeps_external_weights_readable(tmp_path, monkeypatch):
+    """torch.onnx's dynamo exporter writes opset 20 with the weights in model.onnx.data: after the conversion to
+    opset 21 the weights are still read from the model's folder, not from the working directory (they were not)."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from eqcompiler.artifact.folder import load_ir
+    from eqcompiler.export.upgrade_opset import upgrade_opset
+
+    weight = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 100
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+                              [numpy_helper.from_array(weight, "w")])
+    src = tmp_path / "model" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(src),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # elsewhere: a relative 'model.onnx.data' would not be found from here
+    upgraded, was = upgrade_opset(load_ir(src), 21, "g")
+    assert was == 20 and upgraded.opset_imports[""] == 21
+    tensor = upgraded.graph.initializers["w"].const_value
+    assert isinstance(tensor, ir.ExternalTensor) and np.array_equal(tensor.numpy(), weight)

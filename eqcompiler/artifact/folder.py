@@ -66,7 +66,9 @@ def resolve_artifact(path: str | pathlib.Path) -> Artifact:
         raise EqcError(f"'{p}' does not exist")
     folder, model_path = (p, p / MODEL_FILE) if p.is_dir() else (p.parent, p)
     if not model_path.is_file():
-        raise EqcError(f"'{p}' is a folder without {MODEL_FILE}: not an eqc artifact")
+        graphs = sorted(f.name for f in p.glob("*.onnx"))  # Optimum writes decoder_model_merged.onnx, ...
+        holds = f" (it holds {', '.join(graphs[:4])}: pass the .onnx file itself)" if graphs else ""
+        raise EqcError(f"'{p}' is a folder without {MODEL_FILE}: not an eqc artifact{holds}")
     manifest: dict[str, Any] = {}
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.is_file() and model_path.name == MODEL_FILE:

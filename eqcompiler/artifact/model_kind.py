@@ -7,6 +7,9 @@ Kinds:
 - encoder: input_ids + attention_mask [+ token_type_ids] in, hidden states [batch, seq, hidden] out;
 - generic: anything else (float or integer tensors that are not text); calibrated from `--data inputs.npz`.
 
+Optimum's merged decoder (decoder_model_merged.onnx: a `use_cache_branch` input choosing between the decoder
+without and with past in an If node, whose weights the passes do not see) is refused in one line, whatever the kind.
+
 Text models whose inputs are not named the conventional way take `--input-map GRAPH_NAME=ROLE,...`
 (e.g. ids=input_ids,am=attention_mask). The CLI states the choice once per process with `choose()`: it lives in
 the environment (EQC_KIND, EQC_INPUT_MAP) so worker processes (bench, distributed calibration) see it too, and
@@ -28,6 +31,7 @@ TEXT_KINDS = ("causal-lm", "causal-lm-nocache", "encoder")
 ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 KIND_ENV, INPUT_MAP_ENV = "EQC_KIND", "EQC_INPUT_MAP"
 _INTEGER = ("int64", "int32")
+MERGED_BRANCH = "use_cache_branch"  # the boolean input of Optimum's merged decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,7 @@ def choose(model_path: pathlib.Path, manifest: dict[str, Any], kind: str | None 
         kind_ = manifest.get("task", "causal-lm")
         return ModelKind(kind_, "the eqc manifest's task", "manifest", dict(manifest.get("input_map") or {}))
     inputs, outputs = graph_io(model_path)
+    _refuse_merged_decoder(model_path, inputs)
     mapping = parse_input_map(input_map, inputs) if input_map else dict(manifest.get("input_map") or {})
     if eqc:  # (an eqc manifest without a task predates encoders: a causal LM, as Artifact.task says)
         stated, source, why = manifest.get("task", "causal-lm"), "manifest", "the eqc manifest's task"
@@ -150,6 +155,14 @@ def choose(model_path: pathlib.Path, manifest: dict[str, Any], kind: str | None 
     _check_roles(stated, inputs, mapping)
     _set_choice(stated if source == "--kind" else "", manifest, mapping)
     return ModelKind(stated, why, source, mapping)
+
+
+def _refuse_merged_decoder(model_path: pathlib.Path, inputs: tuple[Tensor, ...]) -> None:
+    if any(t.name == MERGED_BRANCH for t in inputs):
+        raise EqcError(f"'{model_path.name}' is Optimum's merged decoder (a {MERGED_BRANCH} input selects the decoder "
+                       "without or with past inside an If node): eqc quantizes one decoder graph with its KV cache; "
+                       "export it unmerged (optimum-onnx 0.1 writes one model.onnx with past_key_values.*; older "
+                       "Optimum: --no-post-process)")
 
 
 def _set_choice(kind: str, manifest: dict[str, Any], mapping: dict[str, str] | None = None) -> None:

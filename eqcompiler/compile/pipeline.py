@@ -131,7 +131,7 @@ def _compile_into(stage: pathlib.Path, art: Any, model_path: pathlib.Path, model
     ir_model, upgraded_from = _load_graph(model_path)
     if upgraded_from is not None:
         target_warnings.append(f"converted from opset {upgraded_from} to {MIN_OPSET} (onnx version converter)")
-    context = _context(art, stats, recipe, target, cpu)
+    context = _context(art, stats, recipe, target, cpu, ir_model.graph)
     context.warnings.extend(target_warnings)
     passes = build_passes(recipe, context)
     # The model runs steps need and the statistics or options lack (`eqc calibrate --for`, `--plan` hold them).
@@ -194,10 +194,19 @@ def _load_graph(model_path: pathlib.Path) -> tuple[ir.Model, int | None]:
 
 
 def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], target: str,
-             cpu: str = "vnni") -> CompileContext:
+             cpu: str = "vnni", graph: ir.Graph | None = None) -> CompileContext:
     # recipe_options: what quantize_weights' reduce_range "auto" decides from, with the target: whether ORT
     # will fuse its int8 activations (static scales) into int8 GEMMs, and whether the recipe re-encodes them.
-    return CompileContext(stats=stats, manifest=dict(art.manifest), target=target, cpu=cpu, source_folder=str(art.folder),
+    manifest = dict(art.manifest)
+    if graph is not None and art.manifest.get("format") != art_mod.MANIFEST_FORMAT and art.task == "causal-lm":
+        # A foreign causal LM's cache layout (heads, head size), known to the passes as for eqc's own artifacts:
+        # SmoothQuant ties o_proj's scales per KV head with it (without it those sites were skipped).
+        from eqcompiler.artifact.kv_layout import foreign_kv_cache
+
+        kv = foreign_kv_cache(art_mod.model_file(art), [str(v.name) for v in graph.inputs])
+        if kv is not None:
+            manifest["kv_cache"] = kv
+    return CompileContext(stats=stats, manifest=manifest, target=target, cpu=cpu, source_folder=str(art.folder),
                           max_positions=art_mod.max_positions(art.folder) if art.manifest else None,
                           recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
 
@@ -213,7 +222,7 @@ def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, re
     stored: list[str] = []
     for name in recipe_names:
         recipe = load_recipe(name)
-        stored += run_smoothing_searches(ir_model, recipe, _context(art, stats, recipe, "portable"))
+        stored += run_smoothing_searches(ir_model, recipe, _context(art, stats, recipe, "portable", graph=ir_model.graph))
     if stored:
         stats.save(stats_path, overwrite=True)
     return stored
