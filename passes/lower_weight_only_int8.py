@@ -117,6 +117,7 @@ class WeightOnlyInt8Rule(LinearSiteRule):
             nodes.append(ir.node("Slice", [nodes[-1].outputs[0], starts, ends, axes], name=f"{gather.name}/rows_cut"))
         anchor = gather
         for node in nodes:
+            node.outputs[0].name = f"{node.name}_output_0"  # named from the node: the same bytes however compiled
             self._graph.insert_after(anchor, node)
             anchor = node
         rows = nodes[-1].outputs[0]

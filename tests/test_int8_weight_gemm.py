@@ -171,8 +171,14 @@ def test_gemm_layers_stay_qdq_with_a_warning(lib):
     assert len(pass_.context.warnings) == 1 and "stay QDQ" in pass_.context.warnings[0]
 
 
-def test_ort_cpu_target_schedules_it_for_weight_recipes():
-    steps = [s["pass"] for s in target_steps("ort-cpu", [], {"passes": [{"pass": "quantize_weights", "options": {"bits": 8}}]})]
-    # the last integer lowering; only the packing of parallel projections comes after it
-    assert steps[-2:] == ["lower_int8_weight_gemm", "pack_parallel_projections"]
+def test_ort_cpu_target_schedules_it_for_the_lm_head_of_w8a8_recipes():
+    """Weight-only int8 layers go to ORT's MatMulNBits (lower_weight_only_int8); Int8WeightGemm takes the int8
+    layers a W8A8 recipe leaves with a float input (the lm_head of w8a8-dynamic), as the last integer lowering."""
+    weight_only = {"passes": [{"pass": "quantize_weights", "options": {"bits": 8}}]}
+    steps = [s["pass"] for s in target_steps("ort-cpu", [], weight_only)]
+    assert steps[-2:] == ["lower_weight_only_int8", "pack_parallel_projections"] and "lower_int8_weight_gemm" not in steps
+    w8a8 = {"passes": [*weight_only["passes"], {"pass": "quantize_activations_dynamic", "options": {}}]}
+    steps = [s["pass"] for s in target_steps("ort-cpu", [], w8a8)]
+    assert steps[-2:] == ["lower_int8_weight_gemm", "pack_parallel_projections"], steps
+    assert "lower_fused_int8_gemm" in steps and "lower_weight_only_int8" not in steps, steps
     assert "lower_int8_weight_gemm" not in [s["pass"] for s in target_steps("ort-cuda", [], None)]

@@ -15,16 +15,17 @@
       the compile is refused, exit 4, naming `make ops`)
     * static per-tensor W8A8 -> com.microsoft::MatMulIntegerToFloat (int8 x int8, int32 acc)
     * blocked weight-only 4/8-bit -> com.microsoft::MatMulNBits (passes/lower_matmul_nbits.py)
-    * per-channel int8 weight-only beside blocked 4-bit layers (the tied lm_head/embedding table of w4-*)
-      -> com.microsoft::MatMulNBits bits=8 at accuracy level 4 (passes/lower_weight_only_int8.py): the
-      recipe's 4-bit layers already run with int8 activations (level 4), and the 49152x576 lm_head, the
-      largest single GEMM per decode step, is then an int8 dot product too: SmolLM2 w4-gptq decodes 1.25x
-      faster through onnxruntime-genai (97.3 -> 121.8 tok/s, ppl +19.27% -> +19.44%;
-      tools/results/vs_genai_lm_head.md), and the artifact needs no eqc op library
-    * per-channel int8 weight-only otherwise (w8; the tied table of w8a8-*)
+    * per-channel int8 weight-only (all of w8; the tied lm_head/embedding table of w4-* and mixed)
+      -> com.microsoft::MatMulNBits bits=8 at accuracy level 4 (passes/lower_weight_only_int8.py): ORT quantizes
+      the activations to int8 per block and runs integer dot products (AVX-512 VNNI / AVX2). SmolLM2, one
+      interleaved run through onnxruntime-genai (tools/results/vs_genai.md): w8 decodes 1.47x faster than with
+      eqc's float-math Int8WeightGemm (111.3 vs 75.6 tok/s: 0.90x the builder's int4 instead of 0.61x) at ppl
+      +0.11% instead of -0.02%; w4-gptq's lm_head alone: 97.3 -> 121.8 tok/s, ppl +19.27% -> +19.44%
+      (tools/results/vs_genai_lm_head.md). Such artifacts need no eqc op library. (Level 0, float compute, is
+      slower than QDQ: 109-118 ms for the lm_head alone.)
+    * the tied lm_head of w8a8-* (its input stays float on purpose: per-token int8 there costs +0.6% ppl)
       -> ai.eqc::Int8WeightGemm (float math on int8 weights, the QDQ graph's numerics;
-      passes/lower_int8_weight_gemm.py). MatMulNBits bits=8 at accuracy level 0 was slower than QDQ;
-      refused like FusedInt8Gemm without the library
+      passes/lower_int8_weight_gemm.py); refused like FusedInt8Gemm without the library
   Last, projections that read the same input (q/k/v, gate/up) are packed into one GEMM
   (passes/pack_parallel_projections.py).
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
@@ -100,8 +101,11 @@ def _recipe_needs(recipe: dict[str, Any] | None) -> set[str]:
             needs.add("lower_int8_weight_gemm")
             if "w8a8" in (c.strip() for c in choices):
                 needs.add("lower_qdq_to_ort_int8")
-    if "lower_matmul_nbits" in needs and "lower_int8_weight_gemm" in needs:
-        # 4-bit layers run with int8 activations (accuracy level 4): the int8 ones do the same, on ORT's kernel.
+    w8a8 = needs & {"lower_fused_int8_gemm", "lower_qdq_to_ort_int8"}
+    if "lower_int8_weight_gemm" in needs and ("lower_matmul_nbits" in needs or not w8a8):
+        # Weight-only int8 layers (w8, the tied table of w4-* and mixed) run on ORT's MatMulNBits at accuracy level 4
+        # (int8 activations per block, integer dot products) instead of eqc's float-math Int8WeightGemm. The
+        # lm_head of w8a8-* keeps Int8WeightGemm's float numerics: that recipe leaves it unquantized on purpose.
         needs = (needs - {"lower_int8_weight_gemm"}) | {"lower_weight_only_int8"}
     return needs
 
