@@ -94,6 +94,7 @@ def main() -> None:
     result = {"command": "tools/bench_pipeline_cost.py " + " ".join(sys.argv[1:]), "cpu": cpu, "cores": os.cpu_count(),
               "samples": args.samples, "steps": steps, "totals_warm_export": totals}
     prefix = pathlib.Path(args.out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# eqc pipeline cost (SmolLM2-135M)", "", f"`.venv/bin/python {result['command']}` on {cpu}, {os.cpu_count()} cores.", "",
              "| step | seconds | peak RSS MB |", "|---|---|---|"]
