@@ -306,6 +306,18 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
             x = self._rms_norm(op, x, weight, eps, two, one, tag)
         return x
 
+    def _query_heads(self, q_in: ir.Value, kv_heads: int, head_dim: int) -> int | str:
+        """The query's head count, or why this variant cannot take it (ORT's CPU kernel needs head_dim % 16 == 0)."""
+        width = q_in.shape[-1] if q_in.shape is not None else None
+        if not isinstance(width, int) or width % head_dim:
+            return "query width is unknown or not a multiple of head_dim"
+        heads = width // head_dim
+        if heads % kv_heads or (heads != kv_heads) != self.repeat_kv:
+            return f"{heads} query heads and {kv_heads} kv heads do not fit this variant"
+        if head_dim % 16:
+            return f"head_dim {head_dim} is not a multiple of 16 (ORT's CPU GroupQueryAttention needs it)"
+        return heads
+
     def _repeat(self, op, kv):
         return op.Reshape(op.Expand(op.Unsqueeze(kv, _allow_other_inputs=True), _allow_other_inputs=True),
                           _allow_other_inputs=True) if self.repeat_kv else kv
@@ -341,14 +353,9 @@ class GroupQueryAttentionRule(RewriteRuleClassBase):
         if shape is None or shape.rank() != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
             return result.fail("past value has no static [B, kv_heads, P, head_dim] shape", past_v)
         kv_heads, head_dim = int(shape[1]), int(shape[3])
-        width = q_in.shape[-1] if q_in.shape is not None else None
-        if not isinstance(width, int) or width % head_dim:
-            return result.fail("query width is unknown or not a multiple of head_dim", q_in)
-        heads = width // head_dim
-        if heads % kv_heads or (heads != kv_heads) != self.repeat_kv:
-            return result.fail(f"{heads} query heads and {kv_heads} kv heads do not fit this variant", q_in)
-        if head_dim % 16:
-            return result.fail(f"head_dim {head_dim} is not a multiple of 16 (ORT's CPU GroupQueryAttention needs it)")
+        heads = self._query_heads(q_in, kv_heads, head_dim)
+        if isinstance(heads, str):
+            return result.fail(heads, q_in)
         s = scalar(scale)
         if s is None or not s > 0:
             return result.fail("attention scale is not a positive scalar constant", scale)

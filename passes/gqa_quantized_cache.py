@@ -153,14 +153,9 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
             if why:
                 return result.fail(f"{'key' if tag == 'k' else 'value'} cache: {why}")
             presents.append(stored)
-        width = q_in.shape[-1] if q_in.shape is not None else None
-        if not isinstance(width, int) or width % head_dim:
-            return result.fail("query width is unknown or not a multiple of head_dim", q_in)
-        heads = width // head_dim
-        if heads % kv_heads or (heads != kv_heads) != self.repeat_kv:
-            return result.fail(f"{heads} query heads and {kv_heads} kv heads do not fit this variant", q_in)
-        if head_dim % 16:
-            return result.fail(f"head_dim {head_dim} is not a multiple of 16 (ORT's CPU GroupQueryAttention needs it)")
+        heads = self._query_heads(q_in, kv_heads, head_dim)
+        if isinstance(heads, str):
+            return result.fail(heads, q_in)
         why = _check_rotate_half(q_upper, q_lower, head_dim) or _check_rotate_half(k_upper, k_lower, head_dim)
         if why:
             return result.fail(why)

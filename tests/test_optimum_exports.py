@@ -10,11 +10,15 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import onnx
 import pytest
 
 from conftest import REPO, WIKI_TEST, WIKI_VALID, linear_layers, run_eqc
+
+sys.path.insert(0, str(REPO / "tools"))
+from bench_byo_exporters import transformers4_folder  # noqa: E402  (the folder as Optimum's transformers 4.57 reads it)
 
 OPTIMUM_BIN = REPO / ".venv-optimum" / "bin"
 PPL = ["--ppl", WIKI_TEST, "--max-tokens", "512", "--window", "64", "--no-latency", "--json"]
@@ -34,24 +38,6 @@ def _optimum(bin_dir: pathlib.Path, *args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([*map(str, args)], capture_output=True, text=True, env=env, cwd=bin_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def transformers4_folder(hf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    """The model folder as transformers 4.57 reads it. 5.x writes rope_theta inside rope_parameters, which 4.57
-    ignores (it would export rotary embeddings at its default base 10000, silently: SmolLM2's is 100000), and names
-    the tokenizer class TokenizersBackend, which 4.57 cannot load (Optimum then copies no tokenizer)."""
-    out.mkdir(parents=True)
-    for f in hf.iterdir():
-        if f.name not in ("config.json", "tokenizer_config.json"):
-            (out / f.name).symlink_to(f.resolve())
-    config = json.loads((hf / "config.json").read_text())
-    if "rope_theta" in (config.get("rope_parameters") or {}):
-        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer = json.loads((hf / "tokenizer_config.json").read_text())
-    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2))
-    return out
 
 
 def _export(bin_dir: pathlib.Path, hf: pathlib.Path, task: str, out: pathlib.Path) -> pathlib.Path:

@@ -45,8 +45,8 @@ def smollm2_hf() -> pathlib.Path:
 
 def transformers4_folder(hf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """The folder as Optimum's transformers 4.57 reads it: rope_theta lifted out of 5.x's rope_parameters (4.57
-    ignores that key and would use base 10000 instead of SmolLM2's 100000) and a tokenizer class it can load.
-    Same as tests/test_optimum_exports.py's."""
+    ignores that key and would use base 10000 instead of SmolLM2's 100000) and a tokenizer class it can load (5.x
+    names it TokenizersBackend: Optimum would copy no tokenizer). tests/test_optimum_exports.py uses it too."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
