@@ -1,7 +1,7 @@
 """Lower per-channel int8 weight-only QDQ linear layers to `com.microsoft::MatMulNBits` (bits=8).
 
-Matched (quantize_weights with block_size=0; run last for ort-cpu, so it takes the layers the
-integer lowerings left, e.g. all of w8, or the tied lm_head of w8a8-dynamic):
+Matched (quantize_weights with block_size=0; for ort-cpu, scheduled by lowering/targets.py for weight-only
+recipes: all of w8, the tied int8 table of w4-* and mixed; w8a8-* leave their lm_head to Int8WeightGemm):
 
     w = DequantizeLinear(Wq int8 [K,N], scale [N], zp=0, axis=1)        -> MatMul(x, w)
     w = Transpose(DequantizeLinear(T int8 [N,K], scale [N], zp=0, axis=0)) -> MatMul(x, w)  (tied lm_head)
@@ -9,8 +9,8 @@ integer lowerings left, e.g. all of w8, or the tied lm_head of w8a8-dynamic):
 ONNX Runtime's CPU provider does not fold or fuse a weight DequantizeLinear, so the QDQ graph
 dequantizes every weight on every run (the tied 49152x576 lm_head alone is 28M values per token).
 MatMulNBits reads the 8-bit weight directly. Per-channel scales are exactly blocked scales repeated
-over every block of K, so the numerics are those of the QDQ graph (accuracy_level 0: float32
-compute). Signed q is stored as q + 128 with MatMulNBits' default zero point 128
+over every block of K, so at accuracy_level 0 (float32 compute) the numerics are those of the QDQ graph;
+ort-cpu uses level 4 (activations quantized to int8 per block, integer dot products: faster, not exact). Signed q is stored as q + 128 with MatMulNBits' default zero point 128
 (passes/lower_matmul_nbits.to_matmul_nbits does the packing). For the tied table, MatMulNBits'
 B layout [N, blocks, block] *is* the table's row layout, so the embedding Gather is redirected to
 read rows of it (with zero point 128), and the table is still stored once.
