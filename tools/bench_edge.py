@@ -174,7 +174,7 @@ def markdown(meta: dict, rows: list[dict], forms: dict | None) -> str:
     if meta.get("notes"):
         out += ["", f"Note: {meta['notes']}."]
     if forms:
-        out += ["", "Linear-layer forms in the same browser (`tools/web/bench_forms.py`: 8 layers of SmolLM2's MLP "
+        out += ["", "Linear-layer forms in the same browser, from the --forms file (a run of `tools/web/bench_forms.py`: 8 layers of SmolLM2's MLP "
                 "shapes, median ms per run, 1 thread):", "",
                 "| form | decode ms (1 token) | prefill ms (32 tokens) |", "|---|---|---|"]
         for form, r in forms["browser"]["forms"].items():
