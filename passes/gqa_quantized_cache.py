@@ -10,6 +10,13 @@ Matched, per kind (key, value), on top of fuse_group_query_attention's eager rot
     8 bits: dequant(p) = Mul(Cast(p, float), scale);  store(c) = Cast(c, int8)
     4 bits: dequant(p) = Mul(Sub(unpack(Cast(p, float)), 8), scale);  store(c) = Cast(pack(Add(c, 8)), uint8)
 
+Centered cache (quantize_kv_cache's `center`, the default): new = Sub(x, center) before the quantizer, and
+Add(..., center) after each dequantized part. GroupQueryAttention gets Sub(x, center) as its key and value input
+(it quantizes what it is given, so the stored codes are the portable graph's); it then attends over keys and
+values without their centers. For keys that is exact: every score of one query moves by the same q . center_k,
+which the matched Softmax ignores (the pattern admits a scale and an additive mask only, no soft-cap). For values,
+P (v - c) = P v - c since each row of P sums to 1, so c is added back to the output per query head.
+
 Replacement: GroupQueryAttention(..., past_q_k, past_q_v, ..., k_scale=scale_k, v_scale=scale_v) whose
 present outputs become the graph's present outputs (swap_presents, after the rules ran: the pattern has the
 attention output only, and check() finds the present Concat from past_q). ORT's kernel quantizes the new tokens with the same arithmetic
@@ -52,11 +59,13 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
     """fuse_group_query_attention's rule over quantize_kv_cache's symmetric cache of `bits` bits."""
 
     def __init__(self, bits: int, repeat_kv: bool, tables_for, lengths, bias_for,
-                 swaps: list[tuple[ir.Value, ir.Value]]) -> None:
+                 swaps: list[tuple[ir.Value, ir.Value]], centered: bool = False) -> None:
         super().__init__(repeat_kv, tables_for, lengths, bias_for)
-        self.name = f"GroupQueryAttention[{'repeat_kv' if repeat_kv else 'mha'}, int{bits} cache]"
+        self.name = (f"GroupQueryAttention[{'repeat_kv' if repeat_kv else 'mha'}, int{bits} "
+                     f"{'centered ' if centered else ''}cache]")
         self.bits = bits
         self.swaps = swaps
+        self.centered = centered
 
     # -- pattern pieces ------------------------------------------------------------------------------
 
@@ -107,7 +116,12 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         return (value is codes and weights is not None and weights.reshape(-1).tolist() == [1.0, 16.0]
                 and bias is not None and bias.size == 1 and float(bias.reshape(-1)[0]) == INT4_BIAS)
 
-    def pattern(self, op, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask, k_scale, v_scale):
+    def _read(self, op, x, center):
+        """What attention reads of a dequantized cache part: x, or x + center in the centered layout."""
+        return op.Add(x, center) if self.centered else x
+
+    def pattern(self, op, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask, k_scale, v_scale, k_center,
+                v_center):
         q = op.Transpose(op.Reshape(q_in, _allow_other_inputs=True, _outputs=["q_heads"]), perm=[0, 2, 1, 3])
         k = op.Transpose(op.Reshape(k_in, _allow_other_inputs=True, _outputs=["k_heads"]), perm=[0, 2, 1, 3])
         v = op.Transpose(op.Reshape(v_in, _allow_other_inputs=True), perm=[0, 2, 1, 3])
@@ -115,9 +129,13 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         sin_u = op.Unsqueeze(sin, _allow_other_inputs=True)
         q_rot = self._rotate(op, q, cos_u, sin_u, "q")
         k_rot = self._rotate(op, k, cos_u, sin_u, "k")
+        if self.centered:
+            k_rot, v = op.Sub(k_rot, k_center), op.Sub(v, v_center)
         k_codes, v_codes = self._codes(op, k_rot, "k"), self._codes(op, v, "v")
-        keys = op.Concat(self._dequant_past(op, past_k, k_scale, "k"), op.Mul(k_codes, k_scale), axis=-2)
-        values = op.Concat(self._dequant_past(op, past_v, v_scale, "v"), op.Mul(v_codes, v_scale), axis=-2)
+        keys = op.Concat(self._read(op, self._dequant_past(op, past_k, k_scale, "k"), k_center),
+                         self._read(op, op.Mul(k_codes, k_scale), k_center), axis=-2)
+        values = op.Concat(self._read(op, self._dequant_past(op, past_v, v_scale, "v"), v_center),
+                           self._read(op, op.Mul(v_codes, v_scale), v_center), axis=-2)
         keys_t = op.Transpose(self._repeat(op, keys), perm=[0, 1, 3, 2])
         scores = op.Add(op.Mul(op.MatMul(q_rot, keys_t), scale), mask)
         probs = op.Softmax(scores, axis=-1)
@@ -130,7 +148,7 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
     # -- check ---------------------------------------------------------------------------------------
 
     def check(self, context, q_in, k_in, v_in, past_k, past_v, cos, sin, scale, mask, k_scale, v_scale,
-              q_upper, q_lower, k_upper, k_lower, **bound: Any) -> MatchResult:
+              q_upper, q_lower, k_upper, k_lower, k_center=None, v_center=None, **bound: Any) -> MatchResult:
         result = MatchResult()
         for value, what in ((q_in, "query"), (k_in, "key"), (v_in, "value"), (mask, "mask")):
             if not is_float32(value):
@@ -144,6 +162,12 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         if s_k.dtype != np.float32 or s_v.dtype != np.float32 or not (s_k > 0).all() or not (s_v > 0).all():
             return result.fail("cache scales are not positive float32", k_scale)
         kv_heads, head_dim = int(s_k.shape[1]), int(s_k.shape[3])
+        centers = {}
+        if self.centered:
+            centers = {"k": _const(k_center), "v": _const(v_center)}
+            if any(c is None or c.shape != s_k.shape or c.dtype != np.float32 or not np.isfinite(c).all()
+                   for c in centers.values()):
+                return result.fail("cache centers are not finite float32 constants shaped like the scales", k_center)
         presents = []
         for tag, s, past in (("k", s_k, past_k), ("v", s_v, past_v)):
             why = self._check_quantizer(s, bound[f"{tag}_scaled"], bound[f"{tag}_codes"]) or self._check_bias(tag, bound)
@@ -166,7 +190,7 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
         if isinstance(tables, str):
             return result.fail(tables, cos)
         self._pending = {"heads": heads, "kv_heads": kv_heads, "scale": s, "tables": tables, "bias": self.bias_for(mask),
-                         "presents": presents}
+                         "presents": presents, "centers": centers}
         return result
 
     def _check_quantizer(self, scale: np.ndarray, scaled: ir.Value, codes: ir.Value) -> str:
@@ -196,19 +220,35 @@ class QuantizedCacheAttentionRule(GroupQueryAttentionRule):
                                  interleaved=0, _domain=MS_DOMAIN)
         k_r = op.RotaryEmbedding(k_in, tables.position_ids, tables.cos, tables.sin, num_heads=p["kv_heads"],
                                  interleaved=0, _domain=MS_DOMAIN)
+        if self.centered:  # the kernel quantizes what it is given: x - center, as the portable graph stores it
+            k_r = op.Sub(k_r, self._flat_center(op, "k", f"{past_k.name}/center"))
+            v_in = op.Sub(v_in, self._flat_center(op, "v", f"{past_v.name}/center"))
         seqlens_k, total = self.lengths
         out, present_k, present_v = op.GroupQueryAttention(
             q_r, k_r, v_in, past_k, past_v, seqlens_k, total, None, None, None, p["bias"], None, k_scale, v_scale,
             num_heads=p["heads"], kv_num_heads=p["kv_heads"], scale=p["scale"], k_quant_type="PER_CHANNEL",
             v_quant_type="PER_CHANNEL", kv_cache_bit_width=self.bits, _domain=MS_DOMAIN, _outputs=3)
         self.swaps += list(zip(p["presents"], (present_k, present_v)))
+        if self.centered:
+            # Keys read without their center move every score of a query by the same q . center_k, which the
+            # pattern's Softmax (scale, additive mask, no soft-cap) ignores. Values read without theirs give
+            # P (v - c) = P v - c, since each row of P sums to 1: add c back per query head.
+            out = op.Add(out, self._flat_center(op, "v", f"{past_v.name}/center_per_query_head",
+                                                p["heads"] // p["kv_heads"]))
         return out
+
+    def _flat_center(self, op, tag: str, name: str, per_query_head: int = 1):
+        """The [1, kv_heads, 1, head_dim] center as [kv_heads * head_dim] (GQA's [batch, seq, heads * dim] inputs),
+        or repeated for each query head of a kv head (its output)."""
+        center = self._pending["centers"][tag][0, :, 0, :]
+        flat = np.repeat(center, per_query_head, axis=0).reshape(-1).astype(np.float32)
+        return op.initializer(ir.tensor(flat, name=name), name=name)
 
 
 def quantized_cache_rules(tables_for, lengths, bias_for, swaps: list[tuple[ir.Value, ir.Value]]) -> list:
     """The rules; each fused block appends (graph output, GroupQueryAttention present) pairs to `swaps`."""
-    return [QuantizedCacheAttentionRule.rule(bits, repeat, tables_for, lengths, bias_for, swaps)
-            for bits in (8, 4) for repeat in (True, False)]
+    return [QuantizedCacheAttentionRule.rule(bits, repeat, tables_for, lengths, bias_for, swaps, centered=centered)
+            for centered in (True, False) for bits in (8, 4) for repeat in (True, False)]
 
 
 def swap_presents(graph: ir.Graph, swaps: list[tuple[ir.Value, ir.Value]]) -> None:

@@ -91,15 +91,16 @@ def test_ort_kernel_quantizes_new_tokens_as_the_reference(bits: int) -> None:
 
 # ----------------------------------------------------------------------------- the portable symmetric graph
 
+@pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_symmetric_layout_matches_numpy_reference_across_steps(tmp_path: pathlib.Path, bits: int) -> None:
+def test_symmetric_layout_matches_numpy_reference_across_steps(tmp_path: pathlib.Path, bits: int, centered: bool) -> None:
     src = _synthetic(tmp_path, dim=8)
     lo = RNG.normal(size=(2, 8)).astype(np.float32) - 2
     hi = lo + 4
     lo[1, 2] = hi[1, 2] = 0.0  # a channel calibrated as constant zero: scale floor, no NaN
     stats = _kv_stats({"present.0.key": (lo, hi), "present.0.value": (lo * 0.5, hi * 0.5)})
     path, ctx = _apply(src, tmp_path / "q", stats=stats, bits=bits, key_granularity="channel",
-                       value_granularity="channel", asymmetric=False)  # _apply runs onnx.checker (full_check)
+                       value_granularity="channel", asymmetric=False, center=centered)  # _apply runs onnx.checker
     sess = make_session(path)
     names = [o.name for o in sess.get_outputs()]
     assert names == ["present.0.key", "seen_key", "present.0.value", "seen_value"]  # codes only: no scale tensors
@@ -110,13 +111,15 @@ def test_symmetric_layout_matches_numpy_reference_across_steps(tmp_path: pathlib
     seen_k, seen_v = [], []
     for new in steps:
         out = dict(zip(names, sess.run(None, {**feed, "new_key": new, "new_value": new * 0.5})))
-        seen_k.append(kvq.fake_quant_symmetric(new, lo, hi, bits))
-        seen_v.append(kvq.fake_quant_symmetric(new * 0.5, lo * 0.5, hi * 0.5, bits))
+        seen_k.append(kvq.fake_quant_symmetric(new, lo, hi, bits, centered))
+        seen_v.append(kvq.fake_quant_symmetric(new * 0.5, lo * 0.5, hi * 0.5, bits, centered))
         np.testing.assert_array_equal(out["seen_key"], np.concatenate(seen_k, axis=2))
         np.testing.assert_array_equal(out["seen_value"], np.concatenate(seen_v, axis=2))
         assert np.isfinite(out["seen_key"]).all() and out["present.0.key"].dtype == dtype
         feed = {f"past_key_values.0.{k}": out[f"present.0.{k}"] for k in ("key", "value")}
-    codes = kvq.quantize_symmetric(np.concatenate(steps, axis=2), kvq.symmetric_scale(lo, hi, bits)[None, :, None], bits)
+    scale, center = kvq.centered_params(lo, hi, bits) if centered else (kvq.symmetric_scale(lo, hi, bits), lo * 0)
+    codes = kvq.quantize_symmetric(np.concatenate(steps, axis=2) - np.asarray(center, np.float32)[None, :, None],
+                                   scale[None, :, None], bits)
     stored = out["present.0.key"].astype(np.float32) if bits == 8 else kvq.unpack4_signed(out["present.0.key"])
     np.testing.assert_array_equal(stored, codes)
     assert codes.min() == kvq.SYMMETRIC_RANGE[bits][0]  # saturated outliers reach the kernel's -128 / -8
@@ -124,6 +127,13 @@ def test_symmetric_layout_matches_numpy_reference_across_steps(tmp_path: pathlib
     assert kv["dtype"] == ("int8" if bits == 8 else "int4x2") and kv["quantized"]["scheme"].startswith("symmetric")
     assert kv["bytes_per_token"] == 2 * 2 * 8 * bits // 8  # codes only: exactly 0.5x / 0.25x of fp16
     assert ctx.report["quantize_kv_cache"]["symmetric"] is True
+    assert ctx.report["quantize_kv_cache"]["centered"] is centered and kv["quantized"]["center"] == (
+        "constant" if centered else None)
+    if centered:  # the same data read back closer: the step is set by the channel's range, not by its reach from 0
+        x = np.concatenate(steps, axis=2)
+        inside = (x >= lo[None, :, None]) & (x <= hi[None, :, None])
+        err = {c: np.abs(kvq.fake_quant_symmetric(x, lo, hi, bits, c) - x)[inside].mean() for c in (True, False)}
+        assert err[True] < 0.9 * err[False], err
 
 
 def test_symmetric_layout_refuses_per_token_groups(tmp_path: pathlib.Path) -> None:
@@ -163,8 +173,11 @@ def tiny_gqa(tiny_artifact, wiki_valid, tmp_path_factory) -> dict:
     for bits in (8, 4):
         sym = dict(bits=bits, key_granularity="channel", value_granularity="channel", asymmetric=False)
         asym = dict(bits=bits, key_granularity="channel", value_granularity="token")  # eqc compile's default
+        plain = {**sym, "center": False}
         for name, kv, passes in ((f"sym{bits}", sym, ()),
                                  (f"sym{bits}-cpu", sym, ("fuse_group_query_attention",)),
+                                 (f"sym{bits}-plain", plain, ()),
+                                 (f"sym{bits}-plain-cpu", plain, ("fuse_group_query_attention",)),
                                  (f"asym{bits}-cpu", asym, ("fuse_group_query_attention",))):
             arts["contexts"][name] = _compile_ir(src, root / name, stats, kv, passes)
             arts[name] = root / name
@@ -197,13 +210,14 @@ def _run_steps(folder: pathlib.Path, ids: np.ndarray, pad: int, splits: tuple[in
     return logits
 
 
+@pytest.mark.parametrize("layout", ["", "-plain"])  # centered (the default), and without centers
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fused_quantized_cache_matches_portable_graph(tiny_gqa, bits: int) -> None:
-    ctx = tiny_gqa["contexts"][f"sym{bits}-cpu"]
+def test_fused_quantized_cache_matches_portable_graph(tiny_gqa, bits: int, layout: str) -> None:
+    ctx = tiny_gqa["contexts"][f"sym{bits}{layout}-cpu"]
     report = ctx.report["fuse_group_query_attention"]
     assert report["fused"] == 2 and report["unfused"] == 0 and report["kv_buffer"] == "shareable"
     assert report["kv_cache_path"]["path"] == "fused quantized GroupQueryAttention" and not ctx.warnings
-    graph = onnx.load(str(tiny_gqa[f"sym{bits}-cpu"] / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(tiny_gqa[f"sym{bits}{layout}-cpu"] / "model.onnx"), load_external_data=False).graph
     gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["kv_cache_bit_width"] == bits and attrs["k_quant_type"] == attrs["v_quant_type"] == b"PER_CHANNEL"
@@ -215,14 +229,18 @@ def test_fused_quantized_cache_matches_portable_graph(tiny_gqa, bits: int) -> No
     for batch, pad, splits in ((1, 0, (7, 8, 9, 12)),  # prompt, two decode steps, a chunk of 3
                                (2, 2, (6, 7, 8))):  # left-padded batch: prompt, decode steps
         ids = rng.integers(4, 500, (batch, splits[-1]))
-        portable = _run_steps(tiny_gqa[f"sym{bits}"], ids, pad, splits)
-        fused = _run_steps(tiny_gqa[f"sym{bits}-cpu"], ids, pad, splits)
+        portable = _run_steps(tiny_gqa[f"sym{bits}{layout}"], ids, pad, splits)
+        fused = _run_steps(tiny_gqa[f"sym{bits}{layout}-cpu"], ids, pad, splits)
         ref = _run_steps(tiny_gqa["fp32"], ids, pad, splits)
         for step, (a, b, r) in enumerate(zip(portable, fused, ref)):
             a, b, r = (x[:, pad:] if step == 0 else x for x in (a, b, r))  # padded query rows are garbage by design
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max()), (bits, batch, step)
             err = np.abs(a - r).max() / np.abs(r).max()
-            assert 0 < err < (0.05 if bits == 8 else 0.25), (bits, batch, step, err)  # quantized, and close
+            # quantized, and close. The tiny model is calibrated on 256 tokens of text and fed random ids: values
+            # beyond the calibrated range saturate, and the centered range has no slack on its short side
+            # (measured: 0.057 centered vs 0.004 plain at 8 bits; on SmolLM2 the centered cache is the better one)
+            bound = {8: 0.05 if layout else 0.08, 4: 0.25}[bits]
+            assert 0 < err < bound, (bits, layout, batch, step, err)
 
 
 def test_asymmetric_cache_stays_unfused_and_says_why(tiny_gqa) -> None:
