@@ -11,6 +11,12 @@ transformers' GGUF config mapping drops some hyperparameters a GGUF states (DROP
 `attention.key_length` -> head_dim, gpt2 maps `context_length` to n_ctx, which GPT2Config does not read, not to
 n_positions), so such a file loads with the config class's defaults and fails on the weight shapes; they are
 read back from the file's metadata here.
+
+The tokenizer transformers builds from a GGUF is right, but saving it names the family's tokenizer class
+(GemmaTokenizer for a gemma2 file), and that class rebuilds its own normalizer and pre-tokenizer when the
+folder is read again: a byte-level vocabulary in a gemma2 GGUF would come back sentencepiece-normalized, every
+space an unknown token. The saved folder is read back and compared on PROBE_TEXT; where the family's class
+changes it, the folder names transformers' generic class instead, which reads tokenizer.json as saved.
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ from typing import Any, Callable
 
 from eqcompiler.artifact.atomic import staged_dir
 from eqcompiler.artifact.user_cache import cache_root
+from eqcompiler.errors import EqcError
 
 DONE_MARKER = ".eqc-converted"
-CONVERSION_VERSION = 2  # 2: the hyperparameters transformers drops are restored (DROPPED_HPARAMS)
+CONVERSION_VERSION = 2  # 2: dropped hyperparameters restored; the tokenizer saved so that it reloads the same
 
 # family (config.model_type, or "*" for any) -> {GGUF key after "<architecture>.": config field}; applied only
 # where the config class has that field and the file states the key.
@@ -33,6 +40,16 @@ DROPPED_HPARAMS: dict[str, dict[str, str]] = {
     "*": {"attention.key_length": "head_dim"},
     "gpt2": {"context_length": "n_positions"},
 }
+# spaces (leading, repeated), newlines, digits, punctuation, accents, CJK, an emoji, and the special-token texts
+PROBE_TEXT = " Hello  world!\n\n 2024: the café's naïve résumé, 3.14 — 你好 🙂\t<s></s><unk><pad> end "
+GENERIC_TOKENIZER_CLASS = "TokenizersBackend"
+# GGUF general.architecture spellings transformers' loader renames before it looks an architecture up
+# (load_gguf_checkpoint), so that the check below agrees with it.
+FILE_ARCH_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                     "minimax-m2": "minimax_m2", "t5encoder": "t5"}
+# GGUF architectures eqc's tests export from a GGUF written from a tiny model (tests/test_gguf_families.py);
+# a mistral GGUF is architecture "llama".
+TESTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")
 
 
 def cache_key(gguf_path: pathlib.Path, special_tokens: dict[str, Any] | None) -> str:
@@ -54,6 +71,7 @@ def converted_folder(folder: pathlib.Path, gguf_file: str, special_tokens: dict[
     target = cache_root() / "gguf" / cache_key(folder / gguf_file, special_tokens)
     if (target / DONE_MARKER).is_file():
         return target
+    check_architecture(folder / gguf_file)  # a file transformers cannot read is refused before any work
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -85,7 +103,7 @@ def _convert(folder: pathlib.Path, gguf_file: str, fix_tokens: Callable[[Any, An
     model = plain
     with staged_dir(target, overwrite=True) as stage:  # a half-written folder (no marker) is replaced
         model.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
+        save_tokenizer_faithfully(tokenizer, stage)
         (stage / DONE_MARKER).write_text(json.dumps({"source": str(folder / gguf_file)}) + "\n")
 
 
@@ -115,3 +133,54 @@ def restore_dropped_hparams(config: Any, path: pathlib.Path) -> dict[str, Any]:
             setattr(config, field, value)
             changed[field] = value
     return changed
+
+
+def transformers_gguf_architectures() -> list[str]:
+    """The GGUF architectures this transformers reads (its GGUF config mappings), in its spelling."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+    return sorted((set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}) | set(GGUF_CONFIG_ARCHS))
+
+
+def check_architecture(path: pathlib.Path) -> str:
+    """The file's general.architecture; EqcError (one line, exit 2) for an unreadable file or an architecture
+    transformers cannot read from GGUF, naming it, what transformers reads and what eqc has tested."""
+    import transformers
+
+    try:
+        arch = str(gguf_metadata(path, {"general.architecture"}).get("general.architecture") or "")
+    except Exception as exc:  # gguf raises ValueError / struct errors / OSError on a file that is not GGUF
+        raise EqcError(f"cannot read '{path}' as a GGUF file: {exc}") from None
+    if not arch:
+        raise EqcError(f"GGUF file '{path}' names no architecture (general.architecture)")
+    readable = transformers_gguf_architectures()
+    if arch not in readable and FILE_ARCH_RENAMES.get(arch) not in readable:
+        raise EqcError(f"GGUF architecture '{arch}' of '{path}' is not one transformers {transformers.__version__} "
+                       f"reads from GGUF (it reads: {', '.join(readable)}; eqc's tests cover: "
+                       f"{', '.join(TESTED_ARCHITECTURES)}); export the model's Hugging Face folder instead")
+    return arch
+
+
+def _encodes(tokenizer: Any) -> tuple[list[int], str]:
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    return ids, tokenizer.decode(ids)
+
+
+def save_tokenizer_faithfully(tokenizer: Any, folder: pathlib.Path) -> None:
+    """Save `tokenizer` into `folder` so that AutoTokenizer reads back one that encodes PROBE_TEXT to the same
+    ids and decodes them to the same text; EqcError if neither its own class nor the generic one does."""
+    import transformers
+
+    tokenizer.save_pretrained(folder)
+    want = _encodes(tokenizer)
+    if _encodes(transformers.AutoTokenizer.from_pretrained(folder)) == want:
+        return
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    family_class = config.get("tokenizer_class")
+    config["tokenizer_class"] = GENERIC_TOKENIZER_CLASS
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if _encodes(transformers.AutoTokenizer.from_pretrained(folder)) != want:
+        raise EqcError(f"the tokenizer converted from GGUF does not read back the same from a saved folder (as "
+                       f"{family_class} or {GENERIC_TOKENIZER_CLASS}); this GGUF's tokenizer is not supported")
