@@ -27,13 +27,14 @@ PPL_TOKENS, PPL_WINDOW = 512, 64
 PROMPT = np.random.default_rng(1).integers(4, 500, (2, 12))
 TEXT_CHARS = 200_000  # the tokenizers are trained on this much of WikiText-2 valid
 
-# Bounds, measured on these tiny models (2-core CPU, ORT 1.32, torch 2.13, transformers 5.24, gguf 0.19):
-# - GGUF export vs the HF-folder export: the same float32 weights through the same exporter, so the logits are
-#   equal up to ORT's float reordering: <= 1e-4 relative (measured 0.0 on every family);
-# - quantized perplexity vs the GGUF fp32 artifact's own: w8 within 2%, w4-rtn within 10% (test_families.py's
-#   bounds; measured below them, see PPL_BOUND's comment in the report).
+# Bounds, measured on these tiny models (tools/bench_gguf_families.py -> tools/results/gguf_families.md; 2-core CPU,
+# ORT 1.32, torch 2.13, transformers 5.24, gguf 0.19):
+# - GGUF export vs the HF-folder export: the same float32 weights through the same exporter: <= 1e-4 relative
+#   (measured 0.0 on every family: the two graphs compute bit-identical logits);
+# - quantized perplexity vs the GGUF fp32 artifact's own: w8 within 1% (measured -0.13%..+0.17%), w4-rtn within 5%
+#   (measured -1.57%..+2.07%, phi3 the largest).
 LOGITS_VS_HF = 1e-4
-PPL_BOUND = {"w8": 0.02, "w4-rtn": 0.10}
+PPL_BOUND = {"w8": 0.01, "w4-rtn": 0.05}
 
 
 @dataclasses.dataclass
