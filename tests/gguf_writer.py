@@ -40,7 +40,9 @@ GGUF_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
 # families whose GGUF vocab is Qwen2's (tokenizer.ggml.pre "qwen2": transformers splits text with Qwen2's regex)
 QWEN_SPLIT = {"qwen2", "qwen3"}
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]  # ids 0..3: unk, then models.tiny.TINY_TOKEN_IDS (pad 1, bos 2, eos 3)
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6  # llama.cpp's token types
+SPM_SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
 
 def build_bpe_tokenizer(text: str, vocab_size: int, split: str | None = None) -> Any:
@@ -61,10 +63,30 @@ def build_bpe_tokenizer(text: str, vocab_size: int, split: str | None = None) ->
                                    eos_token="</s>")
 
 
+def build_spm_tokenizer(text: str, vocab_size: int) -> Any:
+    """A sentencepiece-style BPE (transformers' LlamaTokenizer: "▁" for spaces, byte fallback) trained on
+    `text`: what a GGUF 'llama' vocab holds. Merged tokens get ids in merge order, so scores of -id rank them as
+    sentencepiece ranks its pieces."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPM_SPECIALS + BYTE_TOKENS,
+                                  show_progress=False, limit_alphabet=64)
+    tok.train_from_iterator([text], trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges, unk_token="<unk>", pad_token="<pad>",
+                          bos_token="<s>", eos_token="</s>")
+
+
 def save_tiny_gguf_source(family: str, folder: pathlib.Path, text: str, seed: int = 0,
-                          initializer_range: float = 0.1) -> pathlib.Path:
+                          initializer_range: float = 0.1, vocab: str = "bpe") -> pathlib.Path:
     """A tiny random HF model of `family` (tests/test_families.py's config, less what GGUF cannot carry) with a
-    byte-level BPE tokenizer, saved in `folder`."""
+    byte-level BPE tokenizer (vocab "bpe") or a sentencepiece-style one (vocab "spm"), saved in `folder`."""
     import torch
     import transformers
 
@@ -80,6 +102,9 @@ def save_tiny_gguf_source(family: str, folder: pathlib.Path, text: str, seed: in
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if vocab == "spm":
+        build_spm_tokenizer(text, cfg.vocab_size).save_pretrained(folder)
+        return folder
     split = None
     if family in QWEN_SPLIT:
         from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as split
@@ -156,8 +181,18 @@ def _vocab(writer: Any, tokenizer: Any, family: str) -> None:
     import json
 
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     special = set(tokenizer.all_special_tokens)
+    if model.get("byte_fallback"):  # sentencepiece: scores rank the pieces, no merges (as llama.cpp writes it)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types([TOKEN_UNKNOWN if t == tokenizer.unk_token else TOKEN_CONTROL if t in special else
+                                TOKEN_BYTE if t in BYTE_TOKENS else TOKEN_NORMAL for t in tokens])
+        for kind in ("bos", "eos", "pad", "unk"):
+            getattr(writer, f"add_{kind}_token_id")(getattr(tokenizer, f"{kind}_token_id"))
+        writer.add_add_bos_token(False)  # as the tokenizer above (transformers defaults a 'llama' vocab to True)
+        return
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     writer.add_tokenizer_model("gpt2")
     if family in QWEN_SPLIT:
         writer.add_tokenizer_pre("qwen2")
