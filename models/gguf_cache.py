@@ -12,6 +12,10 @@ transformers' GGUF config mapping drops some hyperparameters a GGUF states (DROP
 n_positions), so such a file loads with the config class's defaults and fails on the weight shapes; they are
 read back from the file's metadata here.
 
+A "llama" GGUF whose general.name is exactly "mistral" is read by transformers as mistral, whose weights it then
+cannot name (gguf-py has no "mistral" tensor map): it is read as llama, as every other mistral GGUF is (llama.cpp
+writes mistral as architecture "llama", and no GGUF key carries mistral's sliding window).
+
 The tokenizer transformers builds from a GGUF is right, but saving it names the family's tokenizer class
 (GemmaTokenizer for a gemma2 file), and that class rebuilds its own normalizer and pre-tokenizer when the
 folder is read again: a byte-level vocabulary in a gemma2 GGUF would come back sentencepiece-normalized, every
@@ -32,7 +36,8 @@ from eqcompiler.artifact.user_cache import cache_root
 from eqcompiler.errors import EqcError
 
 DONE_MARKER = ".eqc-converted"
-CONVERSION_VERSION = 2  # 2: dropped hyperparameters restored; the tokenizer saved so that it reloads the same
+CONVERSION_VERSION = 2  # 2: dropped hyperparameters restored, the tokenizer saved so that it reloads the same,
+# a "llama" file named "mistral" read as llama
 
 # family (config.model_type, or "*" for any) -> {GGUF key after "<architecture>.": config field}; applied only
 # where the config class has that field and the file states the key.
@@ -89,6 +94,7 @@ def _convert(folder: pathlib.Path, gguf_file: str, fix_tokens: Callable[[Any, An
         warnings.simplefilter("ignore")
         config = transformers.AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
         restore_dropped_hparams(config, folder / gguf_file)
+        config = llama_named_mistral(config, folder / gguf_file)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, config=config,
                                                                   dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -184,3 +190,15 @@ def save_tokenizer_faithfully(tokenizer: Any, folder: pathlib.Path) -> None:
     if _encodes(transformers.AutoTokenizer.from_pretrained(folder)) != want:
         raise EqcError(f"the tokenizer converted from GGUF does not read back the same from a saved folder (as "
                        f"{family_class} or {GENERIC_TOKENIZER_CLASS}); this GGUF's tokenizer is not supported")
+
+
+def llama_named_mistral(config: Any, path: pathlib.Path) -> Any:
+    """A LlamaConfig for a "llama" GGUF transformers read as mistral (general.name "mistral"); else `config`."""
+    import transformers
+
+    if config.model_type != "mistral":
+        return config
+    if gguf_metadata(path, {"general.architecture"}).get("general.architecture") != "llama":
+        return config
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "sliding_window", "architectures")}
+    return transformers.LlamaConfig.from_dict(values)

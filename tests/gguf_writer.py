@@ -206,8 +206,9 @@ def _vocab(writer: Any, tokenizer: Any, family: str) -> None:
     writer.add_add_bos_token(False)  # the BPE tokenizer above adds no bos either
 
 
-def write_gguf(src: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
-    """Write the HF folder `src` (a tiny model and its byte-level BPE tokenizer) as an F32 GGUF at `path`."""
+def write_gguf(src: pathlib.Path, path: pathlib.Path, name: str | None = None) -> pathlib.Path:
+    """Write the HF folder `src` (a tiny model and its BPE or sentencepiece tokenizer) as an F32 GGUF at `path`;
+    `name`: general.name (default "Tiny <model_type>")."""
     import gguf
     import torch
     import transformers
@@ -220,9 +221,9 @@ def write_gguf(src: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
         raise ValueError(f"no GGUF architecture for model type {cfg.model_type}")
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     # A mistral GGUF is architecture "llama" (as llama.cpp writes it), named as real files are ("Mistral 7B
-    # Instruct v0.3"): transformers reads it as llama. Only a file named exactly "mistral" is read as mistral, and
-    # that load fails in transformers 5.24 (gguf-py has no "mistral" architecture to map its tensor names).
-    writer.add_name(f"Tiny {cfg.model_type}")
+    # Instruct v0.3"): transformers reads it as llama. A file named exactly "mistral" transformers reads as mistral
+    # and then fails on (gguf-py has no "mistral" tensor map); eqc reads it as llama (models/gguf_cache.py).
+    writer.add_name(name or f"Tiny {cfg.model_type}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _hparams(writer, cfg, gguf_arch)
     _vocab(writer, tokenizer, cfg.model_type)

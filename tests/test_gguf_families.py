@@ -212,6 +212,21 @@ def test_an_architecture_transformers_cannot_read_is_refused_in_one_line(gguf_ca
 
 
 @pytest.mark.e2e
+def test_a_llama_gguf_named_mistral_exports_as_llama(gguf_cache, tmp_path: pathlib.Path) -> None:
+    """transformers reads a "llama" GGUF whose general.name is exactly "mistral" as mistral, then looks up a
+    "mistral" tensor-name map gguf-py 0.19 does not have (transformers 5.24: "Unknown gguf model_type: mistral");
+    eqc reads it as llama, as any other mistral GGUF, to the same logits as the HF folder."""
+    from eqcompiler.export.hf import export
+
+    hf = save_tiny_gguf_source("mistral", tmp_path / "hf", WIKI_VALID.read_text()[:50_000])
+    gguf = write_gguf(hf, tmp_path / "named.gguf", name="mistral")
+    manifest = export(str(gguf), tmp_path / "fp32-gguf")
+    assert manifest["family"] == "llama"
+    export(str(hf), tmp_path / "fp32-hf")
+    assert rel_err(logits(tmp_path / "fp32-gguf"), logits(tmp_path / "fp32-hf")) <= LOGITS_VS_HF
+
+
+@pytest.mark.e2e
 def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
