@@ -117,12 +117,19 @@ def gguf_metadata(path: pathlib.Path, keys: set[str]) -> dict[str, Any]:
     """The scalar metadata values of `keys` a GGUF file states (absent keys are left out)."""
     from gguf import GGUFReader
 
+    from gguf import GGUFValueType
+
     reader = GGUFReader(str(path))
-    values = {}
+    values: dict[str, Any] = {}
     for key in keys:
-        field = reader.get_field(key)
-        if field is not None and len(field.data) == 1:
-            values[key] = field.contents()
+        field = reader.fields.get(key)  # parts/data/types: the reader's layout since gguf 0.10 (pyproject's floor)
+        if field is None or len(field.data) != 1 or not field.types:
+            continue
+        part = field.parts[field.data[0]]
+        if field.types[0] == GGUFValueType.STRING:
+            values[key] = bytes(part).decode("utf-8")
+        elif field.types[0] != GGUFValueType.ARRAY:
+            values[key] = part.tolist()[0]
     return values
 
 
