@@ -235,3 +235,50 @@ def test_a_file_that_is_not_gguf_is_refused_in_one_line(tmp_path: pathlib.Path) 
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: cannot read '{bad}' as a GGUF file:"), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- the conversion's own checks, on metadata-only files (no model, no export: `make test-fast` runs these) ---
+
+def metadata_only_gguf(path: pathlib.Path, arch: str, **uint32: int) -> pathlib.Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in uint32.items():
+        writer.add_uint32(f"{arch}.{key.replace('__', '.')}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,readable", [("llama", True), ("gemma3", True), ("qwen2moe", True),
+                                           ("olmo2", False), ("rwkv6", False)])
+def test_check_architecture(tmp_path: pathlib.Path, arch: str, readable: bool) -> None:
+    from eqcompiler.errors import EqcError
+    from eqcompiler.models.gguf_cache import check_architecture
+
+    path = metadata_only_gguf(tmp_path / "m.gguf", arch)
+    if readable:
+        assert check_architecture(path) == arch
+        return
+    with pytest.raises(EqcError) as info:
+        check_architecture(path)
+    assert str(info.value).startswith(f"GGUF architecture '{arch}' of '{path}' is not one transformers") and \
+        info.value.exit_code == 2
+
+
+def test_restore_dropped_hparams(tmp_path: pathlib.Path) -> None:
+    """What transformers' GGUF config mapping drops is read from the file, where the config class has the field."""
+    import transformers
+
+    from eqcompiler.models.gguf_cache import restore_dropped_hparams
+
+    qwen3 = transformers.Qwen3Config()
+    assert qwen3.head_dim == 128  # the class default a GGUF load would keep
+    path = metadata_only_gguf(tmp_path / "q.gguf", "qwen3", attention__key_length=16, context_length=64)
+    assert restore_dropped_hparams(qwen3, path) == {"head_dim": 16} and qwen3.head_dim == 16
+    gpt2 = transformers.GPT2Config()
+    path = metadata_only_gguf(tmp_path / "g.gguf", "gpt2", context_length=128)
+    assert restore_dropped_hparams(gpt2, path) == {"n_positions": 128} and gpt2.n_positions == 128
+    assert restore_dropped_hparams(gpt2, path) == {}  # already right: nothing changed
