@@ -76,7 +76,7 @@ def converted_folder(folder: pathlib.Path, gguf_file: str, special_tokens: dict[
     target = cache_root() / "gguf" / cache_key(folder / gguf_file, special_tokens)
     if (target / DONE_MARKER).is_file():
         return target
-    check_architecture(folder / gguf_file)  # a file transformers cannot read is refused before any work
+    check_architecture(folder / gguf_file)  # a file transformers cannot read is refused before converting
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -9,8 +9,10 @@ integrations/gguf/gguf_tokenizer_mapping.py) reads back, i.e. the inverse of eac
 - gpt2: Conv1D weights stored as (out, in), i.e. transposed; the loader transposes them back;
 - tied embeddings: no output.weight tensor (the loader ties when output.weight is absent);
 - phi3's fused qkv_proj / gate_up_proj and qwen2's biases go through as they are (plain renames).
-The tokenizer is a byte-level BPE (tokenizer.ggml.model "gpt2": tokens in the byte alphabet, merges, token types,
-bos/eos/pad/unk ids), trained on a text so that it round-trips it, saved with the HF folder too.
+The tokenizer, trained on a text and saved with the HF folder too, is a byte-level BPE (tokenizer.ggml.model
+"gpt2": tokens in the byte alphabet, merges, token types, bos/eos/pad/unk ids; Qwen2's split for qwen2/qwen3,
+tokenizer.ggml.pre "qwen2") or, with vocab="spm", a sentencepiece-style BPE ("llama": pieces, scores ranking them,
+byte tokens, no merges, as llama.cpp writes such a vocabulary).
 
 Families whose config GGUF cannot carry (transformers' GGUF config mapping has no key for them) get the
 family's defaults instead in GGUF_CONFIG_OVERRIDES, so the HF folder and the GGUF describe the same model.
