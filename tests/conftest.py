@@ -87,9 +87,11 @@ def _schedule_order(items: list[pytest.Item]) -> list[pytest.Item]:
 
 
 def run_eqc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the installed `eqc` CLI as a user would."""
+    """Run the installed `eqc` CLI as a user would; with PYTHONPATH set (a checkout run without installing),
+    `python -m eqcompiler.cli`, so the subprocess runs the same eqcompiler the tests import."""
     exe = pathlib.Path(sys.executable).parent / "eqc"
-    proc = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "eqcompiler.cli"] if os.environ.get("PYTHONPATH") else [str(exe)]
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"eqc {' '.join(map(str, args))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc
