@@ -64,6 +64,7 @@ def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: i
     so the stored scales are those a search inside the compile would pick.
     """
     from eqcompiler.calibration.activation_rows import sample_activation_rows
+    from eqcompiler.calibration.alpha_search import NarrowedSmoothQuant
     from eqcompiler.calibration.model_runs import graph_before_step, scratch_context
     from eqcompiler.compile.pass_base import make_pass
 
@@ -77,7 +78,9 @@ def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: i
     _refuse_big_model(pathlib.Path(context.source_folder))
     rows = sample_activation_rows(pathlib.Path(context.source_folder), names, context.stats.meta, opts.search_windows,
                                   opts.search_rows, opts.data)
-    searcher = make_pass("smooth_quant", scratch_context(context, rows), {**options, "search": "sample"})
+    # smooth_quant itself on those rows, scoring a coarse-to-fine subset of alpha_grid (alpha_search.py)
+    searcher = NarrowedSmoothQuant(scratch_context(context, rows), **{**options, "search": "sample"})
+    del rows  # the scratch statistics hold them; dropped with the searcher
     searcher(graph_model.clone() if graph_model is model else graph_model)
     key = search_key(opts)
     for name, choice in searcher.choices.items():
