@@ -85,6 +85,20 @@ def test_narrowed_search_scores_as_the_full_grid(sampled, granularity, tmp_path)
             assert choice.score <= mine.score <= 1.05 * choice.score, name
     assert same >= len(full.choices) // 2
     assert narrow.scores_run <= 11 * len(full.choices) < 15 * len(full.choices)  # the full grid: 14 + identity
+    # What calibration runs: the choices alone, site by site on popped rows, the graph only read: the same as
+    # the pass's, which smooths each site before scoring the next.
+    model = am.load_ir(am.model_file(folder))
+    nodes = len(list(model.graph))
+    rows = {n: t.extra["sample_rows"] for n, t in stats.tensors.items() if "sample_rows" in t.extra}
+    searched = NarrowedSmoothQuant(CompileContext(stats=_copy(stats), manifest=dict(folder.manifest)),
+                                   **options).search(model, rows)
+    assert len(list(model.graph)) == nodes and sorted(searched) == sorted(narrow.choices)
+    assert not set(searched) & set(rows)  # each site's rows dropped once scored
+    for name, choice in narrow.choices.items():
+        mine = searched[name]
+        assert (mine.alpha, mine.score, mine.base, mine.granularity) == (choice.alpha, choice.score, choice.base,
+                                                                          choice.granularity), name
+        assert np.array_equal(mine.scale, choice.scale), name
     path = am.save_ir(narrow_model, tmp_path)
     onnx.checker.check_model(str(path))
     ids = np.random.default_rng(0).integers(4, 500, (1, 24))

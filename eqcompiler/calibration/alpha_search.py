@@ -20,7 +20,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from eqcompiler.passes.smooth_quant import (SmoothQuantPass, _kxn, _weight_rows_absmax, compute_scale, score_ort)
+from eqcompiler.calibration.smoothing_search import SmoothChoice
+from eqcompiler.compile.graph import release_mapping
+from eqcompiler.errors import EqcError
+from eqcompiler.passes.smooth_quant import (SmoothQuantPass, _head_info, _kxn, _weight_rows_absmax, compute_scale,
+                                            find_smooth_sites, score_ort)
 
 Score = Callable[[float], float]
 
@@ -53,7 +57,35 @@ def pick(scored: dict[int, float], grid: list[float], base: float, allow_identit
 
 
 class NarrowedSmoothQuant(SmoothQuantPass):
-    """smooth_quant whose per-site alpha search scores coarse_to_fine's points instead of the whole grid."""
+    """smooth_quant whose per-site alpha search scores coarse_to_fine's points instead of the whole grid.
+
+    `search` gives the choices alone (what calibration stores), site by site, without rewriting the graph.
+    """
+
+    def search(self, model: Any, rows: dict[str, np.ndarray]) -> dict[str, SmoothChoice]:
+        """Each site's choice on its sampled `rows` [R, K] (popped from `rows` as used: memory falls as the search
+        goes); `model` is not changed.
+
+        The same choices as running the pass (`self(model)`): a site's score reads its own statistics and its
+        consumers' weights, and the only weights smoothing changes are the consumers' rows (this site's, later
+        read by nothing) and a fold linear's columns (v_proj, up_proj), which are consumers of an earlier site
+        (their input comes first in the graph), already scored when the pass rescales them.
+        """
+        opts, stats = self.options, self.context.stats
+        sites, _ = find_smooth_sites(model.graph, opts, _head_info(self.context.manifest))
+        if not sites:
+            raise EqcError("smooth_quant found no smoothable activation")
+        for site in sites:
+            name = site.activation.name
+            t = stats.get(name)
+            if t.absmax_channel is None or t.absmax_channel.shape[0] != site.channels:
+                raise EqcError(f"statistics for '{name}' have no per-channel maxima of width {site.channels}")
+            x = np.asarray(rows.pop(name)[:opts.search_rows], dtype=np.float32)  # as stored_samples reads them
+            self.choices[name] = SmoothChoice(*self._choose_site(site, t, "sample", x))
+            del x
+            for linear in site.sites:
+                release_mapping(linear.weight.const_value)  # pages the score touched
+        return self.choices
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
