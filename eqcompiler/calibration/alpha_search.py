@@ -5,7 +5,7 @@ GEMMs on 2048 rows, most of `eqc calibrate --for w8a8-dynamic`'s time). The erro
 smooth with one valley on a real model's sites, so a coarse-to-fine search finds the grid's best alpha with
 fewer scores: every other grid point first, then the unscored grid neighbours of the best one (10 scores
 with the identity instead of 15). Measured on SmolLM2 w8a8-dynamic: the same alpha as the full grid on all
-120 sites (tools/results/pipeline_cost.md). A noisy curve (a tiny random-weight model on 256 rows) can hide
+120 sites (tools/check_alpha_search.py; docs/benchmarks.md, Pipeline cost). A noisy curve (a tiny random-weight model on 256 rows) can hide
 its best alpha between coarse points: the search then takes its coarse valley's (tests: within 3% of the
 grid's best score there), and the stored choice says which alpha and score it took.
 
