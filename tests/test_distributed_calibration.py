@@ -56,7 +56,7 @@ def test_two_ranks_equal_single_process(tiny_artifact, wiki_valid, tmp_path):
     assert merged.meta["model_fingerprint"] == single.meta["model_fingerprint"]
     assert merged.observers == single.observers
     worst = assert_same_stats(single, merged)
-    assert worst < 1e-9  # float64 sums in another order differ only by rounding
+    assert worst < 5e-7  # sums in another order differ only by rounding (float32 Grams: measured 1.1e-7)
     # Sanity: the histogram counts every element exactly once across the two ranks.
     name = next(n for n in merged.tensors if not n.startswith("present."))
     assert int(merged.get(name).extra["hist"].sum()) == merged.get(name).count

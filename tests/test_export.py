@@ -88,3 +88,33 @@ def test_tied_lm_head_is_stored_once(tiny_artifact) -> None:
     assert len(lm_head) == 1 and lm_head[0].transposed
     assert lm_head[0].weight.name.endswith("embed_tokens.weight")
     assert len(sites) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm_head
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_weights_withheld_from_the_exporter_give_the_same_bytes(family: str, tiny_hf, tmp_path, monkeypatch) -> None:
+    """The exporter serializes the graph without its weights (export/hf.py _withheld_initializers: the memory the
+    serialized copies took) and they are put back: the artifact is byte for byte the one exported with them
+    in the file. Also pins that the hook is taken (the raw file holds no weight), so a torch that drops it
+    is noticed here, not as a memory regression."""
+    import contextlib
+
+    from eqcompiler.export import hf
+
+    sizes: list[int] = []
+    real = hf._torch_export
+
+    def spy(module, args, path, *rest):
+        withheld = real(module, args, path, *rest)
+        proto = onnx.load(str(path))
+        sizes.append(sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data)) + 8 * len(t.int64_data)
+                         for t in proto.graph.initializer))  # the weight bytes the exporter wrote
+        return withheld
+
+    monkeypatch.setattr(hf, "_torch_export", spy)
+    hf.export(str(tiny_hf(family)), tmp_path / "withheld")
+    monkeypatch.setattr(hf, "_withheld_initializers", lambda withheld: contextlib.nullcontext())
+    hf.export(str(tiny_hf(family)), tmp_path / "in_file")
+    weights = (tmp_path / "in_file" / "model.onnx.data").stat().st_size
+    assert sizes[0] == 0 and sizes[1] > weights / 2  # raw export: no weight bytes, then the weights
+    for name in ("model.onnx", "model.onnx.data", "manifest.json"):
+        assert (tmp_path / "withheld" / name).read_bytes() == (tmp_path / "in_file" / name).read_bytes(), name

@@ -14,9 +14,22 @@ import numpy as np
 from eqcompiler.errors import EqcError
 
 
+HALF_MAX = 65504.0  # the largest finite float16
+
+
+def _compact(rows: np.ndarray) -> np.ndarray:
+    """Kept rows as float16 (half the memory: SmolLM2's 121 tensors x 2048 rows, 0.81 -> 0.41 GB, beside the ORT
+    session at the sampling's peak), float32 where a value would overflow it. Rounding to float16 moves a value by
+    at most 2^-11 of itself, 1/16 of the finest int8 step the search scores (1/127 of the row's absmax)."""
+    if rows.size and float(np.abs(rows).max()) < HALF_MAX:
+        return rows.astype(np.float16)
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
 def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: dict[str, Any], count: int,
                            rows: int, text: str | None = None) -> dict[str, np.ndarray]:
-    """Rows [R, K] (R <= `rows`, float32) of each activation in `names` from `count` windows of the text."""
+    """Rows [R, K] (R <= `rows`; float16, or float32 where a value exceeds float16's range: _compact) of each
+    activation in `names` from `count` windows of the text; the search reads each tensor's as float32."""
     from eqcompiler.artifact import folder as art_mod
     from eqcompiler.calibration.calibrate import _encoder_feed, instrumented_session
     from eqcompiler.calibration.stats import recorded_text, recorded_tokenizer
@@ -55,7 +68,7 @@ def sample_activation_rows(source: pathlib.Path, names: list[str], stats_meta: d
         feed = causal_feed(session, window) if causal else _encoder_feed(window)
         for name, value in zip(names, session.run(names, feed)):
             mine = keep[name][(keep[name] >= start) & (keep[name] < start + window.size)] - start
-            parts[name].append(np.ascontiguousarray(value.reshape(-1, value.shape[-1])[mine], dtype=np.float32))
+            parts[name].append(_compact(value.reshape(-1, value.shape[-1])[mine]))
         start += int(window.size)
     del session
     rows_kept = {name: np.concatenate(parts.pop(name)) for name in names}

@@ -5,7 +5,8 @@ collectives (all_reduce MIN/MAX for ranges, SUM for counts, histograms, abssum a
 and rank 0 writes the file (staged: temp file + rename, so a failure writes nothing).
 
 Min/max, counts and histograms merge bit-identically to a single-process run (histogram ranges are
-powers of two, see eqcompiler/calibration/observers.py); float64 sums agree to rounding (~1e-15 relative).
+powers of two, see eqcompiler/calibration/observers.py); float sums (abssum in float64, gram in
+float32, reduced in float64) agree to rounding (~1e-15 and ~1e-7 relative).
 
 Two ways to run it:
 - `eqc calibrate --workers N` (launch_local): spawns N local processes of
@@ -187,7 +188,7 @@ def merge_stats(stats: dict[str, TensorStats], device: Any = "cpu") -> None:
             extra["hist"] = rebin(extra["hist"], float(extra["hist_max"]), top)
             extra["hist_max"] = np.array(top, dtype=np.float64)
 
-    # Phase 2: sums. Integer counts are exact; float64 sums agree to rounding.
+    # Phase 2: sums. Integer counts are exact; float sums agree to rounding.
     int_keys = ("hist", "gram_rows")
     ints = [np.array([stats[n].count]) for n in names] + [stats[n].extra[k] for n in names for k in int_keys
                                                           if k in stats[n].extra]
@@ -205,8 +206,8 @@ def merge_stats(stats: dict[str, TensorStats], device: Any = "cpu") -> None:
         it_f = iter(_reduce_list(floats, ReduceOp.SUM, np.float64, device))
         for n in names:
             for k in float_keys:
-                if k in stats[n].extra:
-                    stats[n].extra[k] = next(it_f)
+                if k in stats[n].extra:  # summed in float64, kept in the observer's own dtype (gram: float32)
+                    stats[n].extra[k] = next(it_f).astype(stats[n].extra[k].dtype)
     dist.barrier()
 
 
