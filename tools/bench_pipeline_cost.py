@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8,w8a8-dynamic,w4-gptq")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--out-prefix", default="tools/results/pipeline_cost")
+    ap.add_argument("--keep", help="move the artifacts (fp32, each recipe's portable and -cpu) here instead of deleting "
+                                   "them, e.g. to feed tools/bench_vs_genai.py the same builds")
     ap.add_argument("--render", action="store_true", help="rewrite the .md from the existing .json, running nothing")
     args = ap.parse_args()
     prefix = pathlib.Path(args.out_prefix)
@@ -132,6 +134,14 @@ def main() -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(render(result, str(work)))
+    if args.keep:
+        keep = pathlib.Path(args.keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        for entry in work.iterdir():
+            if entry.is_dir() and entry.name != "cache":
+                shutil.rmtree(keep / entry.name, ignore_errors=True)
+                shutil.move(str(entry), str(keep / entry.name))
+        print(f"kept the artifacts in {keep}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {prefix.with_suffix('.json')} and {prefix.with_suffix('.md')}")
 
