@@ -66,6 +66,7 @@ import onnx_ir as ir
 from eqcompiler.errors import EqcError
 from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.compile.layer_selection import LayerSelection
+from eqcompiler.compile.lm_head import is_lm_head
 from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_input, other_uses
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import int8_matmul, quantize_channelwise, step_ratio
@@ -213,9 +214,13 @@ def _through_reshapes(x: ir.Value, k: int) -> tuple[ir.Value, str | None]:
 
 
 def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple[LinearSite | None, str]:
-    """Walk forward from v_proj's output; the o_proj it reaches through channel-preserving ops only."""
+    """Walk forward from v_proj's output; the o_proj it reaches through channel-preserving ops only.
+
+    The candidate is found by structure, not by name (dynamo names every linear `node_linear_*`): the path
+    must pass one probs x V MatMul, which no other linear's output path does (q and k meet rotary's Mul or
+    the scores' Softmax, gate/up their activation, o_proj/down_proj the residual Add)."""
     start = v_site.node.outputs[0]
-    frontier, seen, reached = [start], set(), []
+    frontier, seen, reached, through_probs = [start], set(), [], False
     while frontier:
         x = frontier.pop()
         for use in x.uses():
@@ -234,7 +239,7 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
                 if node.op_type != "Concat" and use.idx != 0:
                     return None, f"v path meets {node.op_type} '{node.name}' on a shape input"
             elif node.op_type == "MatMul" and use.idx == 1 and not is_constant(node.inputs[0]):
-                pass  # probs @ V keeps V's last (channel) axis
+                through_probs = True  # probs @ V keeps V's last (channel) axis
             else:
                 return None, f"v path meets {node.op_type} '{node.name}'"
             frontier.extend(node.outputs)
@@ -244,6 +249,8 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
                 frontier.extend(bias_add.outputs)
     if len(reached) != 1:
         return None, f"v path reaches {len(reached)} o_proj-like linears"
+    if not through_probs:
+        return None, "v path has no probs x V MatMul"
     return reached[0], ""
 
 
@@ -279,8 +286,6 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
     if opts.smooth_attention:
         o_sites = {id(s.node): s for s in linear}
         for v in v_candidates:
-            if not any(k in v.name for k in ("v_proj", "value", "attn")):
-                continue
             o, reason = _attention_path(v, o_sites)
             if o is not None:
                 attn_by_o[id(o.node)] = (v, reason)
@@ -289,6 +294,9 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         k = group[0].in_features
         name = group[0].name
         if not opts.selects(name):  # the first consumer's layer name
+            continue
+        if opts.exclude_lm_head and any(is_lm_head(s.node) for s in group):
+            skipped[name] = "lm_head (exclude_lm_head: its input stays float, so smoothing would only cost its weight)"
             continue
         nodes = {id(s.node) for s in group}
         if any(s.quantized for s in group):

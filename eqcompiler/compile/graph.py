@@ -140,7 +140,7 @@ def find_linear_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER) -> 
             continue
         weight, transposed, quantized = found
         name = layer_name(node)
-        if not select.selects(name):
+        if not select.selects(name, node):
             continue
         sites.append(LinearSite(node, node.inputs[0], weight, transposed, name, quantized))
     return sites
