@@ -64,7 +64,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.graph import LinearSite, const_array, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.lm_head import is_lm_head
 from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_input, other_uses
@@ -161,6 +161,7 @@ class SmoothSite:
     fold_bias: ir.Value | None = None  # norm: LayerNormalization bias / producer bias
     fold_node: ir.Node | None = None
     fold_linear: LinearSite | None = None  # mlp: up_proj, attn: v_proj (1/s on its output columns)
+    fold_bias_node: ir.Node | None = None  # attn: the Add of v's bias (which may be shared with other nodes)
     groups: int = 1  # attn: query heads per kv head
     head_dim: int = 0
     compensate: list = dataclasses.field(default_factory=list)  # (node, input index) that get x' * s back
@@ -254,12 +255,45 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
     return reached[0], ""
 
 
+def _path_head_dim(v_site: LinearSite) -> int | None:
+    """The head size v's output is split into, for graphs without a KV-cache record (torch.onnx dynamo's, no cache):
+    the last dim of the first rank-4 value on the path from v ([batch, seq, kv_heads, head_dim] after the Reshape,
+    [batch, kv_heads, seq, head_dim] after the Transpose or the cache Concat), or a constant 4-D Reshape target."""
+    value, n_v = v_site.node.outputs[0], v_site.out_features
+    for _ in range(6):  # v -> [bias Add] -> Reshape -> Transpose -> [Concat]: a few nodes at most
+        uses = [u.node for u in value.uses() if u.node.op_type != "Shape"]
+        if not uses or uses[0].op_type not in LAYOUT_OPS | {"Add"}:
+            return None
+        node = uses[0]
+        target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+        value = node.outputs[0]
+        if target is not None and target.size == 4 and int(target[-1]) > 0:
+            dim = int(target[-1])
+        elif value.shape is not None and len(value.shape) == 4 and isinstance(value.shape[-1], int):
+            dim = int(value.shape[-1])
+        else:
+            continue
+        return dim if dim < n_v and n_v % dim == 0 else None
+    return None
+
+
+def _bias_source(value: ir.Value) -> ir.Value | None:
+    """The constant behind a bias input: itself, or what an Identity passes on (Optimum de-duplicates equal
+    initializers and hands each user an Identity of the one kept, e.g. every all-zero bias of a random BERT)."""
+    if is_constant(value):
+        return value
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Identity" and is_constant(producer.inputs[0]):
+        return producer.inputs[0]
+    return None
+
+
 def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
     for use in v_out.uses():
         n = use.node
         if n.op_type == "Add":
             other = other_input(n, v_out)
-            if is_constant(other):
+            if _bias_source(other) is not None:
                 return n
     return None
 
@@ -331,10 +365,11 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             groups = k // n_v
             head_dim = 0
             if groups > 1:
-                if head_info is None:
-                    skipped[name] = "GQA without known head_dim (manifest kv_cache) cannot tie scales per kv head"
+                head_dim = head_info[1] if head_info is not None else _path_head_dim(v)
+                if not head_dim:
+                    skipped[name] = ("GQA without known head_dim (manifest kv_cache, or a rank-4 Reshape of v) cannot "
+                                     "tie scales per kv head")
                     continue
-                head_dim = head_info[1]
                 if n_v % head_dim:
                     skipped[name] = "v width is not a multiple of head_dim"
                     continue
@@ -342,10 +377,12 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             bias = None
             if bias_node is not None:
                 bias = other_input(bias_node, v.node.outputs[0])
-                if bias.shape is None or tuple(bias.shape) != (n_v,):
+                source = _bias_source(bias)
+                if source.shape is None or tuple(source.shape) != (n_v,):
                     skipped[name] = "v bias is not a [N] vector"
                     continue
-            found.append(SmoothSite("attn", x, group, fold_bias=bias, fold_linear=v, groups=groups, head_dim=head_dim))
+            found.append(SmoothSite("attn", x, group, fold_bias=bias, fold_linear=v, groups=groups, head_dim=head_dim,
+                                    fold_bias_node=bias_node))
             continue
         src, reason = _through_reshapes(x, k)
         if reason is not None:
@@ -546,8 +583,11 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
         # 1/s of o_proj's input): keep .weight pointing at the current initializer.
         lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
         if site.fold_bias is not None:
-            add = next(u.node for u in site.fold_bias.uses())
-            _replace_const(graph, add, site.fold_bias, weight_array(site.fold_bias) * col, "smoothed")
+            add = site.fold_bias_node or next(u.node for u in site.fold_bias.uses())
+            identity = site.fold_bias.producer()  # an Identity of a shared constant, or None
+            _replace_const(graph, add, site.fold_bias, weight_array(_bias_source(site.fold_bias)) * col, "smoothed")
+            if identity is not None and not identity.outputs[0].uses() and not identity.outputs[0].is_graph_output():
+                graph.remove(identity, safe=True)
     for lin in site.sites:
         lin.weight = _replace_const(graph, lin.node, lin.weight, _rescaled(lin.weight, s, axis=1 if lin.transposed else 0),
                                     "smoothed")

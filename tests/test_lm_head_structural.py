@@ -86,6 +86,9 @@ def test_smooth_quant_finds_attention_sites_with_dynamo_names(tiny_artifact):
         kinds[name] = sorted(s.kind for s in sites)
         assert len(skipped) == 1 and "exclude_lm_head" in next(iter(skipped.values())), skipped
     assert kinds["dynamo"] == kinds["eqc"] == ["attn"] * 2 + ["mlp"] * 2 + ["norm"] * 4
+    # Without a KV-cache record (dynamo's graph without cache), the head size comes from v's [b, s, kv, 16] Reshape.
+    sites, _ = find_smooth_sites(_dynamo_named(src).graph, opts, None)
+    assert sorted((s.groups, s.head_dim) for s in sites if s.kind == "attn") == [(2, 16), (2, 16)]
 
 
 def test_tie_lm_head_undoes_an_untied_copy_exactly(tiny_artifact, tmp_path):
