@@ -64,7 +64,7 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.compile.graph import LinearSite, const_array, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.graph import LinearSite, const_array, constant_source, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.compile.layer_selection import LayerSelection
 from eqcompiler.compile.lm_head import is_lm_head
 from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_input, other_uses
@@ -277,23 +277,12 @@ def _path_head_dim(v_site: LinearSite) -> int | None:
     return None
 
 
-def _bias_source(value: ir.Value) -> ir.Value | None:
-    """The constant behind a bias input: itself, or what an Identity passes on (Optimum de-duplicates equal
-    initializers and hands each user an Identity of the one kept, e.g. every all-zero bias of a random BERT)."""
-    if is_constant(value):
-        return value
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Identity" and is_constant(producer.inputs[0]):
-        return producer.inputs[0]
-    return None
-
-
 def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
     for use in v_out.uses():
         n = use.node
         if n.op_type == "Add":
             other = other_input(n, v_out)
-            if _bias_source(other) is not None:
+            if constant_source(other) is not None:
                 return n
     return None
 
@@ -377,7 +366,7 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             bias = None
             if bias_node is not None:
                 bias = other_input(bias_node, v.node.outputs[0])
-                source = _bias_source(bias)
+                source = constant_source(bias)
                 if source.shape is None or tuple(source.shape) != (n_v,):
                     skipped[name] = "v bias is not a [N] vector"
                     continue
@@ -533,14 +522,17 @@ def stored_samples(t: TensorStats, opts: SmoothQuantOptions) -> np.ndarray:
 
 def _replace_const(graph: ir.Graph, node: ir.Node, old: ir.Value, array: np.ndarray | ir.TensorProtocol,
                    suffix: str) -> ir.Value:
-    """Give `node` a private, rescaled copy of constant `old` (which may be shared)."""
-    data = array if isinstance(array, ir.TensorProtocol) else array.astype(old.dtype.numpy())
+    """Give `node` a private, rescaled copy of constant `old` (which may be shared, or an Identity of a constant)."""
+    data = array if isinstance(array, ir.TensorProtocol) else array.astype(constant_source(old).dtype.numpy())
     new = new_initializer(graph, f"{old.name}_{suffix}", data)
     for i, inp in enumerate(node.inputs):
         if inp is old:
             node.replace_input_with(i, new)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         graph.initializers.pop(old.name)
+    identity = old.producer()
+    if identity is not None and identity.op_type == "Identity" and not old.uses() and not old.is_graph_output():
+        graph.remove(identity, safe=True)
     return new
 
 
@@ -584,10 +576,7 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
         lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
         if site.fold_bias is not None:
             add = site.fold_bias_node or next(u.node for u in site.fold_bias.uses())
-            identity = site.fold_bias.producer()  # an Identity of a shared constant, or None
-            _replace_const(graph, add, site.fold_bias, weight_array(_bias_source(site.fold_bias)) * col, "smoothed")
-            if identity is not None and not identity.outputs[0].uses() and not identity.outputs[0].is_graph_output():
-                graph.remove(identity, safe=True)
+            _replace_const(graph, add, site.fold_bias, weight_array(site.fold_bias) * col, "smoothed")
     for lin in site.sites:
         lin.weight = _replace_const(graph, lin.node, lin.weight, _rescaled(lin.weight, s, axis=1 if lin.transposed else 0),
                                     "smoothed")

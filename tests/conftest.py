@@ -104,6 +104,14 @@ def linear_layers(artifact: pathlib.Path) -> int:
     return result["quantized_matmuls"]
 
 
+def eqc_bert_w8a8_dynamic(artifact: pathlib.Path, work: pathlib.Path) -> dict:
+    """smoothing_summary of `eqc export`'s BERT compiled w8a8-dynamic (calibrated as the BERT tests calibrate)."""
+    run_eqc("calibrate", artifact, "--data", WIKI_VALID, "--samples", "8", "--seq-len", "16", "--for", "w8a8-dynamic",
+            "-o", work / "eqc-stats.npz")
+    run_eqc("compile", artifact, "--recipe", "w8a8-dynamic", "--calib", work / "eqc-stats.npz", "-o", work / "eqc-w8a8d")
+    return smoothing_summary(work / "eqc-w8a8d")
+
+
 def smoothing_summary(artifact: pathlib.Path) -> dict:
     """How a w8a8-dynamic artifact treated its graph, in terms that do not depend on the exporter's node names:
     smoothed sites per kind, per-token inputs, and the lm_head (found by structure): smoothed or not, and what
