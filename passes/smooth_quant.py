@@ -255,6 +255,21 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
     return reached[0], ""
 
 
+def _reshape_target(node: ir.Node) -> "np.ndarray | None":
+    """A Reshape's target when constant, or its last entries when it is Concat(dynamic dims..., constants) as
+    TorchScript writes [batch, seq, -1, head_dim] (only a constant last entry matters here), else None."""
+    if len(node.inputs) < 2:
+        return None
+    target = const_array(node.inputs[1])
+    if target is not None:
+        return target
+    concat = node.inputs[1].producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4:
+        return None
+    last = const_array(concat.inputs[-1])
+    return None if last is None or last.size != 1 else np.array([0, 0, 0, int(last.ravel()[0])])
+
+
 def _path_head_dim(v_site: LinearSite) -> int | None:
     """The head size v's output is split into, for graphs without a KV-cache record (torch.onnx dynamo's, no cache):
     the last dim of the first rank-4 value on the path from v ([batch, seq, kv_heads, head_dim] after the Reshape,
@@ -265,7 +280,7 @@ def _path_head_dim(v_site: LinearSite) -> int | None:
         if not uses or uses[0].op_type not in LAYOUT_OPS | {"Add"}:
             return None
         node = uses[0]
-        target = const_array(node.inputs[1]) if node.op_type == "Reshape" and len(node.inputs) > 1 else None
+        target = _reshape_target(node) if node.op_type == "Reshape" else None
         value = node.outputs[0]
         if target is not None and target.size == 4 and int(target[-1]) > 0:
             dim = int(target[-1])

@@ -22,7 +22,8 @@ from bench_byo_exporters import transformers4_folder  # noqa: E402  (the folder 
 
 OPTIMUM_BIN = REPO / ".venv-optimum" / "bin"
 PPL = ["--ppl", WIKI_TEST, "--max-tokens", "512", "--window", "64", "--no-latency", "--json"]
-W8A8_DYNAMIC_VS_EQC = 5e-4  # Optimum's w8a8-dynamic vs eqc export's on the tiny LLaMA: see the measured values
+# Optimum's w8a8-dynamic vs eqc export's on the tiny LLaMA (504 tokens): measured 456.17135 both (with past).
+W8A8_DYNAMIC_VS_EQC = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,6 @@ def test_optimum_llama_through_calibrate_compile_eval(optimum_graphs, eqc_llama,
     summary = smoothing_summary(tmp_path / "w8a8-dynamic")
     assert summary == eqc_llama["summary"] and summary["lm_head_weight"] == ["Transpose"], summary
     assert not summary["lm_head_smoothed"] and summary["lm_head_input"] != ["DequantizeLinear"]
-    print("MEASURED", ppl, {k: v for k, v in eqc_llama.items() if k != "summary"})  # TEMP
     assert ppl["w8a8-dynamic"] == pytest.approx(eqc_llama["w8a8-dynamic"], rel=W8A8_DYNAMIC_VS_EQC)
 
 

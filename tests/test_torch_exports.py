@@ -15,8 +15,9 @@ from conftest import WIKI_TEST, WIKI_VALID, eqc_bert_w8a8_dynamic, linear_layers
 
 PPL = ["--ppl", WIKI_TEST, "--max-tokens", "512", "--window", "64", "--no-latency", "--json"]
 LINEAR = {"llama": 15, "gpt2": 9, "bert": 12}  # 2 layers x (7 llama, 4 gpt2, 6 bert) + lm_head (none for bert)
-# Foreign w8a8-dynamic vs eqc export's on the tiny models (504 tokens): see the measured values in the test.
-W8A8_DYNAMIC_VS_EQC = 5e-4
+# Foreign w8a8-dynamic vs eqc export's on the tiny models (504 tokens): measured LLaMA dynamo 456.17133 vs eqc
+# export's 456.17135 (5e-8).
+W8A8_DYNAMIC_VS_EQC = 1e-5
 
 
 
@@ -112,7 +113,6 @@ def test_torch_exported_causal_lm_matches_eqc_export(tiny_hf, eqc_ppl, tmp_path,
     summary = smoothing_summary(tmp_path / "w8a8-dynamic")
     assert summary == ref["summary"] and summary["lm_heads"] == 1 and not summary["lm_head_smoothed"], summary
     assert summary["lm_head_input"] != ["DequantizeLinear"]
-    print("MEASURED", ppl, {k: v for k, v in ref.items() if k != "summary"})  # TEMP
     assert ppl["w8a8-dynamic"] == pytest.approx(ref["w8a8-dynamic"], rel=W8A8_DYNAMIC_VS_EQC)
     assert ppl["w4-rtn"] != ppl["w8"] and ppl["w4-rtn"] == pytest.approx(ppl["fp32"], rel=1e-2)
 
