@@ -13,7 +13,8 @@ whatever produces X, which must be a per-channel affine op so that no node is ad
   that keep the last dimension (gpt2 flattens to 2-D before its Gemm).
 - "mlp": down_proj's input is `Mul(act(gate), up)`: 1/s goes into up_proj's output columns.
 - "attn": o_proj's input is softmax(QK^T) V re-laid out: 1/s goes into v_proj's output columns (and
-  bias). With GQA one kv channel (g, d) feeds every query head of its group, so s is tied across the
+  bias). v_proj is found by its path (layout ops and one probs x V MatMul to o_proj), not by its name:
+  torch.onnx dynamo names every linear node_linear_*. With GQA one kv channel (g, d) feeds every query head of its group, so s is tied across the
   heads of a group (stats and weight maxima are max-reduced over the group before computing s).
   The present.*.value outputs then hold V/s: consistent within this model's own decode loop, which
   the report and manifest say.
