@@ -13,7 +13,8 @@ whatever produces X, which must be a per-channel affine op so that no node is ad
   that keep the last dimension (gpt2 flattens to 2-D before its Gemm).
 - "mlp": down_proj's input is `Mul(act(gate), up)`: 1/s goes into up_proj's output columns.
 - "attn": o_proj's input is softmax(QK^T) V re-laid out: 1/s goes into v_proj's output columns (and
-  bias). With GQA one kv channel (g, d) feeds every query head of its group, so s is tied across the
+  bias). v_proj is found by its path (layout ops and one probs x V MatMul to o_proj), not by its name:
+  torch.onnx dynamo names every linear node_linear_*. With GQA one kv channel (g, d) feeds every query head of its group, so s is tied across the
   heads of a group (stats and weight maxima are max-reduced over the group before computing s).
   The present.*.value outputs then hold V/s: consistent within this model's own decode loop, which
   the report and manifest say.
@@ -64,8 +65,9 @@ import numpy as np
 import onnx_ir as ir
 
 from eqcompiler.errors import EqcError
-from eqcompiler.compile.graph import LinearSite, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
+from eqcompiler.compile.graph import LinearSite, const_array, constant_source, find_linear_sites, is_constant, new_initializer, release_mapping, weight_array
 from eqcompiler.compile.layer_selection import LayerSelection
+from eqcompiler.compile.lm_head import is_lm_head
 from eqcompiler.compile.folds import gated_up_projection, norm_fold, other_input, other_uses
 from eqcompiler.compile.pass_base import EqcPass, ObserverNeeds
 from eqcompiler.compile.qdq import int8_matmul, quantize_channelwise, step_ratio
@@ -160,6 +162,7 @@ class SmoothSite:
     fold_bias: ir.Value | None = None  # norm: LayerNormalization bias / producer bias
     fold_node: ir.Node | None = None
     fold_linear: LinearSite | None = None  # mlp: up_proj, attn: v_proj (1/s on its output columns)
+    fold_bias_node: ir.Node | None = None  # attn: the Add of v's bias (which may be shared with other nodes)
     groups: int = 1  # attn: query heads per kv head
     head_dim: int = 0
     compensate: list = dataclasses.field(default_factory=list)  # (node, input index) that get x' * s back
@@ -213,9 +216,13 @@ def _through_reshapes(x: ir.Value, k: int) -> tuple[ir.Value, str | None]:
 
 
 def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple[LinearSite | None, str]:
-    """Walk forward from v_proj's output; the o_proj it reaches through channel-preserving ops only."""
+    """Walk forward from v_proj's output; the o_proj it reaches through channel-preserving ops only.
+
+    The candidate is found by structure, not by name (dynamo names every linear `node_linear_*`): the path
+    must pass one probs x V MatMul, which no other linear's output path does (q and k meet rotary's Mul or
+    the scores' Softmax, gate/up their activation, o_proj/down_proj the residual Add)."""
     start = v_site.node.outputs[0]
-    frontier, seen, reached = [start], set(), []
+    frontier, seen, reached, through_probs = [start], set(), [], False
     while frontier:
         x = frontier.pop()
         for use in x.uses():
@@ -234,7 +241,7 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
                 if node.op_type != "Concat" and use.idx != 0:
                     return None, f"v path meets {node.op_type} '{node.name}' on a shape input"
             elif node.op_type == "MatMul" and use.idx == 1 and not is_constant(node.inputs[0]):
-                pass  # probs @ V keeps V's last (channel) axis
+                through_probs = True  # probs @ V keeps V's last (channel) axis
             else:
                 return None, f"v path meets {node.op_type} '{node.name}'"
             frontier.extend(node.outputs)
@@ -244,7 +251,46 @@ def _attention_path(v_site: LinearSite, o_sites: dict[int, LinearSite]) -> tuple
                 frontier.extend(bias_add.outputs)
     if len(reached) != 1:
         return None, f"v path reaches {len(reached)} o_proj-like linears"
+    if not through_probs:
+        return None, "v path has no probs x V MatMul"
     return reached[0], ""
+
+
+def _reshape_target(node: ir.Node) -> "np.ndarray | None":
+    """A Reshape's target when constant, or its last entries when it is Concat(dynamic dims..., constants) as
+    TorchScript writes [batch, seq, -1, head_dim] (only a constant last entry matters here), else None."""
+    if len(node.inputs) < 2:
+        return None
+    target = const_array(node.inputs[1])
+    if target is not None:
+        return target
+    concat = node.inputs[1].producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4:
+        return None
+    last = const_array(concat.inputs[-1])
+    return None if last is None or last.size != 1 else np.array([0, 0, 0, int(last.ravel()[0])])
+
+
+def _path_head_dim(v_site: LinearSite) -> int | None:
+    """The head size v's output is split into, for graphs without a KV-cache record (torch.onnx dynamo's, no cache):
+    the last dim of the first rank-4 value on the path from v ([batch, seq, kv_heads, head_dim] after the Reshape,
+    [batch, kv_heads, seq, head_dim] after the Transpose or the cache Concat), or a constant 4-D Reshape target."""
+    value, n_v = v_site.node.outputs[0], v_site.out_features
+    for _ in range(6):  # v -> [bias Add] -> Reshape -> Transpose -> [Concat]: a few nodes at most
+        uses = [u.node for u in value.uses() if u.node.op_type != "Shape"]
+        if not uses or uses[0].op_type not in LAYOUT_OPS | {"Add"}:
+            return None
+        node = uses[0]
+        target = _reshape_target(node) if node.op_type == "Reshape" else None
+        value = node.outputs[0]
+        if target is not None and target.size == 4 and int(target[-1]) > 0:
+            dim = int(target[-1])
+        elif value.shape is not None and len(value.shape) == 4 and isinstance(value.shape[-1], int):
+            dim = int(value.shape[-1])
+        else:
+            continue
+        return dim if dim < n_v and n_v % dim == 0 else None
+    return None
 
 
 def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
@@ -252,7 +298,7 @@ def _v_bias_node(v_out: ir.Value) -> ir.Node | None:
         n = use.node
         if n.op_type == "Add":
             other = other_input(n, v_out)
-            if is_constant(other):
+            if constant_source(other) is not None:
                 return n
     return None
 
@@ -279,8 +325,6 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
     if opts.smooth_attention:
         o_sites = {id(s.node): s for s in linear}
         for v in v_candidates:
-            if not any(k in v.name for k in ("v_proj", "value", "attn")):
-                continue
             o, reason = _attention_path(v, o_sites)
             if o is not None:
                 attn_by_o[id(o.node)] = (v, reason)
@@ -289,6 +333,9 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
         k = group[0].in_features
         name = group[0].name
         if not opts.selects(name):  # the first consumer's layer name
+            continue
+        if opts.exclude_lm_head and any(is_lm_head(s.node) for s in group):
+            skipped[name] = "lm_head (exclude_lm_head: its input stays float, so smoothing would only cost its weight)"
             continue
         nodes = {id(s.node) for s in group}
         if any(s.quantized for s in group):
@@ -323,10 +370,11 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             groups = k // n_v
             head_dim = 0
             if groups > 1:
-                if head_info is None:
-                    skipped[name] = "GQA without known head_dim (manifest kv_cache) cannot tie scales per kv head"
+                head_dim = head_info[1] if head_info is not None else _path_head_dim(v)
+                if not head_dim:
+                    skipped[name] = ("GQA without known head_dim (manifest kv_cache, or a rank-4 Reshape of v) cannot "
+                                     "tie scales per kv head")
                     continue
-                head_dim = head_info[1]
                 if n_v % head_dim:
                     skipped[name] = "v width is not a multiple of head_dim"
                     continue
@@ -334,10 +382,12 @@ def find_smooth_sites(graph: ir.Graph, opts: SmoothQuantOptions, head_info: tupl
             bias = None
             if bias_node is not None:
                 bias = other_input(bias_node, v.node.outputs[0])
-                if bias.shape is None or tuple(bias.shape) != (n_v,):
+                source = constant_source(bias)
+                if source.shape is None or tuple(source.shape) != (n_v,):
                     skipped[name] = "v bias is not a [N] vector"
                     continue
-            found.append(SmoothSite("attn", x, group, fold_bias=bias, fold_linear=v, groups=groups, head_dim=head_dim))
+            found.append(SmoothSite("attn", x, group, fold_bias=bias, fold_linear=v, groups=groups, head_dim=head_dim,
+                                    fold_bias_node=bias_node))
             continue
         src, reason = _through_reshapes(x, k)
         if reason is not None:
@@ -488,14 +538,17 @@ def stored_samples(t: TensorStats, opts: SmoothQuantOptions) -> np.ndarray:
 
 def _replace_const(graph: ir.Graph, node: ir.Node, old: ir.Value, array: np.ndarray | ir.TensorProtocol,
                    suffix: str) -> ir.Value:
-    """Give `node` a private, rescaled copy of constant `old` (which may be shared)."""
-    data = array if isinstance(array, ir.TensorProtocol) else array.astype(old.dtype.numpy())
+    """Give `node` a private, rescaled copy of constant `old` (which may be shared, or an Identity of a constant)."""
+    data = array if isinstance(array, ir.TensorProtocol) else array.astype(constant_source(old).dtype.numpy())
     new = new_initializer(graph, f"{old.name}_{suffix}", data)
     for i, inp in enumerate(node.inputs):
         if inp is old:
             node.replace_input_with(i, new)
     if not old.uses() and old.name in graph.initializers and not old.is_graph_output():
         graph.initializers.pop(old.name)
+    identity = old.producer()
+    if identity is not None and identity.op_type == "Identity" and not old.uses() and not old.is_graph_output():
+        graph.remove(identity, safe=True)
     return new
 
 
@@ -538,7 +591,7 @@ def apply_smoothing(graph: ir.Graph, site: SmoothSite, s: np.ndarray) -> None:
         # 1/s of o_proj's input): keep .weight pointing at the current initializer.
         lin.weight = _replace_const(graph, lin.node, lin.weight, w, "smoothed")
         if site.fold_bias is not None:
-            add = next(u.node for u in site.fold_bias.uses())
+            add = site.fold_bias_node or next(u.node for u in site.fold_bias.uses())
             _replace_const(graph, add, site.fold_bias, weight_array(site.fold_bias) * col, "smoothed")
     for lin in site.sites:
         lin.weight = _replace_const(graph, lin.node, lin.weight, _rescaled(lin.weight, s, axis=1 if lin.transposed else 0),

@@ -106,6 +106,38 @@ def linear_layers(artifact: pathlib.Path) -> int:
     return result["quantized_matmuls"]
 
 
+def eqc_bert_w8a8_dynamic(artifact: pathlib.Path, work: pathlib.Path) -> dict:
+    """smoothing_summary of `eqc export`'s BERT compiled w8a8-dynamic (calibrated as the BERT tests calibrate)."""
+    run_eqc("calibrate", artifact, "--data", WIKI_VALID, "--samples", "8", "--seq-len", "16", "--for", "w8a8-dynamic",
+            "-o", work / "eqc-stats.npz")
+    run_eqc("compile", artifact, "--recipe", "w8a8-dynamic", "--calib", work / "eqc-stats.npz", "-o", work / "eqc-w8a8d")
+    return smoothing_summary(work / "eqc-w8a8d")
+
+
+def smoothing_summary(artifact: pathlib.Path) -> dict:
+    """How a w8a8-dynamic artifact treated its graph, in terms that do not depend on the exporter's node names:
+    smoothed sites per kind, per-token inputs, and the lm_head (found by structure): smoothed or not, and what
+    produces its input (DequantizeLinear when it is quantized per token). Foreign and eqc-export graphs of the
+    same weights must agree on all of it (issue 20)."""
+    import collections
+    import json as _json
+
+    import onnx_ir as ir
+
+    from eqcompiler.compile.graph import layer_name
+    from eqcompiler.compile.lm_head import is_lm_head
+
+    report = _json.loads((artifact / "manifest.json").read_text())["quantization"]["report"]
+    sites = report["smooth_quant"]["sites"]
+    heads = [n for n in ir.load(str(artifact / "model.onnx")).graph if n.op_type in ("MatMul", "Gemm") and is_lm_head(n)]
+    smoothed = {c for site in sites.values() for c in site["consumers"]}
+    return {"sites": dict(collections.Counter(site["kind"] for site in sites.values())),
+            "per_token_inputs": report["quantize_activations_dynamic"]["tensors"],
+            "lm_heads": len(heads), "lm_head_smoothed": any(layer_name(h) in smoothed for h in heads),
+            "lm_head_input": sorted({h.inputs[0].producer().op_type for h in heads}),
+            "lm_head_weight": sorted({h.inputs[1].producer().op_type for h in heads})}
+
+
 @pytest.fixture(scope="session")
 def wiki_valid() -> pathlib.Path:
     return WIKI_VALID

@@ -92,11 +92,31 @@ def past_shape_hints(model: str | pathlib.Path | bytes, folder: pathlib.Path | N
 PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
+def _declared_past_shape(model_path: pathlib.Path) -> tuple[int, int] | None:
+    """(kv_heads, head_size) when the graph declares them on past_key_values.0.key ([batch, kv, past, head]):
+    torch.onnx dynamo's export with a cache does, with no config.json beside it (read only when nothing else says:
+    the graph proto is loaded without external data)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # unreadable here: the caller's own load reports it
+        return None
+    for value in proto.graph.input:
+        if value.name == "past_key_values.0.key":
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) == 4 and dims[1].HasField("dim_value") and dims[3].HasField("dim_value"):
+                return int(dims[1].dim_value), int(dims[3].dim_value)
+    return None
+
+
 def foreign_kv_cache(model_path: pathlib.Path, input_names: list[str]) -> dict[str, Any] | None:
     """The manifest's kv_cache record for a causal LM eqc did not export (a builder or Optimum graph with
     past_key_values.N.key/value inputs), as `eqc export` writes it; None when its shape cannot be told."""
     layers = sorted(int(m.group(1)) for m in map(PAST_KEY.match, input_names) if m)
     hints = past_shape_hints(model_path, pathlib.Path(model_path).parent) if layers else None
+    if layers and hints is None:
+        hints = _declared_past_shape(model_path)
     if not layers or layers != list(range(len(layers))) or hints is None:
         return None
     return {"num_layers": len(layers), "num_kv_heads": hints[0], "head_dim": hints[1],

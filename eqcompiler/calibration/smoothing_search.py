@@ -35,8 +35,13 @@ class SmoothChoice:
 
 
 def search_key(options: Any) -> str:
-    """The key results are stored under: a hash of every smooth_quant option (a dataclass)."""
-    text = json.dumps(dataclasses.asdict(options), sort_keys=True, default=str)
+    """The key results are stored under: a hash of every smooth_quant option (a dataclass).
+
+    exclude_lm_head only removes a site (each site's search is its own), and is left out so that statistics
+    searched before the option existed stay valid."""
+    fields = dataclasses.asdict(options)
+    fields.pop("exclude_lm_head", None)
+    text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

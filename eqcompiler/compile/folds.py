@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from eqcompiler.compile.graph import LinearSite, is_constant
+from eqcompiler.compile.graph import LinearSite, constant_source, is_constant
 
 
 def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
@@ -18,7 +18,9 @@ def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
 
 
 def const_vector(value: ir.Value | None, k: int) -> bool:
-    return is_constant(value) and value.shape is not None and tuple(value.shape) == (k,)
+    """A constant [k] vector, also behind an Identity (the folds give the node a private copy either way)."""
+    src = constant_source(value)
+    return src is not None and src.shape is not None and tuple(src.shape) == (k,)
 
 
 def other_uses(x: ir.Value, linear_nodes: set[int]) -> list[tuple[ir.Node, int]]:

@@ -140,7 +140,7 @@ def find_linear_sites(graph: ir.Graph, select: LayerSelection = EVERY_LAYER) -> 
             continue
         weight, transposed, quantized = found
         name = layer_name(node)
-        if not select.selects(name):
+        if not select.selects(name, node):
             continue
         sites.append(LinearSite(node, node.inputs[0], weight, transposed, name, quantized))
     return sites
@@ -161,8 +161,19 @@ def embedding_gathers(graph: ir.Graph) -> list[ir.Node]:
             and n.attributes.get_int("axis", 0) == 0]
 
 
+def constant_source(value: ir.Value | None) -> ir.Value | None:
+    """The constant `value` holds: itself, or what an Identity passes on (Optimum de-duplicates equal initializers
+    and hands each user an Identity of the one kept, e.g. every all-ones norm scale of a random model), else None."""
+    if is_constant(value):
+        return value
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Identity" and is_constant(producer.inputs[0]):
+        return producer.inputs[0]
+    return None
+
+
 def weight_array(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()
+    return constant_source(value).const_value.numpy()
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

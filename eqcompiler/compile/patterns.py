@@ -115,7 +115,7 @@ class LinearSiteRule(RewriteRuleClassBase):
         result = MatchResult()
         matmul = y.producer()
         name = layer_name(matmul)
-        why = self._check_common(name, wq, bindings.get("w_t")) or self.check_site(
+        why = self._check_common(name, wq, bindings.get("w_t"), matmul) or self.check_site(
             x=x, wq=wq, w_scale=w_scale, w_dq=w_dq, y=y, **bindings)
         if why:
             self.record.rejected[id(matmul)] = why
@@ -124,8 +124,8 @@ class LinearSiteRule(RewriteRuleClassBase):
         self._pending = list(context.nodes)  # rewrite follows a successful check at once
         return result
 
-    def _check_common(self, name: str, wq: ir.Value, w_t: ir.Value | None) -> str:
-        if not self.select.selects(name):
+    def _check_common(self, name: str, wq: ir.Value, w_t: ir.Value | None, node: ir.Node | None = None) -> str:
+        if not self.select.selects(name, node):
             return f"layer '{name}' is left out by include/exclude"
         if not is_constant(wq) or wq.shape is None or len(wq.shape) != 2:
             return "weight is not a constant 2-D tensor"
