@@ -44,8 +44,9 @@ quantized exactly as ORT's kernel does it (MLAS MlasKVQuantize, checked bit for 
 code then flips). With `center` (the default), x - center is quantized and read back as q * scale + center, where
 scale and center are the asymmetric min/max parameters written for signed codes (centered_params): a channel
 whose range sits off zero gets the asymmetric step, and GroupQueryAttention still reads it (the fused rule
-subtracts the center before the kernel and restores the result after it). Attention reads dequantized past + dequantized new tokens, which is also what the kernel does
-on a prompt, so the portable graph and the fused one compute the same numbers up to float summation order.
+subtracts the center before the kernel and restores the result after it). Attention reads dequantized past +
+dequantized new tokens, which is also what the kernel does on a prompt, so the portable graph and the fused one
+compute the same numbers up to float summation order.
 """
 from __future__ import annotations
 
