@@ -79,6 +79,14 @@ int64_t col_block(int64_t N, int64_t K) {
   return std::min(cols, std::max<int64_t>(N, 1));
 }
 
+// Decode (a few rows): the work is N x K bytes of B, so split N finely enough that both cores of a
+// small layer get an even share (576 columns in 256-column blocks gave one core 2 of 3 tasks).
+constexpr int64_t kDecodeRows = 4;
+int64_t decode_col_block(int64_t N, int64_t K) {
+  const int64_t even = std::max<int64_t>(32, (N / 16 + 7) / 8 * 8);
+  return std::min(col_block(N, K), even);
+}
+
 void run(const ParallelFor& pf, int64_t total, const std::function<void(int64_t)>& fn) {
   if (total <= 0) return;
   if (!pf || total == 1) {
@@ -131,7 +139,7 @@ size_t workspace_bytes(int64_t M, int64_t K) {
 
 void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
                      int64_t M, int64_t N, int64_t K, const QuantParams& qp, void* workspace,
-                     const ParallelFor& parallel_for) {
+                     const ParallelFor& parallel_for, const int32_t* b_colsum) {
   if (M <= 0 || N <= 0) return;
   const Isa& k = isa();
   auto* aq = static_cast<int8_t*>(workspace);
@@ -156,8 +164,19 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
   g.M = M;
   g.N = N;
   g.K = K;
-  for_each_tile(parallel_for, M, N, kRowBlock, col_block(N, K),
+  g.b_colsum = b_colsum;
+  for_each_tile(parallel_for, M, N, kRowBlock, M < kDecodeRows ? decode_col_block(N, K) : col_block(N, K),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.gemm_tile(g, m0, m1, n0, n1); });
+}
+
+std::vector<int32_t> column_sums(const int8_t* B, int64_t N, int64_t K) {
+  std::vector<int32_t> sums(static_cast<size_t>(std::max<int64_t>(N, 0)));
+  for (int64_t n = 0; n < N; ++n) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += B[n * K + k];
+    sums[static_cast<size_t>(n)] = s;
+  }
+  return sums;
 }
 
 void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,

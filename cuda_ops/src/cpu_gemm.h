@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "cpu_kernels.h"
 
@@ -16,11 +17,15 @@ using ParallelFor = std::function<void(int64_t total, const std::function<void(i
 const char* isa_name();
 
 // Full op: Y[M,N] = dequant(int8(A) x B^T). A [M,K] float, B [N,K] int8. `workspace` must hold
-// M*K bytes + M floats (see workspace_bytes). Serial when parallel_for is empty.
+// M*K bytes + M floats (see workspace_bytes). Serial when parallel_for is empty. `b_colsum` ([N], may be
+// null): each row of B summed, precomputed when B is a constant (column_sums), else summed per call.
 size_t workspace_bytes(int64_t M, int64_t K);
 void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
                      int64_t M, int64_t N, int64_t K, const QuantParams& qp, void* workspace,
-                     const ParallelFor& parallel_for);
+                     const ParallelFor& parallel_for, const int32_t* b_colsum = nullptr);
+
+// Sum of each of B's N rows of K int8 codes (what the VNNI kernel subtracts after its unsigned shift).
+std::vector<int32_t> column_sums(const int8_t* B, int64_t N, int64_t K);
 
 // Weight-only op: Y[M,N] = (A x float(B)^T) * b_scale (+ bias), float math (no activation
 // quantization); summation order fixed by WeightGemmArgs. No workspace.

@@ -30,6 +30,7 @@ struct GemmArgs {
   const float* bias = nullptr;     // [N] or null
   float* y = nullptr;              // [M, N]
   int64_t M = 0, N = 0, K = 0;
+  const int32_t* b_colsum = nullptr;  // [N] sums of B's rows, or null (variants that need them sum per call)
 };
 
 // Weight-only problem: Y[M,N] = (sum_k A[m,k] * float(B[n,k])) * b_scale[n] (+bias[n]), float math.

@@ -115,8 +115,25 @@ eqc::cpu::ParallelFor parallel_for(Ort::KernelContext& ctx) {
   };
 }
 
+// B's row sums when B is a constant initializer (the usual case: the quantized weight), computed once here
+// rather than on every call; empty otherwise.
+std::vector<int32_t> constant_column_sums(const OrtApi& api, const OrtKernelInfo* info) {
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value);
+  if (st) {
+    api.ReleaseStatus(st);
+    return {};
+  }
+  if (!is_constant || value == nullptr) return {};
+  Ort::ConstValue b(value);
+  const std::vector<int64_t> shape = b.GetTensorTypeAndShapeInfo().GetShape();
+  if (shape.size() != 2 || b.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) return {};
+  return eqc::cpu::column_sums(b.GetTensorData<int8_t>(), shape[0], shape[1]);
+}
+
 struct CpuKernel {
-  CpuKernel(const OrtApi& api, const OrtKernelInfo* info) {
+  CpuKernel(const OrtApi& api, const OrtKernelInfo* info) : colsum_(constant_column_sums(api, info)) {
     qp_.absmax_floor = float_attr(api, info, "absmax_floor", 0.0f);
     qp_.scale_floor = float_attr(api, info, "scale_floor", 0.0f);
   }
@@ -128,11 +145,14 @@ struct CpuKernel {
       Ort::Status st = prepare(ctx, p);
       if (!st.IsOK() || p.M == 0 || p.N == 0) return st;
       std::vector<char> ws(eqc::cpu::workspace_bytes(p.M, p.K));
-      eqc::cpu::fused_int8_gemm(p.a, p.b, p.b_scale, p.bias, p.y, p.M, p.N, p.K, qp_, ws.data(), parallel_for(ctx));
+      const bool sums = colsum_.size() == static_cast<size_t>(p.N);  // B was the constant they were taken of
+      eqc::cpu::fused_int8_gemm(p.a, p.b, p.b_scale, p.bias, p.y, p.M, p.N, p.K, qp_, ws.data(), parallel_for(ctx),
+                                sums ? colsum_.data() : nullptr);
       return Ort::Status{nullptr};
     });
   }
 
+  const std::vector<int32_t> colsum_;
   eqc::cpu::QuantParams qp_;
 };
 
