@@ -496,13 +496,41 @@ def quantized_output(x: np.ndarray, w: np.ndarray, granularity: str, amax: float
 def score_ort(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray, block: int,
               ref: np.ndarray, granularity: str = "tensor", norm: str = "total") -> float:
     """Relative squared error of the int8 output on sampled rows x [R,K]."""
-    err = quantized_output(x / s, w * s[:, None], granularity, float((amax_channel / s).max()), block)
+    amax = float((amax_channel / s).max())
+    if not block:
+        return _channelwise_score(x, w, s, amax, ref, granularity, norm)
+    err = quantized_output(x / s, w * s[:, None], granularity, amax, block)
     err -= ref
     if norm == "row":
         per_row = np.einsum("ij,ij->i", err, err) / np.maximum(np.einsum("ij,ij->i", ref, ref), 1e-30)
         return float(per_row.mean())
     flat, ref_flat = err.reshape(-1), ref.reshape(-1)
     return float(np.dot(flat, flat) / max(float(np.dot(ref_flat, ref_flat)), 1e-30))
+
+
+def _channelwise_score(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax: float, ref: np.ndarray,
+                       granularity: str, norm: str) -> float:
+    """score_ort for per-channel weights, in torch: the same float32 steps and codes as quantized_output (the
+    integer product is exact either way), but every elementwise pass over the [R,N] output runs on all cores
+    and in place. The alpha search spends most of `eqc calibrate --for w8a8-dynamic` here; on SmolLM2's four
+    site shapes at 2048 rows one score of each took 66 ms against numpy's 77 ms (2 cores)."""
+    import torch
+
+    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) / torch.from_numpy(s)
+    if granularity == "token":
+        step: Any = torch.clamp_min(xs.abs().amax(dim=-1, keepdim=True) / 127.0, 1e-8)
+    else:
+        step = amax / 127.0 if amax > 0 else 1.0
+    codes = torch.round(xs.div_(step)).clamp_(-128, 127).to(torch.int8)
+    del xs
+    qw = quantize_channelwise(w * s[:, None], axis=1, bits=8)
+    err = torch.from_numpy(int8_matmul(codes.numpy(), qw.q)).to(torch.float32)
+    ref_t = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+    err.mul_(step).mul_(torch.from_numpy(qw.scale)[None, :]).sub_(ref_t)
+    if norm == "row":
+        per_row = (err * err).sum(dim=1) / torch.clamp_min((ref_t * ref_t).sum(dim=1), 1e-30)
+        return float(per_row.mean())
+    return float(torch.dot(err.view(-1), err.view(-1))) / max(float(torch.dot(ref_t.view(-1), ref_t.view(-1))), 1e-30)
 
 
 def score_gram(gram: np.ndarray, rows: int, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray,

@@ -301,6 +301,27 @@ def test_token_granularity_score_models_per_row_quantization():
     assert score_ort(x, w, s, amax, 0, ref, "token", "total") < score_ort(x, w, s, amax, 0, ref, "token", "row")
 
 
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+@pytest.mark.parametrize("norm", ["total", "row"])
+def test_channelwise_score_is_the_error_of_quantized_output(granularity, norm):
+    """score_ort's per-channel path (torch, in place) scores exactly what quantized_output computes: the same
+    codes and int32 products; only the float sum of squares may round differently."""
+    from eqcompiler.passes.smooth_quant import quantized_output, score_ort
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 96)).astype(np.float32)
+    x[:, 5] *= 80.0
+    w = (rng.normal(size=(96, 40)) * 0.05).astype(np.float32)
+    s = (np.abs(rng.normal(size=96)) + 0.5).astype(np.float32)
+    amax, ref = np.abs(x).max(axis=0), x @ w
+    err = quantized_output(x / s, w * s[:, None], granularity, float((amax / s).max()), 0) - ref
+    if norm == "row":
+        want = float(np.mean((err ** 2).sum(axis=1) / (ref ** 2).sum(axis=1)))
+    else:
+        want = float((err.astype(np.float64) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
+    assert score_ort(x, w, s, amax, 0, ref, granularity, norm) == pytest.approx(want, rel=1e-5)
+
+
 def test_score_options_validated():
     from eqcompiler.errors import EqcError
     from eqcompiler.passes.smooth_quant import SmoothQuantOptions
