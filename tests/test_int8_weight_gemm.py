@@ -20,8 +20,27 @@ from test_cuda_ops import cpu_session as session
 from test_cuda_ops import fused_model, lib  # noqa: F401  (lib: the op-library fixture)
 
 
-def op_model(k: int | str, n: int | str, bias: bool) -> onnx.ModelProto:
-    return fused_model(k, n, bias=bias, op_type="Int8WeightGemm")
+def op_model(k: int | str, n: int | str, bias: bool, activation_bits: int = 0) -> onnx.ModelProto:
+    model = fused_model(k, n, bias=bias, op_type="Int8WeightGemm")
+    if activation_bits:
+        model.graph.node[0].attribute.append(helper.make_attribute("activation_bits", activation_bits))
+    return model
+
+
+def int16_reference(a: np.ndarray, b: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """activation_bits=16, as the op states it: rows of A to int16 (absmax/32767, half to even, NaN -> 0), exact
+    integer sums per 512-long K block, each added as float32 in block order, then * row scale * B_scale (+ bias)."""
+    finite = np.where(np.isnan(a), np.float32(0), np.abs(a))
+    s = (finite.max(axis=1, initial=0) / np.float32(32767)).astype(np.float32)
+    s[~(s > 0)] = 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.rint(a / s[:, None])
+    q = np.clip(np.nan_to_num(q, nan=0.0), -32767, 32767).astype(np.int64)
+    total = np.zeros((a.shape[0], b.shape[0]), np.float32)
+    for k0 in range(0, a.shape[1], 512):
+        total += (q[:, k0:k0 + 512] @ b[:, k0:k0 + 512].T.astype(np.int64)).astype(np.float32)
+    y = (total * s[:, None]) * scale
+    return y + bias if bias is not None else y
 
 
 def problem(rng: np.random.Generator, m: int, k: int, n: int):
@@ -37,12 +56,16 @@ SHAPES = [(1, 576, 1536), (3, 9, 5), (15, 40, 13), (16, 576, 64), (37, 577, 13),
           (20, 0, 5), (2, 0, 3)]
 
 
-def run_all(lib: pathlib.Path, threads: int) -> list[np.ndarray]:
+INT16_SHAPES = SHAPES + [(1, 1100, 37), (5, 1025, 9), (70, 1536, 67)]  # K past one and two 512-blocks
+
+
+def run_all(lib: pathlib.Path, threads: int, activation_bits: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(5)
     outs = []
-    for m, k, n in SHAPES:
+    for m, k, n in (INT16_SHAPES if activation_bits else SHAPES):
         a, b, scale, bias = problem(rng, m, k, n)
-        (y,) = session(op_model(k, n, True), lib, threads).run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
+        sess = session(op_model(k, n, True, activation_bits), lib, threads)
+        (y,) = sess.run(None, {"A": a, "B": b, "B_scale": scale, "bias": bias})
         outs.append(y)
     return outs
 
@@ -79,6 +102,60 @@ def test_same_bits_for_every_cpu_variant(lib, tmp_path):
     generic, native = np.load(tmp_path / "generic.npz"), np.load(tmp_path / "native.npz")
     for key in generic.files:
         np.testing.assert_array_equal(generic[key], native[key])
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+def test_int16_activations_are_their_statement_on_every_cpu_variant(lib, isa, tmp_path):
+    """activation_bits=16: bit for bit the numpy statement (int16_reference), on every kernel variant and for
+    extreme inputs (all weights -128 and codes at +-32767 over a full 512 block, NaN and inf in a row)."""
+    code = ("import numpy as np, pathlib, test_int8_weight_gemm as t; "
+            f"np.savez({str(tmp_path / 'out.npz')!r}, *t.run_all(pathlib.Path({str(lib)!r}), 2, 16), *t.extremes("
+            f"pathlib.Path({str(lib)!r})))")
+    env = os.environ | ({"EQC_CPU_ISA": isa} if isa != "native" else {})
+    run = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    rng = np.random.default_rng(5)
+    wants = []
+    for m, k, n in INT16_SHAPES:
+        a, b, scale, bias = problem(rng, m, k, n)
+        wants.append(int16_reference(a, b, scale, bias))
+    wants += [int16_reference(*case) for case in extreme_cases()]
+    assert len(got.files) == len(wants)
+    for i, want in enumerate(wants):
+        np.testing.assert_array_equal(got[f"arr_{i}"], want)
+
+
+def extreme_cases() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, None]]:
+    k = 1030
+    a = np.where(np.random.default_rng(1).random((3, k)) < 0.5, -2.0, 2.0).astype(np.float32)
+    a[1, 5], a[2, 9] = np.nan, np.inf
+    b = np.full((9, k), -128, np.int8)
+    b[1] = 127
+    return [(a, b, np.full(9, 1e-3, np.float32), None)]
+
+
+def extremes(lib: pathlib.Path) -> list[np.ndarray]:
+    outs = []
+    for a, b, scale, _ in extreme_cases():
+        sess = session(op_model(a.shape[1], b.shape[0], False, 16), lib, 2)
+        outs.append(sess.run(None, {"A": a, "B": b, "B_scale": scale})[0])
+    return outs
+
+
+def test_int16_activations_are_close_to_float_math(lib):
+    rng = np.random.default_rng(8)
+    a, b, scale, bias = problem(rng, 4, 576, 300)
+    feed = {"A": a, "B": b, "B_scale": scale, "bias": bias}
+    (exact,) = session(op_model(576, 300, True), lib).run(None, feed)
+    (int16,) = session(op_model(576, 300, True, 16), lib).run(None, feed)
+    assert 0 < np.abs(int16 - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_unknown_activation_bits_is_a_clear_error(lib):
+    with pytest.raises(Exception, match="activation_bits must be 0 .float. or 16, got 8"):
+        session(op_model(8, 4, False, 8), lib)
 
 
 def test_shape_mismatch_names_the_op(lib):
@@ -134,10 +211,11 @@ def weight_only_model(rng: np.random.Generator, k: int = 24, n: int = 10, vocab:
     return model
 
 
-def test_lowering_takes_tied_and_per_channel_layers_only(lib):
+@pytest.mark.parametrize("activation_bits", [16, 0])
+def test_lowering_takes_tied_and_per_channel_layers_only(lib, activation_bits):
     model = weight_only_model(np.random.default_rng(3))
     ir_model = ir.serde.deserialize_model(model)
-    pass_ = LowerInt8WeightGemmPass()
+    pass_ = LowerInt8WeightGemmPass(activation_bits=activation_bits)
     assert pass_(ir_model).modified
     assert pass_.context.report["lower_int8_weight_gemm"]["lowered"] == 2
     lowered = ir.serde.serialize_model(ir_model)
@@ -149,11 +227,13 @@ def test_lowering_takes_tied_and_per_channel_layers_only(lib):
     assert "table_q" in inits and "w1_q" not in inits  # tied table read in place; [K,N] weight replaced by [N,K]
     gemms = [n for n in lowered.graph.node if n.op_type == "Int8WeightGemm"]
     assert any(n.input[1] == "table_q" for n in gemms)
+    assert all([helper.get_attribute_value(x) for x in n.attribute if x.name == "activation_bits"]
+               == ([activation_bits] if activation_bits else []) for n in gemms)
     ids = np.random.default_rng(0).integers(0, 40, (2, 7))
     ref = session(model, None).run(None, {"ids": ids})
     got = session(lowered, lib).run(None, {"ids": ids})
-    for r, g in zip(ref, got):
-        np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(np.abs(r).max()))
+    for r, g in zip(ref, got):  # float math: summation order only; int16 rows: about 1/65534 of each row's max
+        np.testing.assert_allclose(g, r, rtol=0, atol=(1e-4 if activation_bits else 1e-5) * float(np.abs(r).max()))
 
 
 def test_gemm_layers_stay_qdq_with_a_warning(lib):

@@ -403,8 +403,10 @@ def test_smollm2_ort_cpu_lowering_matches_qdq_layer_by_layer(smollm2_w8a8_dynami
                                    providers=["CPUExecutionProvider"]).run(None, {node.input[0]: x})[0]
         assert got.shape == want.shape
         worst[node.op_type] = max(worst.get(node.op_type, 0.0), float(np.abs(got - want).max() / np.abs(want).max()))
-    # One int8 step of any activation would move an output by ~1e-3 of its max: these are float-order only.
-    assert worst["FusedInt8Gemm"] < 2e-6 and worst["Int8WeightGemm"] < 1e-5, worst
+    # One int8 step of any activation would move an output by ~1e-3 of its max: FusedInt8Gemm is float order only;
+    # the lm_head's Int8WeightGemm rounds its input rows to int16 (a step 1/258 of int8's; measured 2.2e-4 of the
+    # largest logit, and the same 8192-token ppl as float math to 6 digits, 29.71988 vs 29.71989).
+    assert worst["FusedInt8Gemm"] < 2e-6 and worst["Int8WeightGemm"] < 5e-4, worst
     import shutil
 
     for name in ("manifest.json", "config.json", "tokenizer.json", "tokenizer_config.json"):

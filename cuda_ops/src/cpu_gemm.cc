@@ -1,6 +1,7 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -14,12 +15,14 @@ namespace {
 using QuantFn = float (*)(const float*, int64_t, const QuantParams&, int8_t*);
 using TileFn = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 using WeightTileFn = void (*)(const WeightGemmArgs&, int64_t, int64_t, int64_t, int64_t, float*);
+using Weight16TileFn = void (*)(const Weight16GemmArgs&, int64_t, int64_t, int64_t, int64_t);
 
 struct Isa {
   const char* name;
   QuantFn quantize_row;
   TileFn gemm_tile;
   WeightTileFn weight_gemm_tile;
+  Weight16TileFn weight16_gemm_tile;
 };
 
 bool cpu_has(const char* name) {
@@ -42,15 +45,15 @@ bool cpu_has(const char* name) {
 Isa pick_isa() {
   const Isa all[] = {
 #if defined(EQC_HAVE_AVX512VNNI)
-      {"avx512vnni", avx512vnni::quantize_row, avx512vnni::gemm_tile, avx512vnni::weight_gemm_tile},
+      {"avx512vnni", avx512vnni::quantize_row, avx512vnni::gemm_tile, avx512vnni::weight_gemm_tile, avx512vnni::weight16_gemm_tile},
 #endif
 #if defined(EQC_HAVE_AVX512)
-      {"avx512", avx512::quantize_row, avx512::gemm_tile, avx512::weight_gemm_tile},
+      {"avx512", avx512::quantize_row, avx512::gemm_tile, avx512::weight_gemm_tile, avx512::weight16_gemm_tile},
 #endif
 #if defined(EQC_HAVE_AVX2)
-      {"avx2", avx2::quantize_row, avx2::gemm_tile, avx2::weight_gemm_tile},
+      {"avx2", avx2::quantize_row, avx2::gemm_tile, avx2::weight_gemm_tile, avx2::weight16_gemm_tile},
 #endif
-      {"generic", generic::quantize_row, generic::gemm_tile, generic::weight_gemm_tile},
+      {"generic", generic::quantize_row, generic::gemm_tile, generic::weight_gemm_tile, generic::weight16_gemm_tile},
   };
   const char* forced = std::getenv("EQC_CPU_ISA");
   if (forced != nullptr)
@@ -179,9 +182,52 @@ std::vector<int32_t> column_sums(const int8_t* B, int64_t N, int64_t K) {
   return sums;
 }
 
+float quantize_row16(const float* a, int64_t K, int16_t* q) {
+  float absmax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) absmax = std::max(absmax, std::fabs(a[k]));  // NaN skipped, as quantize_row
+  float s = absmax / kInt16Max;
+  if (!(s > 0.0f)) s = 1.0f;  // an all-zero row: any scale gives q = 0
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(a[k] / s);
+    if (v != v) v = 0.0f;  // NaN -> 0
+    v = std::min(std::max(v, -kInt16Max), kInt16Max);
+    q[k] = static_cast<int16_t>(v);
+  }
+  return s;
+}
+
+namespace {
+
+void int8_weight_gemm16(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
+                        int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for) {
+  std::vector<int16_t> aq(static_cast<size_t>(M * K));
+  std::vector<float> a_scale(static_cast<size_t>(M));
+  const int64_t qrows = std::max<int64_t>(1, (32 << 10) / std::max<int64_t>(K, 1));
+  run(parallel_for, (M + qrows - 1) / qrows, [&](int64_t t) {
+    for (int64_t m = t * qrows; m < std::min(M, (t + 1) * qrows); ++m)
+      a_scale[static_cast<size_t>(m)] = quantize_row16(A + m * K, K, aq.data() + m * K);
+  });
+  Weight16GemmArgs g;
+  g.aq = aq.data();
+  g.a_scale = a_scale.data();
+  g.b = B;
+  g.b_scale = b_scale;
+  g.bias = bias;
+  g.y = Y;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  const Isa& k = isa();
+  for_each_tile(parallel_for, M, N, kRowBlock, M < kDecodeRows ? decode_col_block(N, K) : col_block(N, K),
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.weight16_gemm_tile(g, m0, m1, n0, n1); });
+}
+
+}  // namespace
+
 void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
-                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for) {
+                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for, int activation_bits) {
   if (M <= 0 || N <= 0) return;
+  if (activation_bits == 16) return int8_weight_gemm16(A, B, b_scale, bias, Y, M, N, K, parallel_for);
   const Isa& k = isa();
   WeightGemmArgs g;
   g.a = A;

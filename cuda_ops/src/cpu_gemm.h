@@ -27,10 +27,13 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
 // Sum of each of B's N rows of K int8 codes (what the VNNI kernel subtracts after its unsigned shift).
 std::vector<int32_t> column_sums(const int8_t* B, int64_t N, int64_t K);
 
-// Weight-only op: Y[M,N] = (A x float(B)^T) * b_scale (+ bias), float math (no activation
-// quantization); summation order fixed by WeightGemmArgs. No workspace.
+// Weight-only op: Y[M,N] = (A x float(B)^T) * b_scale (+ bias). activation_bits 0: float math (no activation
+// quantization), summation order fixed by WeightGemmArgs; 16: A's rows as int16 (Weight16GemmArgs).
 void int8_weight_gemm(const float* A, const int8_t* B, const float* b_scale, const float* bias, float* Y,
-                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for);
+                      int64_t M, int64_t N, int64_t K, const ParallelFor& parallel_for, int activation_bits = 0);
+
+// One row of A as int16 codes (absmax / 32767 per row, half to even, NaN -> 0); returns its scale.
+float quantize_row16(const float* a, int64_t K, int16_t* q);
 
 }  // namespace cpu
 }  // namespace eqc

@@ -102,6 +102,26 @@ void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n
   }
 }
 
+void weight16_gemm_tile(const Weight16GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  return avx2::weight16_gemm_tile(g, m0, m1, n0, n1);  // exact integer sums: the same bits, vectorized
+#endif
+  for (int64_t m = m0; m < m1; ++m) {
+    const int16_t* a = g.aq + m * g.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* b = g.b + n * g.K;
+      float s = 0.0f;
+      for (int64_t k0 = 0; k0 < g.K; k0 += kInt16Block) {
+        const int64_t k1 = std::min(g.K, k0 + kInt16Block);
+        int32_t block = 0;
+        for (int64_t k = k0; k < k1; ++k) block += int32_t(a[k]) * int32_t(b[k]);
+        s += static_cast<float>(block);
+      }
+      store_weight16_gemm(g, m, n, s);
+    }
+  }
+}
+
 }  // namespace EQC_ISA
 }  // namespace cpu
 }  // namespace eqc

@@ -61,6 +61,29 @@ inline int64_t weight_panel_floats(int64_t cols, int64_t K) {
   return cols * K + (cols / kWeightOuterCols + 1) * kWeightOuterCols * kPackRows;
 }
 
+// Weight-only with int16 activations (Int8WeightGemm activation_bits=16): each row of A quantized to int16
+// (a_scale = absmax / 32767, round half to even), then exact integer products summed in int32 over blocks of
+// kInt16Block along K (512 * 32767 * 128 < 2^31: no block can overflow), each block's sum converted to float and
+// added in block order: Y[m,n] = (sum_blocks float(block)) * a_scale[m] * b_scale[n] (+bias[n]). Integer sums are
+// exact, so every variant, tiling and thread count gives the same bits.
+struct Weight16GemmArgs {
+  const int16_t* aq = nullptr;     // [M, K] int16, row stride K
+  const float* a_scale = nullptr;  // [M]
+  const int8_t* b = nullptr;       // [N, K] int8, row stride K
+  const float* b_scale = nullptr;  // [N]
+  const float* bias = nullptr;     // [N] or null
+  float* y = nullptr;              // [M, N]
+  int64_t M = 0, N = 0, K = 0;
+};
+constexpr int64_t kInt16Block = 512;
+constexpr float kInt16Max = 32767.0f;
+
+inline void store_weight16_gemm(const Weight16GemmArgs& g, int64_t m, int64_t n, float sum) {
+  float y = (sum * g.a_scale[m]) * g.b_scale[n];
+  if (g.bias) y += g.bias[n];
+  g.y[m * g.N + n] = y;
+}
+
 // The epilogues every variant uses, in the numpy reference's float order (no FMA contraction).
 inline void store_dequantized(const GemmArgs& g, int64_t m, int64_t n, int32_t acc) {
   float y = (static_cast<float>(acc) * g.a_scale[m]) * g.b_scale[n];
@@ -103,6 +126,7 @@ inline float reduce_lanes(const float* l) {
   void gemm_tile(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1);             \
   void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, \
                         float* panel);                                                           \
+  void weight16_gemm_tile(const Weight16GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1); \
   }
 
 EQC_DECLARE_ISA(generic)

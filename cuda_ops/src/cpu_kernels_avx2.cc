@@ -204,6 +204,52 @@ void weight_gemm_tile(const WeightGemmArgs& g, int64_t m0, int64_t m1, int64_t n
   }
 }
 
+// MR rows x NR columns of weight16: per K block, vpmaddwd on int16 A and B widened from int8 (exact int32),
+// each block's sum added to a float in block order (Weight16GemmArgs).
+template <int MR, int NR>
+inline void weight16_block(const Weight16GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
+  const int64_t K = g.K;
+  const int16_t* a[MR];
+  const int8_t* b[NR];
+  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * K;
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * K;
+  float sum[MR][NR] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kInt16Block) {
+    const int64_t k1 = std::min(K, k0 + kInt16Block);
+    __m256i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      __m256i bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = widen16(b[j] + k);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + k));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, bv[j]));
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) {
+        int32_t s = hsum(acc[i][j]);
+        for (int64_t t = k; t < k1; ++t) s += int32_t(a[i][t]) * int32_t(b[j][t]);
+        sum[i][j] += static_cast<float>(s);
+      }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) store_weight16_gemm(g, m0 + i, n0 + j, sum[i][j]);
+}
+
+void weight16_gemm_tile(const Weight16GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4)
+    for (int64_t n = n0; n < n1; n += 2) weight16_block<4, 2>(g, m, 4, n, int(std::min<int64_t>(2, n1 - n)));
+  for (; m < m1; ++m)
+    for (int64_t n = n0; n < n1; n += 4) {
+      prefetch_rows(g.b, g.N, g.K, n + 4, 4);
+      weight16_block<1, 4>(g, m, 1, n, int(std::min<int64_t>(4, n1 - n)));
+    }
+}
+
 float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q) {
   // absmax; max_ps returns its second operand when the first is NaN, so NaNs are skipped like
   // std::max(lane, NaN) in the portable kernel.

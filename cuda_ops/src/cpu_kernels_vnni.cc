@@ -113,7 +113,63 @@ inline void prefetch_rows(const int8_t* b, int64_t N, int64_t K, int64_t row0, i
   for (int64_t off = row0 * K; off < end; off += 64) _mm_prefetch(reinterpret_cast<const char*>(b + off), _MM_HINT_T0);
 }
 
+// 32 int8 of B widened to int16 / 32 int16 of A, zero from k1 on (the end of the K block).
+inline __m512i load_b16(const int8_t* p, int64_t k, int64_t k1) {
+  const int64_t rem = k1 - k;
+  if (rem >= 32) return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k)));
+  return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(_bzhi_u32(~0u, static_cast<unsigned>(rem)), p + k));
+}
+inline __m512i load_a16(const int16_t* p, int64_t k, int64_t k1) {
+  const int64_t rem = k1 - k;
+  if (rem >= 32) return _mm512_loadu_si512(p + k);
+  return _mm512_maskz_loadu_epi16(_bzhi_u32(~0u, static_cast<unsigned>(rem)), p + k);
+}
+
+// MR x NR (8 or 16 outputs) of weight16 with vpdpwssd: exact int32 per K block, then each block's 8 sums at
+// once (reduce8x) converted and added to the float sums, lane by lane in block order (Weight16GemmArgs).
+template <int MR, int NR>
+inline void weight16_block(const Weight16GemmArgs& g, int64_t m0, int mr, int64_t n0, int nr) {
+  constexpr int T = MR * NR;
+  static_assert(T % 8 == 0, "outputs are reduced 8 at a time");
+  const int64_t K = g.K;
+  const int16_t* a[MR];
+  const int8_t* b[NR];
+  for (int i = 0; i < MR; ++i) a[i] = g.aq + (m0 + std::min(i, mr - 1)) * K;
+  for (int j = 0; j < NR; ++j) b[j] = g.b + (n0 + std::min(j, nr - 1)) * K;
+  __m256 sum[T / 8];
+  for (int t = 0; t < T / 8; ++t) sum[t] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += kInt16Block) {
+    const int64_t k1 = std::min(K, k0 + kInt16Block);
+    __m512i acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 32) {
+      __m512i bv[NR];
+      for (int j = 0; j < NR; ++j) bv[j] = load_b16(b[j], k, k1);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i av = load_a16(a[i], k, k1);
+        for (int j = 0; j < NR; ++j) acc[i * NR + j] = _mm512_dpwssd_epi32(acc[i * NR + j], av, bv[j]);
+      }
+    }
+    for (int t = 0; t < T / 8; ++t) sum[t] = _mm256_add_ps(sum[t], _mm256_cvtepi32_ps(reduce8x(acc + 8 * t)));
+  }
+  float out[T];
+  for (int t = 0; t < T / 8; ++t) _mm256_storeu_ps(out + 8 * t, sum[t]);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) store_weight16_gemm(g, m0 + i, n0 + j, out[i * NR + j]);
+}
+
 }  // namespace
+
+void weight16_gemm_tile(const Weight16GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4)
+    for (int64_t n = n0; n < n1; n += 4) weight16_block<4, 4>(g, m, 4, n, int(std::min<int64_t>(4, n1 - n)));
+  for (; m < m1; ++m)
+    for (int64_t n = n0; n < n1; n += 8) {
+      prefetch_rows(g.b, g.N, g.K, n + 8, 8);
+      weight16_block<1, 8>(g, m, 1, n, int(std::min<int64_t>(8, n1 - n)));
+    }
+}
 
 float quantize_row(const float* a, int64_t K, const QuantParams& p, int8_t* q) {
   return avx512::quantize_row(a, K, p, q);

@@ -23,9 +23,10 @@
       +0.11% instead of -0.02%; w4-gptq's lm_head alone: 97.3 -> 121.8 tok/s, ppl +19.27% -> +19.44%
       (tools/results/vs_genai_lm_head.md). Such artifacts need no eqc op library. (Level 0, float compute, is
       slower than QDQ: 109-118 ms for the lm_head alone.)
-    * the tied lm_head of w8a8-* (its input stays float on purpose: per-token int8 there costs +0.6% ppl)
-      -> ai.eqc::Int8WeightGemm (float math on int8 weights, the QDQ graph's numerics;
-      passes/lower_int8_weight_gemm.py); refused like FusedInt8Gemm without the library
+    * the tied lm_head of w8a8-* (its input is not int8 on purpose: per-token int8 there costs +0.6% ppl)
+      -> ai.eqc::Int8WeightGemm with int16 activation rows and exact integer products (258x finer than int8;
+      passes/lower_int8_weight_gemm.py, option activation_bits=0 for float math); refused like FusedInt8Gemm
+      without the library
   Last, projections that read the same input (q/k/v, gate/up) are packed into one GEMM
   (passes/pack_parallel_projections.py).
 - ort-cuda: per-token dynamic W8A8 -> ai.eqc::FusedInt8Gemm, whose CUDA kernel (tensor-core int8,
