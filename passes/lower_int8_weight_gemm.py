@@ -42,6 +42,11 @@ OP_TYPE = "Int8WeightGemm"
 class LowerInt8WeightGemmOptions(LayerSelection):
     activation_bits: int = 16  # 16: int16 activation rows, exact integer products; 0: float math
 
+    def validate(self) -> None:
+        if self.activation_bits not in (0, 16):
+            raise EqcError(f"lower_int8_weight_gemm: activation_bits must be 0 (float math) or 16, "
+                           f"got {self.activation_bits}")
+
 
 class Int8WeightGemmRule(LinearSiteRule):
     """MatMul(x, [Transpose] per-channel int8 DequantizeLinear) [+ bias] -> Int8WeightGemm.
@@ -107,8 +112,6 @@ class LowerInt8WeightGemmPass(EqcPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         bits = self.options.activation_bits
-        if bits not in (0, 16):
-            raise EqcError(f"{self.name}: activation_bits must be 0 (float math) or 16, got {bits}")
         record = RuleRecord()
         # prune: also drops the [K, N] originals now read by nothing
         lowered = lower_with_rules(model, rules(self.options, record, bits), (DOMAIN, OP_VERSION), prune=True)

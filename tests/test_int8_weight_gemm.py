@@ -262,3 +262,10 @@ def test_ort_cpu_target_schedules_it_for_the_lm_head_of_w8a8_recipes():
     assert steps[-2:] == ["lower_int8_weight_gemm", "pack_parallel_projections"], steps
     assert "lower_fused_int8_gemm" in steps and "lower_weight_only_int8" not in steps, steps
     assert "lower_int8_weight_gemm" not in [s["pass"] for s in target_steps("ort-cuda", [], None)]
+
+
+def test_lowering_refuses_other_activation_bits():
+    from eqcompiler.errors import EqcError
+
+    with pytest.raises(EqcError, match="activation_bits must be 0 .float math. or 16, got 8"):
+        LowerInt8WeightGemmPass(activation_bits=8)
