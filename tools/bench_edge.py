@@ -121,23 +121,27 @@ def measure(name: str, art: pathlib.Path, wiki: pathlib.Path, max_tokens: int, t
     return row
 
 
-# (eqc row, ORT row it is held against): no larger, at least as many browser tokens/s, at most half the ppl loss
-# vs fp32 (issue 24). The g128 pair is like-for-like (see the module docstring); the g32 ORT row is what
-# transformers.js ships.
-PAIRS = (("eqc w8 web", "ort q8 (quantize_dynamic)"), ("eqc w4 web", "ort q4 (MatMulNBits)"),
-         ("eqc w4 web", "ort q4 g128 (MatMulNBits)"), ("eqc w4 g32 web", "ort q4 (MatMulNBits)"))
+# (eqc row, ORT row it is held against, judged): no larger, at least as many browser tokens/s, at most half the
+# ppl loss vs fp32 (issue 24). 4-bit is judged at block 128, like for like: SmolLM2's weights come from a GGUF Q4_1
+# file and already lie on a 4-bit grid of 32-element groups, which flatters any 32-element scheme (the project's
+# rule: judge 4-bit at group 128 or per channel, not group 32). The g32 pairs, what transformers.js ships, are
+# reported beside them, not judged.
+PAIRS = (("eqc w8 web", "ort q8 (quantize_dynamic)", True), ("eqc w4 web", "ort q4 g128 (MatMulNBits)", True),
+         ("eqc w4 g32 web", "ort q4 (MatMulNBits)", False), ("eqc w4 web", "ort q4 (MatMulNBits)", False))
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """One met/MISSED line per target and pair whose rows were measured."""
+    """One met/MISSED line per target and judged pair whose rows were measured, then the reported pairs."""
     by = {r["artifact"]: r for r in rows}
     fp32 = by.get("fp32", {}).get("ppl")
-    out = ["", "## Targets (issue 24: no larger, at least as many tokens/s, at most half the ppl loss)", ""]
-    for mine, theirs in PAIRS:
+    out = ["", "## Targets (issue 24: no larger, at least as many tokens/s, at most half the ppl loss)", "",
+           "Judged: w8, and 4-bit at block 128 (SmolLM2's GGUF Q4_1 weights already lie on a 32-element 4-bit grid, "
+           "which flatters block-32 schemes). Reported, not judged: the block-32 pairs.", ""]
+    for mine, theirs, judged in PAIRS:
         a, b = by.get(mine), by.get(theirs)
         if a is None or b is None or not isinstance(fp32, (int, float)):
             continue
-        checks = [("size", a["bytes"] <= b["bytes"], f"{a['bytes'] / 1e6:.1f} MB vs {b['bytes'] / 1e6:.1f} MB")]
+        checks = [("size", a["bytes"] <= b["bytes"], f"{a['bytes'] / 1e6:.2f} MB vs {b['bytes'] / 1e6:.2f} MB")]
         if "browser_tokens_per_s" in a and "browser_tokens_per_s" in b:
             checks.append(("tokens/s", a["browser_tokens_per_s"] >= b["browser_tokens_per_s"],
                            f"{a['browser_tokens_per_s']:.2f} vs {b['browser_tokens_per_s']:.2f}"))
@@ -145,7 +149,8 @@ def targets(rows: list[dict]) -> list[str]:
         checks.append(("ppl loss", loss_a <= max(loss_b, 0) / 2,
                        f"{loss_a:+.2%} vs half of {loss_b:+.2%} = {max(loss_b, 0) / 2:+.2%}"))
         for what, ok, detail in checks:
-            out.append(f"- {'met   ' if ok else 'MISSED'} {mine} vs {theirs}, {what}: {detail}")
+            verdict = ("met   " if ok else "MISSED") if judged else ("(ok)  " if ok else "(no)  ")
+            out.append(f"- {verdict} {mine} vs {theirs}, {what}: {detail}" + ("" if judged else " (reported)"))
     return out
 
 
