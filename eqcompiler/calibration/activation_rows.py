@@ -3,6 +3,10 @@ scores candidate scales on (calibration/smoothing_search.py).
 
 The rows come from the first windows of the statistics' own calibration text (or `text`), tokenized with the
 artifact's tokenizer, so a search repeats exactly from the same statistics.
+
+`eqc calibrate --for` asks its statistics pass for the same rows (RowRequest -> RowTaker -> TakenRows): when
+the search's windows are that run's first windows, the pass keeps them as it goes (the same keep_rows draw and
+cut_rows), and the search takes them instead of opening a second session.
 """
 from __future__ import annotations
 

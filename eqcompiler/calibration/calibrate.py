@@ -118,8 +118,8 @@ class Calibrator:
         check_positions(self.art.folder, seq_len, decode_steps)  # before tokenizing and any session
         # An explicit tokenizer is recorded (absolute) so that the searches a compile runs read the same tokens.
         self.tokenizer = str(pathlib.Path(tokenizer).resolve()) if tokenizer is not None else None
-        tokens = load_tokenizer(self.art.folder, self.tokenizer)
-        self.ids, self.frame = calibration_ids(tokens, text, seq_len, samples, self.causal, extra=decode_steps)
+        loaded = load_tokenizer(self.art.folder, self.tokenizer)
+        self.ids, self.frame = calibration_ids(loaded, text, seq_len, samples, self.causal, extra=decode_steps)
         # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
         available = (len(self.ids) - decode_steps) // seq_len
         if available < 1:
@@ -139,7 +139,7 @@ class Calibrator:
             self.kv_outputs = self._graph_kv_outputs()
         # A --for search's rows, kept from this run's windows (whole-graph session only: a streamed run yields
         # layer by layer, and the search, if any, samples them itself)
-        self.row_taker = self._row_taker(rows_for, tokens, text) if rows_for and not self.stream_layers else None
+        self.row_taker = self._row_taker(rows_for, loaded, text) if rows_for and not self.stream_layers else None
 
     def _row_taker(self, request: RowRequest, tokenizer: Any, text: str) -> RowTaker | None:
         """A taker of the rows sample_activation_rows would sample, when its windows (tokenized as it tokenizes
