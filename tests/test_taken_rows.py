@@ -100,3 +100,20 @@ def test_rows_are_asked_only_of_a_search_that_runs_the_model():
     assert rows_request(["w8a8-smooth"], default) == RowRequest(1, 512)
     assert rows_request(["w8a8-smooth"], [*default, "sample"]) is None
     assert rows_request(["w8", "w4-gptq"], default) is None
+
+
+def test_calibrate_for_stores_what_a_compile_would_search(tiny_artifact, tmp_path):
+    """`eqc calibrate --for w8a8-dynamic` (rows taken in its statistics pass) writes the same file as plain
+    statistics whose search then samples its own rows."""
+    from conftest import run_eqc
+    from eqcompiler.compile.pipeline import store_model_searches
+
+    art = tiny_artifact("llama")
+    args = ("calibrate", art, "--data", WIKI_VALID, "--samples", "4", "--seq-len", "64")
+    run_eqc(*args, "--for", "w8a8-dynamic", "-o", tmp_path / "for.npz")
+    run_eqc(*args, "-o", tmp_path / "plain.npz")
+    assert len(store_model_searches(art, tmp_path / "plain.npz", ["w8a8-dynamic"])) == 1
+    new, old = np.load(tmp_path / "for.npz"), np.load(tmp_path / "plain.npz")
+    assert sorted(new.files) == sorted(old.files) and any("smooth_" in k for k in old.files)
+    for key in old.files:
+        assert new[key].dtype == old[key].dtype and new[key].tobytes() == old[key].tobytes(), key
