@@ -12,11 +12,14 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from eqcompiler.errors import EqcError
+
+if TYPE_CHECKING:  # (the command line imports what a command needs when it runs)
+    from eqcompiler.calibration.activation_rows import RowRequest, TakenRows
 
 
 def _emit(result: dict[str, Any], as_json: bool, lines: Callable[[dict[str, Any]], list[str]]) -> None:
@@ -165,7 +168,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
               workers: int, threads: int | None, stream_layers: bool | None, kind: str | None, input_map: str | None,
               as_json: bool) -> None:
     """Record activation statistics of MODEL on TEXT windows (streaming; memory does not grow with N)."""
-    from eqcompiler.calibration.calibrate import calibrate as do_calibrate, check_options, tqdm_progress
+    from eqcompiler.calibration.calibrate import Calibrator, check_options, run_calibration, tqdm_progress
     from eqcompiler.calibration.tensor_data import is_tensor_data
 
     check_options(samples, seq_len, decode_steps)  # limits first: one line, exit 2, before any work
@@ -183,6 +186,7 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
     check_output_file(out, overwrite)  # exists, a folder, missing or read-only folder: before any work
     observers = ",".join(_observers_to_collect(observers, for_recipes))  # a bad name fails before any work
     reason = "--stream-layers" if stream_layers else ""
+    taken = None  # rows the statistics pass kept for --for's alpha search (single process only)
     if stream_layers is None:  # decided here (for every rank) and said in the summary
         from eqcompiler.artifact.folder import model_file, resolve_artifact
         from eqcompiler.calibration.layer_stream import auto_stream
@@ -204,17 +208,19 @@ def calibrate(model: str, text: str, samples: int, seq_len: int, out: pathlib.Pa
         start = time.perf_counter()
         progress, close = tqdm_progress("calibrate")
         try:
-            stats = do_calibrate(model, text, samples, seq_len, out=out, overwrite=overwrite,
-                                 skip_nonfinite=skip_nonfinite, progress=progress, threads=threads,
-                                 observers=observers, decode_steps=decode_steps, stream_layers=stream_layers,
-                                 tokenizer=tokenizer)
+            cal = Calibrator(model, text, samples, seq_len, observers=observers, decode_steps=decode_steps,
+                             skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers,
+                             tokenizer=tokenizer, rows_for=_search_rows(for_recipes, observers))
+            stats, taken = run_calibration(cal, out=out, overwrite=overwrite, progress=progress)
+            del cal
         finally:
             close()
         # The run's time and worker count are said here, not written into the statistics file.
         result = {"output": str(out), "tensors": len(stats.tensors), **stats.meta, "workers": 1,
                   "seconds": round(time.perf_counter() - start, 2)}
     result["stream_reason"] = reason
-    result["searches"] = _store_searches(model, out, for_recipes)
+    result["searches"] = _store_searches(model, out, for_recipes, taken)
+    del taken  # what the search left (rows of tensors it does not smooth)
     _emit(result, as_json, lambda r: [f"calibrated {r['tensors']} tensors on {r['data']['samples']} windows "
                                       f"x {r['data']['seq_len']} tokens ({', '.join(r['observers'])}; "
                                       f"{r.get('workers', 1)} worker(s){_streamed(r)}) in {r['seconds']} s -> {out}"]
@@ -259,20 +265,36 @@ def _calibrate_tensors(model: str, data: str, samples: int, out: pathlib.Path, o
                                       f"samples of {data} ({', '.join(r['observers'])}) in {r['seconds']} s -> {out}"])
 
 
-def _store_searches(model: str, out: pathlib.Path, for_recipes: str | None) -> dict[str, Any]:
+def _store_searches(model: str, out: pathlib.Path, for_recipes: str | None, taken: TakenRows | None = None
+                    ) -> dict[str, Any]:
     """The model runs --for's recipes need beyond statistics (SmoothQuant's alpha search), stored with them.
-    The command has just written `out`: a failed search removes it (a failed command leaves no output)."""
+    The command has just written `out`: a failed search removes it (a failed command leaves no output).
+    `taken`: the statistics pass's rows for the search, used when they fit."""
     from eqcompiler.compile.pipeline import store_model_searches
-    from eqcompiler.compile.recipes import KV_CACHE_TARGET
 
     start = time.perf_counter()
-    names = [r.strip() for r in (for_recipes or "").split(",") if r.strip() and r.strip() != KV_CACHE_TARGET]
+    names = _search_recipes(for_recipes)
     try:
-        keys = store_model_searches(model, out, names) if names else []
+        keys = store_model_searches(model, out, names, taken) if names else []
     except BaseException:
         out.unlink(missing_ok=True)
         raise
     return {"keys": keys, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _search_recipes(for_recipes: str | None) -> list[str]:
+    from eqcompiler.compile.recipes import KV_CACHE_TARGET
+
+    return [r.strip() for r in (for_recipes or "").split(",") if r.strip() and r.strip() != KV_CACHE_TARGET]
+
+
+def _search_rows(for_recipes: str | None, observers: str) -> RowRequest | None:
+    """What --for's alpha search will sample, for the statistics pass to keep from the same windows: the search
+    then opens no second session; None when no search samples the model run."""
+    from eqcompiler.calibration.smoothing_search import rows_request
+
+    names = _search_recipes(for_recipes)
+    return rows_request(names, observers.split(",")) if names else None
 
 
 def _observers_to_collect(observers: str | None, for_recipes: str | None) -> tuple[str, ...]:

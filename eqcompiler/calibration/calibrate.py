@@ -27,7 +27,8 @@ import onnx
 
 from eqcompiler.artifact import folder as art_mod
 from eqcompiler.artifact.folder import max_positions
-from eqcompiler.data import calibration_ids, load_tokenizer, read_text
+from eqcompiler.calibration.activation_rows import RowRequest, RowTaker, TakenRows
+from eqcompiler.data import calibration_ids, load_tokenizer, read_text, windows
 from eqcompiler.errors import EqcError, NumericsError
 from eqcompiler.compile.graph import find_linear_sites
 from eqcompiler.calibration.observers import DEFAULT_OBSERVERS, observe_activation, observe_kv, parse_observers, row_ids
@@ -97,7 +98,7 @@ class Calibrator:
     def __init__(self, model: str | pathlib.Path, text_path: str | pathlib.Path, samples: int, seq_len: int,
                  observers: Iterable[str] | str | None = DEFAULT_OBSERVERS, decode_steps: int = 0,
                  skip_nonfinite: bool = False, threads: int | None = None, stream_layers: bool | None = False,
-                 tokenizer: str | pathlib.Path | None = None) -> None:
+                 tokenizer: str | pathlib.Path | None = None, rows_for: RowRequest | None = None) -> None:
         check_options(samples, seq_len, decode_steps)
         self.art = art_mod.resolve_artifact(model)
         self.model_path = art_mod.model_file(self.art)
@@ -117,8 +118,8 @@ class Calibrator:
         check_positions(self.art.folder, seq_len, decode_steps)  # before tokenizing and any session
         # An explicit tokenizer is recorded (absolute) so that the searches a compile runs read the same tokens.
         self.tokenizer = str(pathlib.Path(tokenizer).resolve()) if tokenizer is not None else None
-        self.ids, self.frame = calibration_ids(load_tokenizer(self.art.folder, self.tokenizer), text, seq_len, samples,
-                                               self.causal, extra=decode_steps)
+        loaded = load_tokenizer(self.art.folder, self.tokenizer)
+        self.ids, self.frame = calibration_ids(loaded, text, seq_len, samples, self.causal, extra=decode_steps)
         # A window needs seq_len tokens plus decode_steps following tokens to feed the decode steps.
         available = (len(self.ids) - decode_steps) // seq_len
         if available < 1:
@@ -136,6 +137,25 @@ class Calibrator:
             self.stream_layers, self.stream_reason = stream_layers, ("--stream-layers" if stream_layers else "")
         if self.stream_layers:
             self.kv_outputs = self._graph_kv_outputs()
+        # A --for search's rows, kept from this run's windows (whole-graph session only: a streamed run yields
+        # layer by layer, and the search, if any, samples them itself)
+        self.row_taker = self._row_taker(rows_for, loaded, text) if rows_for and not self.stream_layers else None
+
+    def _row_taker(self, request: RowRequest, tokenizer: Any, text: str) -> RowTaker | None:
+        """A taker of the rows sample_activation_rows would sample, when its windows (tokenized as it tokenizes
+        them: a shorter prefix of the text) are the first windows of this run, compared token by token."""
+        ids, _ = calibration_ids(tokenizer, text, self.seq_len, request.count, self.causal)
+        if len(ids) < self.seq_len:
+            return None  # the search refuses such a text itself
+        wanted = list(windows(ids, self.seq_len, request.count))
+        ours = [self.ids[i * self.seq_len:(i + 1) * self.seq_len][None, :] for i in range(len(wanted))]
+        if len(wanted) > self.n_windows or not all(np.array_equal(a, b) for a, b in zip(wanted, ours)):
+            return None
+        return RowTaker(self.linear_inputs, len(wanted), self.seq_len, request.rows)
+
+    def close(self) -> None:
+        """Drop the session (its memory returns with release_freed_memory)."""
+        self._session = None
 
     @property
     def session(self) -> Any:
@@ -218,6 +238,9 @@ class Calibrator:
         wanted = list(self.linear_inputs) + (self.kv_outputs if need_kv else [])
         feed = causal_feed(session, window) if self.causal else _encoder_feed(window)
         values = dict(zip(wanted, session.run(wanted, feed)))
+        if self.row_taker is not None:  # ORT's values, before an observer reads them (as the search samples them)
+            for name in self.linear_inputs:
+                self.row_taker.observe(index, name, values[name])
         for name, value in values.items():
             self._observe(stats, name, value, window=index)
         past_len = self.seq_len
@@ -266,13 +289,22 @@ def calibrate(model: str | pathlib.Path, text_path: str | pathlib.Path, samples:
     """
     cal = Calibrator(model, text_path, samples, seq_len, observers=observers, decode_steps=decode_steps,
                      skip_nonfinite=skip_nonfinite, threads=threads, stream_layers=stream_layers, tokenizer=tokenizer)
+    return run_calibration(cal, out, overwrite, progress)[0]
+
+
+def run_calibration(cal: Calibrator, out: pathlib.Path | None = None, overwrite: bool = True,
+                    progress: Progress | None = None) -> tuple[CalibrationStats, TakenRows | None]:
+    """All of `cal`'s windows in this process (written to `out` if given), and the rows it was asked to keep
+    for a search (Calibrator's rows_for; None when not asked or not its windows)."""
     stats = cal.run(range(cal.n_windows), progress=progress)
     result = CalibrationStats(meta=cal.meta(cal.n_windows), tensors=stats)
-    del cal
+    taken = cal.row_taker.finish(str(cal.model_path), result.meta["data"]) if cal.row_taker is not None else None
+    cal.row_taker = None
+    cal.close()
     release_freed_memory()  # the session's memory, before a --for search runs the model again
     if out is not None:
         result.save(out, overwrite=overwrite)
-    return result
+    return result, taken
 
 
 def tqdm_progress(label: str, enabled: bool = True) -> tuple[Progress | None, Callable[[], None]]:

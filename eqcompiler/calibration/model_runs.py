@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from eqcompiler.calibration.activation_rows import TakenRows
 from eqcompiler.calibration.stats import CalibrationStats
 
 
@@ -29,14 +30,16 @@ def run_model_searches(model: ir.Model, recipe: dict[str, Any], passes: list[Any
     return done
 
 
-def run_smoothing_searches(model: ir.Model, recipe: dict[str, Any], context: Any) -> list[str]:
+def run_smoothing_searches(model: ir.Model, recipe: dict[str, Any], context: Any,
+                           taken: TakenRows | None = None) -> list[str]:
     """The alpha search of every smooth_quant step of `recipe` that needs one, stored in context.stats (what
-    `eqc calibrate --for` saves); returns the keys searched."""
+    `eqc calibrate --for` saves); returns the keys searched. `taken`: the statistics pass's rows, used by
+    a search they fit."""
     from eqcompiler.calibration.smoothing_search import search_smoothing_step
 
     steps = list(recipe["passes"])
     return [key for i, step in enumerate(steps) if step["pass"] == "smooth_quant"
-            for key in search_smoothing_step(model, steps, i, context)]
+            for key in search_smoothing_step(model, steps, i, context, taken)]
 
 
 def graph_before_step(model: ir.Model, steps: list[dict[str, Any]], index: int, context: Any) -> ir.Model:

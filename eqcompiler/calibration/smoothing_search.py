@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from eqcompiler.calibration.activation_rows import RowRequest, TakenRows
 from eqcompiler.calibration.stats import TensorStats
 
 
@@ -61,12 +62,44 @@ def store_choice(t: TensorStats, key: str, choice: SmoothChoice) -> None:
         dtype=np.float64)
 
 
-def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: int, context: Any) -> list[str]:
+def rows_request(recipe_names: list[str], observers: tuple[str, ...] | list[str]) -> RowRequest | None:
+    """The rows the first smooth_quant step of these recipes that will search on the model run samples (None: no
+    such step), so that `eqc calibrate --for` keeps them during its statistics pass; `observers`: those the
+    statistics collect (search "auto" scores on gram or sample statistics when they are there)."""
+    from eqcompiler.compile.pass_base import available_passes
+    from eqcompiler.compile.recipes import load_recipe
+
+    options_class = available_passes()["smooth_quant"].Options
+    for name in recipe_names:
+        for step in load_recipe(name)["passes"]:
+            if step["pass"] != "smooth_quant":
+                continue
+            try:
+                opts = options_class(**dict(step.get("options") or {}))
+            except TypeError:
+                return None  # refused with its message when the search builds the pass
+            if _runs_model(opts, set(observers)) and opts.data is None:  # other text: its own model run
+                return RowRequest(opts.search_windows, opts.search_rows)
+    return None
+
+
+def _runs_model(opts: Any, observers: set[str]) -> bool:
+    """Whether the step's search will score on the model run (smooth_quant's _method, from the observers)."""
+    if opts.search != "auto":
+        return opts.search == "ort"
+    if "gram" in observers and opts.activation_granularity == "tensor" and opts.score_norm == "total":
+        return False
+    return "sample" not in observers
+
+
+def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: int, context: Any,
+                          taken: TakenRows | None = None) -> list[str]:
     """Store in `context.stats` (in memory) the search of the smooth_quant step `steps[index]` when it needs a
     model run and the statistics lack its result; returns the key searched ([] when none was needed).
 
     The search is smooth_quant's own scoring on the graph it would see, on rows sampled through ONNX Runtime,
-    so the stored scales are those a search inside the compile would pick.
+    so the stored scales are those a search inside the compile would pick. `taken`: rows the statistics pass
+    kept (run_calibration), used (and handed over) when they are exactly the rows the sampling would give.
     """
     from eqcompiler.calibration.activation_rows import sample_activation_rows
     from eqcompiler.calibration.alpha_search import NarrowedSmoothQuant
@@ -80,9 +113,12 @@ def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: i
     if not names:
         return []
     opts = probe.options
-    _refuse_big_model(pathlib.Path(context.source_folder))
-    rows = sample_activation_rows(pathlib.Path(context.source_folder), names, context.stats.meta, opts.search_windows,
-                                  opts.search_rows, opts.data)
+    source = pathlib.Path(context.source_folder)
+    _refuse_big_model(source)
+    rows = _taken_rows(taken, source, names, context.stats.meta, opts)
+    if rows is None:
+        rows = sample_activation_rows(source, names, context.stats.meta, opts.search_windows, opts.search_rows,
+                                      opts.data)
     # smooth_quant's own scoring on those rows, of a coarse-to-fine subset of alpha_grid, site by site, each
     # site's rows dropped once scored (alpha_search.py); the graph is only read
     searcher = NarrowedSmoothQuant(scratch_context(context), **{**options, "search": "sample"})
@@ -91,6 +127,17 @@ def search_smoothing_step(model: ir.Model, steps: list[dict[str, Any]], index: i
     for name, choice in choices.items():
         store_choice(context.stats.get(name), key, choice)
     return [key]
+
+
+def _taken_rows(taken: TakenRows | None, source: pathlib.Path, names: list[str], stats_meta: dict[str, Any],
+                opts: Any) -> dict[str, np.ndarray] | None:
+    """The statistics pass's rows of `names` when they are the ones sample_activation_rows would sample here."""
+    from eqcompiler.artifact import folder as art_mod
+
+    if taken is None or opts.data is not None:  # other text: its own model run
+        return None
+    model_path = str(art_mod.model_file(art_mod.resolve_artifact(source)))
+    return taken.take(model_path, stats_meta, opts.search_windows, opts.search_rows, names)
 
 
 def _refuse_big_model(source: pathlib.Path) -> None:

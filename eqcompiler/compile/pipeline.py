@@ -16,6 +16,7 @@ from eqcompiler.export.upgrade_opset import upgrade_opset
 from eqcompiler.errors import EnvironmentProblem, EqcError, InternalError
 from eqcompiler.compile.pass_base import CompileContext, available_passes, make_pass
 from eqcompiler.compile.recipes import load_recipe
+from eqcompiler.calibration.activation_rows import TakenRows
 from eqcompiler.calibration.model_runs import run_model_searches
 from eqcompiler.calibration.stats import CalibrationStats, recorded_tokenizer
 
@@ -211,9 +212,11 @@ def _context(art: Any, stats: CalibrationStats | None, recipe: dict[str, Any], t
                           recipe_options={step["pass"]: dict(step.get("options") or {}) for step in recipe["passes"]})
 
 
-def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, recipe_names: list[str]) -> list[str]:
+def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, recipe_names: list[str],
+                         taken: TakenRows | None = None) -> list[str]:
     """Run the model searches the recipes' passes need (SmoothQuant's alpha search) on the statistics in
-    `stats_path` and save them there, so a compile from them runs no model; returns the keys stored."""
+    `stats_path` and save them there, so a compile from them runs no model; returns the keys stored.
+    `taken`: rows the statistics pass kept for a search (the search checks that they fit)."""
     from eqcompiler.calibration.model_runs import run_smoothing_searches
 
     art = art_mod.resolve_artifact(model)
@@ -222,7 +225,8 @@ def store_model_searches(model: str | pathlib.Path, stats_path: pathlib.Path, re
     stored: list[str] = []
     for name in recipe_names:
         recipe = load_recipe(name)
-        stored += run_smoothing_searches(ir_model, recipe, _context(art, stats, recipe, "portable", graph=ir_model.graph))
+        stored += run_smoothing_searches(ir_model, recipe, _context(art, stats, recipe, "portable", graph=ir_model.graph),
+                                         taken)
     if stored:
         stats.save(stats_path, overwrite=True)
     return stored
