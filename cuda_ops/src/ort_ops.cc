@@ -27,15 +27,25 @@ constexpr const char* kDomain = "ai.eqc";
 constexpr const char* kOpName = "FusedInt8Gemm";
 constexpr const char* kWeightOpName = "Int8WeightGemm";
 
-// Optional float attribute: missing -> default (the C++ GetAttribute throws instead).
-float float_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, float dflt) {
-  float v = dflt;
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &v);
+// Optional attribute read with one of OrtApi's KernelInfoGetAttribute_* getters: missing -> default (the C++
+// GetAttribute throws instead).
+template <typename T, typename Getter>
+T optional_attr(const OrtApi& api, Getter get, const OrtKernelInfo* info, const char* name, T dflt) {
+  T v = dflt;
+  OrtStatus* st = get(info, name, &v);
   if (st) {
     api.ReleaseStatus(st);
     return dflt;
   }
   return v;
+}
+
+float float_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, float dflt) {
+  return optional_attr(api, api.KernelInfoGetAttribute_float, info, name, dflt);
+}
+
+int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t dflt) {
+  return optional_attr(api, api.KernelInfoGetAttribute_int64, info, name, dflt);
 }
 
 std::string shape_str(const std::vector<int64_t>& s) {
@@ -155,17 +165,6 @@ struct CpuKernel {
   const std::vector<int32_t> colsum_;
   eqc::cpu::QuantParams qp_;
 };
-
-// Optional int attribute: missing -> default.
-int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t dflt) {
-  int64_t v = dflt;
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    api.ReleaseStatus(st);
-    return dflt;
-  }
-  return v;
-}
 
 struct CpuWeightKernel {
   // activation_bits: 0 (default) multiplies the float activations; 16 quantizes each row to int16 first
