@@ -82,10 +82,12 @@ int64_t col_block(int64_t N, int64_t K) {
   return std::min(cols, std::max<int64_t>(N, 1));
 }
 
-// Decode (a few rows): the work is N x K bytes of B, so split N finely enough that both cores of a
-// small layer get an even share (576 columns in 256-column blocks gave one core 2 of 3 tasks).
+// Column block of an M-row problem. Decode (a few rows): the work is N x K bytes of B, so split N finely
+// enough that both cores of a small layer get an even share (576 columns in 256-column blocks gave one core
+// 2 of 3 tasks).
 constexpr int64_t kDecodeRows = 4;
-int64_t decode_col_block(int64_t N, int64_t K) {
+int64_t tile_cols(int64_t M, int64_t N, int64_t K) {
+  if (M >= kDecodeRows) return col_block(N, K);
   const int64_t even = std::max<int64_t>(32, (N / 16 + 7) / 8 * 8);
   return std::min(col_block(N, K), even);
 }
@@ -168,7 +170,7 @@ void fused_int8_gemm(const float* A, const int8_t* B, const float* b_scale, cons
   g.N = N;
   g.K = K;
   g.b_colsum = b_colsum;
-  for_each_tile(parallel_for, M, N, kRowBlock, M < kDecodeRows ? decode_col_block(N, K) : col_block(N, K),
+  for_each_tile(parallel_for, M, N, kRowBlock, tile_cols(M, N, K),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.gemm_tile(g, m0, m1, n0, n1); });
 }
 
@@ -218,7 +220,7 @@ void int8_weight_gemm16(const float* A, const int8_t* B, const float* b_scale, c
   g.N = N;
   g.K = K;
   const Isa& k = isa();
-  for_each_tile(parallel_for, M, N, kRowBlock, M < kDecodeRows ? decode_col_block(N, K) : col_block(N, K),
+  for_each_tile(parallel_for, M, N, kRowBlock, tile_cols(M, N, K),
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { k.weight16_gemm_tile(g, m0, m1, n0, n1); });
 }
 

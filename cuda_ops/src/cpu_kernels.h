@@ -84,6 +84,14 @@ inline void store_weight16_gemm(const Weight16GemmArgs& g, int64_t m, int64_t n,
   g.y[m * g.N + n] = y;
 }
 
+// Decode reads each weight row once: ask for rows [row0, row0 + rows) of B ([N, K], contiguous) now.
+// A row is one short stream (K bytes), too short for the hardware prefetcher to reach DRAM speed on
+// its own (M = 1, K = 576, N = 49152 weight-only: 6.0 -> 2.9 ms on one core of the CI machine).
+inline void prefetch_rows(const int8_t* b, int64_t N, int64_t K, int64_t row0, int64_t rows) {
+  const int64_t end = std::min(N, row0 + rows) * K;
+  for (int64_t off = row0 * K; off < end; off += 64) __builtin_prefetch(b + off, 0, 3);  // read, keep in all levels
+}
+
 // The epilogues every variant uses, in the numpy reference's float order (no FMA contraction).
 inline void store_dequantized(const GemmArgs& g, int64_t m, int64_t n, int32_t acc) {
   float y = (static_cast<float>(acc) * g.a_scale[m]) * g.b_scale[n];

@@ -29,14 +29,6 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// Decode reads each weight row once: ask for rows [row0, row0 + rows) of B ([N, K], contiguous) now.
-// A row is one short stream (K bytes), too short for the hardware prefetcher to reach DRAM speed on
-// its own (M = 1, K = 576, N = 49152 weight-only: 6.0 -> 2.9 ms on one core of the CI machine).
-inline void prefetch_rows(const int8_t* b, int64_t N, int64_t K, int64_t row0, int64_t rows) {
-  const int64_t end = std::min(N, row0 + rows) * K;
-  for (int64_t off = row0 * K; off < end; off += 64) _mm_prefetch(reinterpret_cast<const char*>(b + off), _MM_HINT_T0);
-}
-
 // MR x NR int32 dot products over the full K. The K % 16 tail is summed in scalar code.
 template <int MR, int NR>
 inline void dot_block(const int8_t* const* a, const int8_t* const* b, int64_t K, int32_t* out) {

@@ -106,13 +106,6 @@ inline void row_block8(const GemmArgs& g, int64_t m, int64_t n0, int nr) {
   _mm256_mask_storeu_ps(g.y + m * g.N + n0, mask, y);
 }
 
-// Decode reads each weight row once: ask for rows [row0, row0 + rows) of B now (one K-byte row is too
-// short a stream for the hardware prefetcher to reach DRAM speed on its own).
-inline void prefetch_rows(const int8_t* b, int64_t N, int64_t K, int64_t row0, int64_t rows) {
-  const int64_t end = std::min(N, row0 + rows) * K;
-  for (int64_t off = row0 * K; off < end; off += 64) _mm_prefetch(reinterpret_cast<const char*>(b + off), _MM_HINT_T0);
-}
-
 // 32 int8 of B widened to int16 / 32 int16 of A, zero from k1 on (the end of the K block).
 inline __m512i load_b16(const int8_t* p, int64_t k, int64_t k1) {
   const int64_t rem = k1 - k;
