@@ -482,15 +482,30 @@ def quantized_output(x: np.ndarray, w: np.ndarray, granularity: str, amax: float
     faster than a float product of the dequantized values and free of its rounding; a blocked weight's
     scale changes along K, so it is multiplied dequantized.
     """
+    if not block:
+        return _channelwise_output(x, w, granularity, amax).numpy()
     step = _act_step(x, granularity, amax)
     codes = np.clip(np.rint(x / step), -128, 127)
-    if block:
-        return (codes * step).astype(np.float32) @ _quant_weight(w, block)
+    return (codes * step).astype(np.float32) @ _quant_weight(w, block)
+
+
+def _channelwise_output(x: np.ndarray, w: np.ndarray, granularity: str, amax: float) -> Any:
+    """quantized_output for per-channel weights, as a float32 torch tensor [R,N]: _act_step's float32 steps and
+    QuantizeLinear's rounding (half to even) for the codes, the int8 product exact, then scaled in place. In torch
+    so that every elementwise pass over the output runs on all cores: the alpha search spends most of
+    `eqc calibrate --for w8a8-dynamic` in score_ort (SmolLM2's four site shapes at 2048 rows: 66 ms a score of
+    each against numpy's 77 ms, 2 cores)."""
+    import torch
+
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if granularity == "token":
+        step: Any = torch.clamp_min(xt.abs().amax(dim=-1, keepdim=True) / 127.0, 1e-8)
+    else:
+        step = amax / 127.0 if amax > 0 else 1.0
+    codes = torch.round(xt / step).clamp_(-128, 127).to(torch.int8)
     qw = quantize_channelwise(w, axis=1, bits=8)
-    y = int8_matmul(codes.astype(np.int8), qw.q).astype(np.float32)
-    y *= step
-    y *= qw.scale[None, :]
-    return y
+    y = torch.from_numpy(int8_matmul(codes.numpy(), qw.q)).to(torch.float32)
+    return y.mul_(step).mul_(torch.from_numpy(qw.scale)[None, :])
 
 
 def score_ort(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax_channel: np.ndarray, block: int,
@@ -510,23 +525,12 @@ def score_ort(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax_channel: np.ndar
 
 def _channelwise_score(x: np.ndarray, w: np.ndarray, s: np.ndarray, amax: float, ref: np.ndarray,
                        granularity: str, norm: str) -> float:
-    """score_ort for per-channel weights, in torch: the same float32 steps and codes as quantized_output (the
-    integer product is exact either way), but every elementwise pass over the [R,N] output runs on all cores
-    and in place. The alpha search spends most of `eqc calibrate --for w8a8-dynamic` here; on SmolLM2's four
-    site shapes at 2048 rows one score of each took 66 ms against numpy's 77 ms (2 cores)."""
+    """score_ort for per-channel weights: the error taken in place on _channelwise_output's tensor."""
     import torch
 
-    xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) / torch.from_numpy(s)
-    if granularity == "token":
-        step: Any = torch.clamp_min(xs.abs().amax(dim=-1, keepdim=True) / 127.0, 1e-8)
-    else:
-        step = amax / 127.0 if amax > 0 else 1.0
-    codes = torch.round(xs.div_(step)).clamp_(-128, 127).to(torch.int8)
-    del xs
-    qw = quantize_channelwise(w * s[:, None], axis=1, bits=8)
-    err = torch.from_numpy(int8_matmul(codes.numpy(), qw.q)).to(torch.float32)
+    err = _channelwise_output(x / s, w * s[:, None], granularity, amax)
     ref_t = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
-    err.mul_(step).mul_(torch.from_numpy(qw.scale)[None, :]).sub_(ref_t)
+    err.sub_(ref_t)
     if norm == "row":
         per_row = (err * err).sum(dim=1) / torch.clamp_min((ref_t * ref_t).sum(dim=1), 1e-30)
         return float(per_row.mean())
